@@ -1,0 +1,83 @@
+"""The kernel contract: the one list of kernels every backend implements.
+
+Every backend module (``reference``, ``numba_backend``, ``cython_backend``) defines
+each name below with the same argument order.  The layer API calls kernels only
+through the active table (:func:`fastnet.backend.kernels`), never a backend by name.
+
+Conventions shared by every kernel
+----------------------------------
+* Arrays are 2-D ``(rows, cols)``; 1-D and N-d data are reshaped by the caller.
+* ``x``, ``W``, ``b``, ``out`` … are all of one float dtype, ``float32`` or
+  ``float64``.  A kernel never mixes dtypes: a mismatch is the caller's bug and the
+  compiled backends raise ``TypeError`` for it.
+* Integer labels ``t`` are 1-D ``int64`` in ``[0, classes)``; one-hot labels are 2-D
+  float arrays of the same dtype as the scores.  Range checks are done once by the
+  caller (:mod:`fastnet.layers`), not in the kernels.
+* ``out`` / ``dx`` / ``dW`` / ``db`` are caller-provided, C-contiguous, written in
+  place and also returned.  Inputs may be non-contiguous (the compiled wrappers make
+  a contiguous copy only when they must).
+* Numerics follow the book: softmax subtracts the row maximum, cross-entropy adds
+  ``1e-7`` inside the log and averages over the batch, sum-squared error is
+  ``0.5 * sum((y - t)**2)`` (not averaged).  NaN and inf propagate: no fast-math.
+* Scalar results (losses) are returned as Python ``float``.
+"""
+
+from __future__ import annotations
+
+#: name -> (signature, what it computes).  The order is the documentation order.
+KERNELS: dict[str, tuple[str, str]] = {
+    # element-wise activations
+    "step": ("(x, out) -> out", "out = 1 where x > 0 else 0"),
+    "sigmoid": ("(x, out) -> out", "out = 1 / (1 + exp(-x))"),
+    "sigmoid_backward": ("(dout, y, out) -> out", "out = dout * (1 - y) * y, y = sigmoid output"),
+    "relu": ("(x, out) -> out", "out = max(x, 0)"),
+    "relu_backward": (
+        "(dout, y, out) -> out",
+        "out = dout where y > 0 else 0; y = relu input or output (same sign test)",
+    ),
+    # affine layers (matrix products through BLAS)
+    "affine": ("(x, W, b, out) -> out", "out = x @ W + b"),
+    "affine_relu": ("(x, W, b, out) -> out", "out = relu(x @ W + b), fused"),
+    "affine_sigmoid": ("(x, W, b, out) -> out", "out = sigmoid(x @ W + b), fused"),
+    "affine_backward": (
+        "(x, W, dout, dW, db, dx=None) -> None",
+        "dW = x.T @ dout; db = dout.sum(0); dx = dout @ W.T only when dx is given",
+    ),
+    # softmax and losses
+    "softmax": ("(x, out) -> out", "row-wise softmax, subtracting each row's maximum"),
+    "cross_entropy_labels": ("(y, t) -> float", "-mean(log(y[i, t[i]] + 1e-7))"),
+    "cross_entropy_onehot": ("(y, t) -> float", "-sum(t * log(y + 1e-7)) / rows"),
+    "sum_squared_error": ("(y, t) -> float", "0.5 * sum((y - t) ** 2)"),
+    "softmax_loss_labels": (
+        "(x, t, y) -> float",
+        "y = softmax(x) written in place; returns cross_entropy_labels(y, t)",
+    ),
+    "softmax_loss_onehot": (
+        "(x, t, y) -> float",
+        "y = softmax(x) written in place; returns cross_entropy_onehot(y, t)",
+    ),
+    "softmax_loss_backward_labels": (
+        "(y, t, dout, dx) -> dx",
+        "dx = (y - onehot(t)) * dout / rows",
+    ),
+    "softmax_loss_backward_onehot": (
+        "(y, t, dout, dx) -> dx",
+        "dx = (y - t) * dout / rows",
+    ),
+}
+
+#: Added to the probability inside every log, as in the book.
+LOG_EPS = 1e-7
+
+
+def missing(table) -> list[str]:
+    """Names of the contract that ``table`` (a module or namespace) does not define."""
+    return [name for name in KERNELS if not callable(getattr(table, name, None))]
+
+
+def describe() -> str:
+    """The contract as a text table (used by ``fastnet backends`` and the docs)."""
+    width = max(map(len, KERNELS))
+    return "\n".join(
+        f"{name:<{width}}  {sig:<40}  {what}" for name, (sig, what) in KERNELS.items()
+    )

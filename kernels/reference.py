@@ -1,0 +1,108 @@
+"""The reference backend: the book's math in plain NumPy.
+
+This is the oracle every compiled backend is tested against and the baseline every
+benchmark divides by.  It is written for clarity, the way the book writes it; the only
+liberties are writing into the caller's ``out`` arrays and silencing NumPy's overflow
+warning in ``exp`` (the result, 0 or 1, is the correct limit).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .contract import LOG_EPS
+
+NAME = "numpy"
+
+
+def step(x, out):
+    out[...] = x > 0
+    return out
+
+
+def sigmoid(x, out):
+    with np.errstate(over="ignore"):
+        out[...] = 1 / (1 + np.exp(-x))
+    return out
+
+
+def sigmoid_backward(dout, y, out):
+    out[...] = dout * (1.0 - y) * y
+    return out
+
+
+def relu(x, out):
+    out[...] = np.maximum(x, 0)
+    return out
+
+
+def relu_backward(dout, y, out):
+    out[...] = dout
+    out[y <= 0] = 0
+    return out
+
+
+def affine(x, W, b, out):
+    out[...] = np.dot(x, W) + b
+    return out
+
+
+def affine_relu(x, W, b, out):
+    return relu(affine(x, W, b, out), out)
+
+
+def affine_sigmoid(x, W, b, out):
+    return sigmoid(affine(x, W, b, out), out)
+
+
+def affine_backward(x, W, dout, dW, db, dx=None):
+    dW[...] = np.dot(x.T, dout)
+    db[...] = np.sum(dout, axis=0)
+    if dx is not None:
+        dx[...] = np.dot(dout, W.T)
+
+
+def softmax(x, out):
+    x = x - np.max(x, axis=1, keepdims=True)
+    e = np.exp(x)
+    out[...] = e / np.sum(e, axis=1, keepdims=True)
+    return out
+
+
+def cross_entropy_labels(y, t):
+    batch_size = y.shape[0]
+    return float(-np.sum(np.log(y[np.arange(batch_size), t] + LOG_EPS)) / batch_size)
+
+
+def cross_entropy_onehot(y, t):
+    batch_size = y.shape[0]
+    return float(-np.sum(t * np.log(y + LOG_EPS)) / batch_size)
+
+
+def sum_squared_error(y, t):
+    return float(0.5 * np.sum((y - t) ** 2))
+
+
+def softmax_loss_labels(x, t, y):
+    return cross_entropy_labels(softmax(x, y), t)
+
+
+def softmax_loss_onehot(x, t, y):
+    return cross_entropy_onehot(softmax(x, y), t)
+
+
+def softmax_loss_backward_labels(y, t, dout, dx):
+    batch_size = y.shape[0]
+    dx[...] = y
+    dx[np.arange(batch_size), t] -= 1
+    dx *= dout / batch_size
+    return dx
+
+
+def softmax_loss_backward_onehot(y, t, dout, dx):
+    batch_size = y.shape[0]
+    dx[...] = (y - t) * (dout / batch_size)
+    return dx
+def warmup(dtypes=None):
+    """Nothing to compile."""
+    return 0.0

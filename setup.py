@@ -1,0 +1,43 @@
+"""Build script: the Cython kernels are compiled into the wheel.
+
+``kernels/`` is installed as the subpackage ``fastnet.kernels`` (``package_dir``), so
+``pip install .``, ``pip install -e .`` and ``python -m build --wheel`` all compile
+``kernels/_cython.pyx`` into ``fastnet/kernels/_cython*.so``.
+
+Set ``FASTNET_CYTHON_DEBUG=1`` while building to turn bounds checking, wraparound and
+initialised-memory checks back on and to compile without optimisation.
+"""
+
+import os
+
+import numpy
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+DEBUG = os.environ.get("FASTNET_CYTHON_DEBUG", "") not in ("", "0")
+
+directives = {
+    "language_level": 3,
+    "boundscheck": DEBUG,
+    "wraparound": DEBUG,
+    "initializedcheck": DEBUG,
+    "cdivision": not DEBUG,
+    "embedsignature": True,
+}
+
+extensions = [
+    Extension(
+        "fastnet.kernels._cython",
+        ["kernels/_cython.pyx"],
+        include_dirs=[numpy.get_include()],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        # -O3 without -ffast-math: NaN and inf must stay visible (DESIGN.md).
+        extra_compile_args=["-O0", "-g"] if DEBUG else ["-O3"],
+    )
+]
+
+setup(
+    packages=["fastnet", "fastnet.datasets", "fastnet.kernels"],
+    package_dir={"fastnet": "fastnet", "fastnet.kernels": "kernels"},
+    ext_modules=cythonize(extensions, compiler_directives=directives),
+)
