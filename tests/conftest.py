@@ -1,0 +1,52 @@
+"""Shared fixtures: where the reference data lives, and the backends under test."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fastnet
+from fastnet import backend
+
+ROOT = Path(__file__).resolve().parent.parent
+#: ``../shared/data`` beside the checkout (read-only), or FASTNET_TEST_DATA.
+DATA = Path(os.environ.get("FASTNET_TEST_DATA", ROOT.parent / "shared" / "data"))
+
+COMPILED = ("numba", "cython")
+ALL_BACKENDS = ("numpy",) + COMPILED
+
+
+def data_path(*parts) -> Path:
+    """A path under the reference data folder, or skip the test saying what is missing."""
+    path = DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(
+            f"reference data {path} is not here (set FASTNET_TEST_DATA to a folder "
+            "holding mnist/ and book/ to run this test)"
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    return data_path("mnist")
+
+
+@pytest.fixture(scope="session")
+def book_weights() -> Path:
+    return data_path("book", "sample_weight.pkl")
+
+
+@pytest.fixture(params=ALL_BACKENDS)
+def any_backend(request):
+    """Runs the test once on every backend (a backend that fails to load fails the test)."""
+    with fastnet.use_backend(request.param):
+        yield request.param
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(12345)
