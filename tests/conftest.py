@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,11 @@ import pytest
 
 import fastnet
 from fastnet import backend
+
+# Tests never touch the user's cache or data settings: downloads and parsed arrays go
+# to a throw-away cache for this test session.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="fastnet-test-cache-")
+os.environ.pop("FASTNET_DATA", None)
 
 ROOT = Path(__file__).resolve().parent.parent
 #: ``../shared/data`` beside the checkout (read-only), or FASTNET_TEST_DATA.

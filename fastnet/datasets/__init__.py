@@ -10,9 +10,10 @@
 Files are looked for in ``data_dir``, ``$FASTNET_DATA/<name>/``, the user cache
 (``$XDG_CACHE_HOME/fastnet`` or ``~/.cache/fastnet``) and, for Fashion-MNIST, Debian's
 ``/usr/share/datasets/fashion-mnist``; missing files are downloaded into the cache
-(or a writable ``data_dir``) from a list of mirrors.  Every file is verified by the
-sha256 of its decompressed payload and by its IDX header before use.  A verified
-parse is kept as ``.npy`` beside the file when that folder is writable.
+from a list of mirrors.  Every file is verified by the sha256 of its decompressed
+payload and by its IDX header before use.  A verified parse is kept as ``.npy`` in
+the cache (``<cache>/parsed/``) so the next load skips decompression.  fastnet never
+writes into the folders it only reads from.
 """
 
 from __future__ import annotations

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,11 +103,13 @@ def search_dirs(spec: Dataset, data_dir=None) -> list[Path]:
 
 
 def _writable_dir(path: Path) -> bool:
+    """True when a file can really be created in ``path`` (root ignores mode bits)."""
     try:
         path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            return True
     except OSError:
         return False
-    return os.access(path, os.W_OK)
 
 
 def _expected(spec: Dataset, key: str):
@@ -133,13 +137,25 @@ def verify_payload(spec: Dataset, key: str, payload: bytes, source) -> np.ndarra
 
 
 def _parsed_cache(path: Path) -> tuple[Path, Path]:
-    return path.with_name(path.name + ".npy"), path.with_name(path.name + ".npy.json")
+    """Where the verified parse of ``path`` is kept: always under the user cache.
+
+    fastnet never writes into the folders it reads data from (``data_dir``,
+    ``FASTNET_DATA``, system folders); only the cache holds downloads and parses.
+    """
+    key = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:16]
+    base = cache_dir() / "parsed" / f"{key}-{path.name}"
+    return base.with_name(base.name + ".npy"), base.with_name(base.name + ".json")
 
 
 def _load_file(spec: Dataset, key: str, path: Path, use_cache: bool) -> np.ndarray:
     """Parse (or load the verified ``.npy`` cache of) one data file."""
     stat = path.stat()
-    stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": spec.sha256.get(key)}
+    stamp = {
+        "source": str(path.resolve()),
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "sha256": spec.sha256.get(key),
+    }
     npy, meta = _parsed_cache(path)
     if use_cache and npy.exists() and meta.exists():
         try:
@@ -148,15 +164,16 @@ def _load_file(spec: Dataset, key: str, path: Path, use_cache: bool) -> np.ndarr
         except (OSError, ValueError):
             pass  # a broken cache is rebuilt below
     array = verify_payload(spec, key, read_payload(path), path)
-    if use_cache and os.access(path.parent, os.W_OK):
+    if use_cache:
+        tmp = npy.with_name(f".{npy.name}.{os.getpid()}.part")
         try:
-            tmp = npy.with_name(f".{npy.name}.{os.getpid()}.part")
+            npy.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as fh:
                 np.save(fh, array)
             os.replace(tmp, npy)
             meta.write_text(json.dumps(stamp))
         except OSError:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)  # no writable cache: parse again next time
     return array
 
 
@@ -184,13 +201,11 @@ def locate(spec: Dataset, data_dir=None, download_missing=True, progress=True) -
             f"{spec.name}: {', '.join(FILES[k] for k in missing)} not found; looked in:\n  {tried}\n"
             f"Downloading is off (download=False): {how}"
         )
-    targets = [Path(data_dir) / spec.folder] if data_dir is not None else []
-    targets.append(cache_dir() / spec.folder)
-    target = next((t for t in targets if _writable_dir(t)), None)
-    if target is None:
+    target = cache_dir() / spec.folder
+    if not _writable_dir(target):
         raise DatasetError(
-            f"{spec.name}: files missing and no writable folder to download into "
-            f"(tried {', '.join(map(str, targets))}); {how}"
+            f"{spec.name}: files missing and the cache {target} is not writable "
+            f"(set XDG_CACHE_HOME to a writable folder); {how}"
         )
     for key in missing:
         dest = target / FILES[key]

@@ -1,0 +1,86 @@
+"""Choosing backends: set/use/env/auto, clear errors, and a fast import."""
+
+import subprocess
+import sys
+
+import pytest
+
+import fastnet
+from fastnet import backend
+from fastnet.kernels import contract
+
+
+def test_every_backend_implements_the_contract():
+    for name in ("numpy", "numba", "cython"):
+        assert contract.missing(backend.load(name)) == [], name
+
+
+def test_available_and_auto_order():
+    names = backend.available_backends()
+    assert names == ["cython", "numba", "numpy"]
+    with fastnet.use_backend("auto") as chosen:
+        assert chosen == "cython"
+
+
+def test_use_backend_restores():
+    before = fastnet.get_backend()
+    with fastnet.use_backend("numba"):
+        assert fastnet.get_backend() == "numba"
+        with fastnet.use_backend("reference"):
+            assert fastnet.get_backend() == "numpy"
+        assert fastnet.get_backend() == "numba"
+    assert fastnet.get_backend() == before
+
+
+def test_unknown_backend():
+    with pytest.raises(backend.BackendError, match="unknown backend 'torch'.*numpy, numba, cython"):
+        fastnet.set_backend("torch")
+
+
+def test_unavailable_backend_says_why_and_how(monkeypatch):
+    monkeypatch.setitem(backend._MODULES, "cython", "fastnet.kernels._not_built")
+    monkeypatch.delitem(backend._tables, "cython", raising=False)
+    monkeypatch.setattr(backend, "_errors", {})
+    with pytest.raises(backend.BackendError, match="not available.*pip install"):
+        fastnet.set_backend("cython")
+    assert "cython" not in backend.available_backends()
+    with fastnet.use_backend("auto") as chosen:
+        assert chosen == "numba"
+
+
+def test_broken_backend_is_an_error(monkeypatch):
+    import types
+
+    fake = types.ModuleType("fake")
+    fake.relu = lambda x, out: out
+    monkeypatch.setitem(sys.modules, "fastnet_fake_backend", fake)
+    monkeypatch.setitem(backend._MODULES, "numba", "fastnet_fake_backend")
+    monkeypatch.delitem(backend._tables, "numba", raising=False)
+    monkeypatch.setattr(backend, "_errors", {})
+    with pytest.raises(backend.BackendError, match="does not implement the kernels step, sigmoid"):
+        fastnet.set_backend("numba")
+
+
+def _run(code, **env):
+    import os
+
+    full = dict(os.environ, **env)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full)
+
+
+def test_environment_variable():
+    out = _run("import fastnet; print(fastnet.get_backend())", FASTNET_BACKEND="numba")
+    assert out.stdout.strip() == "numba", out.stderr
+    bad = _run("import fastnet; fastnet.get_backend()", FASTNET_BACKEND="nope")
+    assert bad.returncode != 0 and "FASTNET_BACKEND='nope'" in bad.stderr
+
+
+def test_import_is_fast_and_lazy():
+    code = (
+        "import sys, time; t = time.perf_counter(); import fastnet, fastnet.nets, fastnet.layers; "
+        "print(time.perf_counter() - t, 'numba' in sys.modules, 'fastnet.kernels._cython' in sys.modules)"
+    )
+    out = _run(code)
+    seconds, numba_loaded, cython_loaded = out.stdout.split()
+    assert numba_loaded == "False" and cython_loaded == "False"
+    assert float(seconds) < 1.0

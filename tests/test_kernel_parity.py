@@ -1,0 +1,173 @@
+"""Every kernel of every compiled backend against the NumPy reference.
+
+float32 and float64, batch sizes 1, 2 and 100, odd widths, logits of +-1000, integer
+and one-hot labels, strided (non-contiguous) inputs; then random shapes and values
+from hypothesis.  Tolerances per dtype are written once, in ``TOL``.
+"""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastnet import backend
+from fastnet.kernels import contract
+
+#: rtol, and atol as a fraction of the largest expected magnitude (sums of hundreds of
+#: products cancel: their rounding error scales with the terms, not with the result)
+TOL = {
+    np.dtype(np.float32): dict(rtol=2e-5, atol=2e-6),
+    np.dtype(np.float64): dict(rtol=1e-11, atol=1e-13),
+}
+
+
+def _close(got, expected, dtype, msg):
+    tol = TOL[np.dtype(dtype)]
+    finite = np.abs(np.asarray(expected, dtype=float))
+    finite = finite[np.isfinite(finite)]
+    scale = max(1.0, float(finite.max())) if finite.size else 1.0
+    np.testing.assert_allclose(got, expected, rtol=tol["rtol"], atol=tol["atol"] * scale, err_msg=msg)
+COMPILED = ("numba", "cython")
+DTYPES = (np.float32, np.float64)
+
+
+def _strided(a, rng):
+    """The same values as ``a`` in a non-contiguous view (every other column of a wider array)."""
+    if a.ndim == 1:
+        big = rng.standard_normal(2 * a.shape[0]).astype(a.dtype)
+        big[::2] = a
+        return big[::2]
+    big = rng.standard_normal((a.shape[0], 2 * a.shape[1])).astype(a.dtype)
+    big[:, ::2] = a
+    return big[:, ::2]
+
+
+def make_case(name, n, d, m, dtype, rng, scale=3.0, strided=False):
+    """Inputs for kernel ``name``: (args, indices of the output arguments)."""
+    dtype = np.dtype(dtype)
+
+    def arr(*shape, s=scale):
+        a = (s * rng.standard_normal(shape)).astype(dtype)
+        return _strided(a, rng) if strided else a
+
+    def empty(*shape):
+        return np.full(shape, np.nan, dtype)
+
+    labels = rng.integers(0, m, n).astype(np.int64)
+    onehot = np.eye(m, dtype=dtype)[labels]
+    probs = np.abs(arr(n, m)) + 0.01
+    probs /= probs.sum(axis=1, keepdims=True)
+    cases = {
+        "step": lambda: ((arr(n, d), empty(n, d)), (1,)),
+        "sigmoid": lambda: ((arr(n, d), empty(n, d)), (1,)),
+        "relu": lambda: ((arr(n, d), empty(n, d)), (1,)),
+        "sigmoid_backward": lambda: ((arr(n, d), np.abs(arr(n, d)) % 1, empty(n, d)), (2,)),
+        "relu_backward": lambda: ((arr(n, d), arr(n, d), empty(n, d)), (2,)),
+        "affine": lambda: ((arr(n, d), arr(d, m), arr(m), empty(n, m)), (3,)),
+        "affine_relu": lambda: ((arr(n, d), arr(d, m), arr(m), empty(n, m)), (3,)),
+        "affine_sigmoid": lambda: ((arr(n, d), arr(d, m), arr(m), empty(n, m)), (3,)),
+        "affine_backward": lambda: (
+            (arr(n, d), arr(d, m), arr(n, m), empty(d, m), empty(m), empty(n, d)),
+            (3, 4, 5),
+        ),
+        "softmax": lambda: ((arr(n, m), empty(n, m)), (1,)),
+        "cross_entropy_labels": lambda: ((probs, labels), ()),
+        "cross_entropy_onehot": lambda: ((probs, onehot), ()),
+        "sum_squared_error": lambda: ((arr(n, m), arr(n, m)), ()),
+        "softmax_loss_labels": lambda: ((arr(n, m), labels, empty(n, m)), (2,)),
+        "softmax_loss_onehot": lambda: ((arr(n, m), onehot, empty(n, m)), (2,)),
+        "softmax_loss_backward_labels": lambda: ((probs, labels, 1.5, empty(n, m)), (3,)),
+        "softmax_loss_backward_onehot": lambda: ((probs, onehot, 0.5, empty(n, m)), (3,)),
+    }
+    return cases[name]()
+
+
+def run_both(name, backend_name, args, outs, dtype):
+    """Run the reference and ``backend_name`` on copies of ``args``; compare results."""
+    ref_args = [a.copy() if isinstance(a, np.ndarray) else a for a in args]
+    got_args = [a.copy() if isinstance(a, np.ndarray) and i in outs else a for i, a in enumerate(args)]
+    expected = getattr(backend.load("numpy"), name)(*ref_args)
+    got = getattr(backend.load(backend_name), name)(*got_args)
+    if not outs or name.startswith("softmax_loss_") and "backward" not in name:
+        _close(got, expected, dtype, f"{backend_name}.{name} result")
+    for i in outs:
+        assert got_args[i].dtype == np.dtype(dtype)
+        _close(got_args[i], ref_args[i], dtype, f"{backend_name}.{name} arg {i}")
+
+
+SIZES = [(1, 1, 1), (1, 784, 10), (2, 7, 3), (100, 784, 50), (100, 50, 10), (13, 31, 17)]
+
+
+@pytest.mark.parametrize("backend_name", COMPILED)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("name", list(contract.KERNELS))
+def test_parity_sizes(backend_name, dtype, name):
+    rng = np.random.default_rng(abs(hash((name, np.dtype(dtype).name))) % 2**32)
+    for n, d, m in SIZES:
+        for strided in (False, True):
+            args, outs = make_case(name, n, d, m, dtype, rng, strided=strided)
+            run_both(name, backend_name, args, outs, dtype)
+
+
+@pytest.mark.parametrize("backend_name", COMPILED)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize(
+    "name", ["softmax", "softmax_loss_labels", "softmax_loss_onehot", "sigmoid", "affine_sigmoid"]
+)
+def test_parity_huge_logits(backend_name, dtype, name):
+    rng = np.random.default_rng(7)
+    args, outs = make_case(name, 5, 4, 10, dtype, rng, scale=1000.0)
+    run_both(name, backend_name, args, outs, dtype)
+
+
+@pytest.mark.parametrize("backend_name", COMPILED)
+def test_mixed_dtypes_refused(backend_name):
+    k = backend.load(backend_name)
+    x = np.ones((2, 3), np.float32)
+    W = np.ones((3, 4), np.float64)
+    with pytest.raises(TypeError, match="float"):
+        k.affine(x, W, np.ones(4, np.float32), np.empty((2, 4), np.float32))
+    with pytest.raises(TypeError):
+        k.relu(x, np.empty((2, 3), np.float64))
+    with pytest.raises(TypeError):
+        k.relu(np.ones((2, 3), np.int64), np.empty((2, 3), np.int64))
+
+
+@pytest.mark.parametrize("backend_name", COMPILED)
+def test_shape_errors_name_both_shapes(backend_name):
+    k = backend.load(backend_name)
+    with pytest.raises(ValueError, match=r"\(2, 3\).*\(4, 5\)"):
+        k.affine(np.ones((2, 3)), np.ones((4, 5)), np.ones(5), np.empty((2, 5)))
+    with pytest.raises(ValueError, match=r"\(2, 6\)"):
+        k.relu(np.ones((2, 3)), np.empty((2, 6)))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        k.relu(np.ones((2, 3)), np.empty((3, 2)).T)
+
+
+@pytest.mark.parametrize("backend_name", COMPILED)
+def test_nan_and_inf_stay_visible(backend_name):
+    k = backend.load(backend_name)
+    x = np.array([[np.nan, 1.0, np.inf, -np.inf]])
+    for name in ("sigmoid", "relu"):
+        ref = getattr(backend.load("numpy"), name)(x, np.empty_like(x))
+        got = getattr(k, name)(x, np.empty_like(x))
+        np.testing.assert_array_equal(got, ref, err_msg=name)
+    y = k.softmax(np.array([[np.nan, 0.0], [np.inf, 0.0], [0.0, 0.0]]), np.empty((3, 2)))
+    assert np.isnan(y[0]).all() and np.isnan(y[1]).all() and np.allclose(y[2], 0.5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    name=st.sampled_from(list(contract.KERNELS)),
+    backend_name=st.sampled_from(COMPILED),
+    dtype=st.sampled_from(DTYPES),
+    n=st.integers(1, 9),
+    d=st.integers(1, 11),
+    m=st.integers(1, 8),
+    scale=st.sampled_from([1e-3, 1.0, 30.0]),
+    strided=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_parity_hypothesis(name, backend_name, dtype, n, d, m, scale, strided, seed):
+    args, outs = make_case(name, n, d, m, dtype, np.random.default_rng(seed), scale, strided)
+    run_both(name, backend_name, args, outs, dtype)
