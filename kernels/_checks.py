@@ -21,6 +21,8 @@ def dtype_of(a, name: str) -> np.dtype:
 
 def inp(a, dtype: np.dtype, name: str, ndim: int = 2):
     """Input ``a``: same dtype, right ndim, C-contiguous (copied only when strided)."""
+    if type(a) is np.ndarray and a.dtype == dtype and a.ndim == ndim:  # the common case
+        return a if a.flags.c_contiguous else np.ascontiguousarray(a)
     if not isinstance(a, np.ndarray) or a.dtype != dtype:
         raise TypeError(
             f"{name} is {getattr(a, 'dtype', type(a).__name__)} but the other arrays are "
@@ -48,7 +50,8 @@ def same_shape(a, b, name_a: str, name_b: str):
 
 
 def labels(t, rows: int):
-    t = np.ascontiguousarray(t, dtype=np.int64)
+    if not (type(t) is np.ndarray and t.dtype == np.int64 and t.flags.c_contiguous):
+        t = np.ascontiguousarray(t, dtype=np.int64)
     if t.shape != (rows,):
         raise ValueError(f"labels have shape {t.shape}, expected ({rows},)")
     return t

@@ -8,8 +8,16 @@
 # checking back on).
 
 cimport numpy as cnp
-from libc.math cimport exp, expf, log
+from libc.math cimport log
+from libc.string cimport memcpy
 from scipy.linalg.cython_blas cimport sgemm, dgemm
+
+cdef extern from "_vmath.h" nogil:
+    # vectorisable exp and sigmoid, in place (see _vmath.h)
+    void fn_exp_inplace_d(double* y, Py_ssize_t n)
+    void fn_exp_inplace_f(float* y, Py_ssize_t n)
+    void fn_sigmoid_inplace_d(double* y, Py_ssize_t n)
+    void fn_sigmoid_inplace_f(float* y, Py_ssize_t n)
 
 import numpy as np
 
@@ -25,15 +33,11 @@ cdef double LOG_EPS = 1e-7
 
 
 # ---------------------------------------------------------------- element functions
-cdef inline real _exp(real v) noexcept nogil:
+cdef inline void _exp_inplace(real* y, Py_ssize_t n) noexcept nogil:
     if real is float:
-        return expf(v)
+        fn_exp_inplace_f(y, n)
     else:
-        return exp(v)
-
-
-cdef inline real _sigmoid(real v) noexcept nogil:
-    return 1 / (1 + _exp(-v))
+        fn_exp_inplace_d(y, n)
 
 
 cdef inline real _relu(real v) noexcept nogil:
@@ -106,7 +110,12 @@ cdef cnp.ndarray _vec(object a, int tn, str name, Py_ssize_t n, bint writeable):
 
 
 cdef cnp.ndarray _labels(object t, Py_ssize_t n):
-    cdef cnp.ndarray arr = np.ascontiguousarray(t, dtype=np.int64)
+    cdef cnp.ndarray arr
+    if (cnp.PyArray_Check(t) and cnp.PyArray_TYPE(<cnp.ndarray>t) == cnp.NPY_INT64
+            and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>t)):
+        arr = <cnp.ndarray>t
+    else:
+        arr = np.ascontiguousarray(t, dtype=np.int64)
     if cnp.PyArray_NDIM(arr) != 1 or arr.shape[0] != n:
         raise ValueError(f"labels have shape {(<object>arr).shape}, expected ({n},)")
     return arr
@@ -124,9 +133,12 @@ cdef void _map_step(real* x, real* out, Py_ssize_t n) noexcept nogil:
 
 
 cdef void _map_sigmoid(real* x, real* out, Py_ssize_t n) noexcept nogil:
-    cdef Py_ssize_t i
-    for i in range(n):
-        out[i] = _sigmoid(x[i])
+    if x != out:
+        memcpy(out, x, n * sizeof(real))
+    if real is float:
+        fn_sigmoid_inplace_f(out, n)
+    else:
+        fn_sigmoid_inplace_d(out, n)
 
 
 cdef void _map_relu(real* x, real* out, Py_ssize_t n) noexcept nogil:
@@ -175,6 +187,7 @@ cdef void _affine_backward(real* x, real* W, real* dout, real* dW, real* db, rea
 
 
 cdef void _softmax(real* x, real* y, Py_ssize_t N, Py_ssize_t C) noexcept nogil:
+    """Row-wise: y = x - max(row); y = exp(y) over the whole block; y /= sum(row)."""
     cdef Py_ssize_t i, j
     cdef real m
     cdef double s
@@ -183,9 +196,12 @@ cdef void _softmax(real* x, real* y, Py_ssize_t N, Py_ssize_t C) noexcept nogil:
         for j in range(1, C):
             if x[i * C + j] > m or m != m:
                 m = x[i * C + j]
+        for j in range(C):
+            y[i * C + j] = x[i * C + j] - m
+    _exp_inplace(y, N * C)
+    for i in range(N):
         s = 0
         for j in range(C):
-            y[i * C + j] = _exp(x[i * C + j] - m)
             s += y[i * C + j]
         for j in range(C):
             y[i * C + j] = <real>(y[i * C + j] / s)
@@ -444,8 +460,23 @@ def sum_squared_error(y, t):
 
 
 def softmax_loss_labels(x, t, y):
-    softmax(x, y)
-    return cross_entropy_labels(y, t)
+    cdef int tn = _typenum(x, "x")
+    cdef cnp.ndarray xa = _in2(x, tn, "x")
+    cdef Py_ssize_t N = xa.shape[0], C = xa.shape[1]
+    cdef cnp.ndarray ta = _labels(t, N)
+    cdef cnp.ndarray ya = _out2(y, tn, "y", N, C)
+    cdef double r
+    cdef void* px = _p(xa)
+    cdef void* py = _p(ya)
+    cdef long long* pt = <long long*>_p(ta)
+    with nogil:
+        if tn == cnp.NPY_FLOAT32:
+            _softmax(<float*>px, <float*>py, N, C)
+            r = _ce_labels(<float*>py, pt, N, C)
+        else:
+            _softmax(<double*>px, <double*>py, N, C)
+            r = _ce_labels(<double*>py, pt, N, C)
+    return r
 
 
 def softmax_loss_onehot(x, t, y):
