@@ -55,3 +55,37 @@ def labels(t, rows: int):
     if t.shape != (rows,):
         raise ValueError(f"labels have shape {t.shape}, expected ({rows},)")
     return t
+
+
+def train_step_2layer(X, T, idx, W1, b1, W2, b2, act, work):
+    """Check every array of a fused two-layer step; returns ``work`` as a tuple."""
+    if len(work) != 8:
+        raise ValueError(f"work must hold 8 buffers (xb, h, s, dh, dW1, db1, dW2, db2), got {len(work)}")
+    if act not in (1, 2):
+        raise ValueError(f"act must be 1 (relu) or 2 (sigmoid), got {act}")
+    dt = dtype_of(W1, "W1")
+    xb = work[0]
+    B = len(idx) if hasattr(idx, "__len__") else -1
+    D, H = W1.shape
+    C = W2.shape[1] if getattr(W2, "ndim", 0) == 2 else -1
+    expected = (
+        ("X", X, (getattr(X, "shape", (0,))[0], D)), ("W2", W2, (H, C)), ("b1", b1, (H,)),
+        ("b2", b2, (C,)), ("xb", xb, (B, D)), ("h", work[1], (B, H)), ("s", work[2], (B, C)),
+        ("dh", work[3], (B, H)), ("dW1", work[4], (D, H)), ("db1", work[5], (H,)),
+        ("dW2", work[6], (H, C)), ("db2", work[7], (C,)),
+    )
+    for name, a, shape in expected:
+        if name == "X" and type(a) is np.ndarray and a.dtype == np.uint8:
+            pass  # pixels, normalised on the fly
+        elif type(a) is not np.ndarray or a.dtype != dt:
+            raise TypeError(f"{name} is {getattr(a, 'dtype', type(a).__name__)}; W1 is {dt}")
+        if a.shape != shape:
+            raise ValueError(f"{name} has shape {a.shape}, expected {shape} (W1 {W1.shape}, W2 {W2.shape})")
+        if not a.flags.c_contiguous:
+            raise ValueError(f"{name} must be C-contiguous")
+    for name, a in (("T", T), ("idx", idx)):
+        if type(a) is not np.ndarray or a.dtype != np.int64 or a.ndim != 1 or not a.flags.c_contiguous:
+            raise TypeError(f"{name} must be a C-contiguous 1-D int64 array")
+    if T.shape[0] != X.shape[0]:
+        raise ValueError(f"X has {X.shape[0]} rows but T has {T.shape[0]} labels")
+    return tuple(work)

@@ -518,3 +518,140 @@ def softmax_loss_backward_onehot(y, t, double dout, dx):
         else:
             _sl_backward_onehot(<double*>py, <double*>pt, dout, <double*>pd, N, C)
     return dx
+
+
+# ---------------------------------------------------------------- fused training step
+cdef void _gather_rows(real* X, unsigned char* U, long long* idx, real* xb, int B, int D) noexcept nogil:
+    """xb[i] = X[idx[i]], or U[idx[i]] / 255 for uint8 pixels (load_mnist's normalisation)."""
+    cdef Py_ssize_t i, j
+    cdef unsigned char* row
+    cdef real* out
+    for i in range(B):
+        if U == NULL:
+            memcpy(&xb[i * D], &X[idx[i] * D], D * sizeof(real))
+        else:
+            row = &U[idx[i] * D]
+            out = &xb[i * D]
+            for j in range(D):
+                out[j] = (<real>row[j]) / <real>255
+
+
+cdef double _train_step_2layer(real* X, unsigned char* U, long long* T, long long* idx, real* W1, real* b1,
+                               real* W2, real* b2, double lr, int act, real* xb, real* h,
+                               real* s, real* dh, real* dW1, real* db1, real* dW2, real* db2,
+                               int B, int D, int H, int C) noexcept nogil:
+    """One SGD step of Affine-act-Affine-SoftmaxWithLoss.  With lr != 0 the weight
+    updates are folded into the gradient products (gemm with alpha = -lr, beta = 1),
+    so dW1 and dW2 are never materialised."""
+    cdef Py_ssize_t i, j, k
+    cdef long long t
+    cdef double loss = 0, scale = 1.0 / B
+    cdef real rs = <real>scale
+    cdef real v
+    _gather_rows(X, U, idx, xb, B, D)
+    _affine(xb, W1, b1, h, B, D, H, act)
+    _affine(h, W2, b2, s, B, H, C, 0)
+    _softmax(s, s, B, C)
+    for i in range(B):
+        t = T[idx[i]]
+        loss -= log(<double>(s[i * C + t] + <real>LOG_EPS))
+        for j in range(C):
+            s[i * C + j] = s[i * C + j] * rs
+        s[i * C + t] = s[i * C + t] - rs
+    # dh = ds @ W2.T (with the old W2), then the activation's derivative
+    _gemm(False, True, B, H, C, <real>1, s, C, W2, C, <real>0, dh, H)
+    for k in range(<Py_ssize_t>B * H):
+        if act == 1:
+            dh[k] = 0 if h[k] <= 0 else dh[k]
+        else:
+            dh[k] = dh[k] * (1 - h[k]) * h[k]
+    for j in range(C):
+        db2[j] = 0
+    for i in range(B):
+        for j in range(C):
+            db2[j] += s[i * C + j]
+    for j in range(H):
+        db1[j] = 0
+    for i in range(B):
+        for j in range(H):
+            db1[j] += dh[i * H + j]
+    if lr != 0:
+        _gemm(True, False, H, C, B, <real>(-lr), h, H, s, C, <real>1, W2, C)
+        _gemm(True, False, D, H, B, <real>(-lr), xb, D, dh, H, <real>1, W1, H)
+        for j in range(C):
+            b2[j] -= <real>lr * db2[j]
+        for j in range(H):
+            b1[j] -= <real>lr * db1[j]
+    else:
+        _gemm(True, False, H, C, B, <real>1, h, H, s, C, <real>0, dW2, C)
+        _gemm(True, False, D, H, B, <real>1, xb, D, dh, H, <real>0, dW1, H)
+    return loss / B
+
+
+def train_step_2layer(X, T, idx, W1, b1, W2, b2, double lr, int act, work):
+    if act != 1 and act != 2:
+        raise ValueError(f"act must be 1 (relu) or 2 (sigmoid), got {act}")
+    if len(work) != 8:
+        raise ValueError(f"work must hold 8 buffers (xb, h, s, dh, dW1, db1, dW2, db2), got {len(work)}")
+    cdef int tn = _typenum(W1, "W1")
+    cdef cnp.ndarray W1a = _out2(W1, tn, "W1", W1.shape[0], W1.shape[1])
+    cdef int D = W1a.shape[0], H = W1a.shape[1]
+    cdef cnp.ndarray W2a = _out2(W2, tn, "W2", H, W2.shape[1] if W2.ndim == 2 else -1)
+    cdef int C = W2a.shape[1]
+    cdef cnp.ndarray b1a = _vec(b1, tn, "b1", H, True)
+    cdef cnp.ndarray b2a = _vec(b2, tn, "b2", C, True)
+    cdef cnp.ndarray Xa
+    cdef bint pixels = cnp.PyArray_Check(X) and cnp.PyArray_TYPE(<cnp.ndarray>X) == cnp.NPY_UINT8
+    if pixels:
+        Xa = np.ascontiguousarray(X)
+        if cnp.PyArray_NDIM(Xa) != 2:
+            raise ValueError(f"X must be 2-D, got shape {X.shape}")
+    else:
+        Xa = _in2(X, tn, "X")
+    if Xa.shape[1] != D:
+        raise ValueError(f"X has shape {X.shape} but W1 has shape {W1.shape}")
+    cdef Py_ssize_t n_rows = Xa.shape[0]
+    cdef cnp.ndarray Ta = _labels(T, n_rows)
+    cdef cnp.ndarray ia = np.ascontiguousarray(idx, dtype=np.int64)
+    if cnp.PyArray_NDIM(ia) != 1 or ia.shape[0] < 1:
+        raise ValueError("idx must be a non-empty 1-D array of row numbers")
+    cdef int B = ia.shape[0]
+    xb, h, s, dh, dW1, db1, dW2, db2 = work
+    cdef cnp.ndarray xba = _out2(xb, tn, "xb", B, D)
+    cdef cnp.ndarray ha = _out2(h, tn, "h", B, H)
+    cdef cnp.ndarray sa = _out2(s, tn, "s", B, C)
+    cdef cnp.ndarray dha = _out2(dh, tn, "dh", B, H)
+    cdef cnp.ndarray dW1a = _out2(dW1, tn, "dW1", D, H)
+    cdef cnp.ndarray db1a = _vec(db1, tn, "db1", H, True)
+    cdef cnp.ndarray dW2a = _out2(dW2, tn, "dW2", H, C)
+    cdef cnp.ndarray db2a = _vec(db2, tn, "db2", C, True)
+    cdef long long* pi = <long long*>_p(ia)
+    cdef long long* pt = <long long*>_p(Ta)
+    cdef Py_ssize_t i
+    for i in range(B):
+        if pi[i] < 0 or pi[i] >= n_rows:
+            raise IndexError(f"batch index {pi[i]} is out of range for X with {n_rows} rows")
+        if pt[pi[i]] < 0 or pt[pi[i]] >= C:
+            raise ValueError(f"label {pt[pi[i]]} of row {pi[i]} is out of range for {C} classes")
+    cdef double loss
+    cdef void* p[15]
+    cdef unsigned char* pu = NULL
+    cdef void* px = NULL
+    if pixels:
+        pu = <unsigned char*>_p(Xa)
+    else:
+        px = _p(Xa)
+    p[:] = [px, _p(W1a), _p(b1a), _p(W2a), _p(b2a), _p(xba), _p(ha), _p(sa), _p(dha),
+            _p(dW1a), _p(db1a), _p(dW2a), _p(db2a), NULL, NULL]
+    with nogil:
+        if tn == cnp.NPY_FLOAT32:
+            loss = _train_step_2layer(<float*>p[0], pu, pt, pi, <float*>p[1], <float*>p[2],
+                                      <float*>p[3], <float*>p[4], lr, act, <float*>p[5],
+                                      <float*>p[6], <float*>p[7], <float*>p[8], <float*>p[9],
+                                      <float*>p[10], <float*>p[11], <float*>p[12], B, D, H, C)
+        else:
+            loss = _train_step_2layer(<double*>p[0], pu, pt, pi, <double*>p[1], <double*>p[2],
+                                      <double*>p[3], <double*>p[4], lr, act, <double*>p[5],
+                                      <double*>p[6], <double*>p[7], <double*>p[8], <double*>p[9],
+                                      <double*>p[10], <double*>p[11], <double*>p[12], B, D, H, C)
+    return loss

@@ -64,6 +64,17 @@ KERNELS: dict[str, tuple[str, str]] = {
         "(y, t, dout, dx) -> dx",
         "dx = (y - t) * dout / rows",
     ),
+    # a whole training step of the book's two-layer net
+    "train_step_2layer": (
+        "(X, T, idx, W1, b1, W2, b2, lr, act, work) -> float",
+        "one mini-batch step of Affine-act-Affine-SoftmaxWithLoss on rows idx (int64) of X "
+        "(the parameters' dtype, or uint8 pixels normalised on the fly to X / 255 in that dtype, "
+        "as load_mnist(normalize=True) does: a quarter of the memory traffic), "
+        "labels T (int64); act 1 relu, 2 sigmoid; work = (xb, h, s, dh, dW1, db1, dW2, db2) "
+        "scratch of shapes (B,D) (B,H) (B,C) (B,H) (D,H) (H,) (H,C) (C,); lr != 0: SGD "
+        "W -= lr*dW in place (dW buffers then unspecified); lr == 0: gradients written to "
+        "dW1..db2, parameters untouched. Returns the batch loss before the update",
+    ),
 }
 
 #: Added to the probability inside every log, as in the book.

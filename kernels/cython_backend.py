@@ -22,6 +22,7 @@ from ._cython import (  # noqa: F401  (the kernel table)
     softmax_loss_labels,
     softmax_loss_onehot,
     step,
+    train_step_2layer,
     sum_squared_error,
 )
 

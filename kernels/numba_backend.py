@@ -293,6 +293,51 @@ def _sl_backward_onehot(y, t, dout, dx):
         df[i] = (yf[i] - tf[i]) * scale
 
 
+@jit
+def _train_step_2layer(X, T, idx, W1, b1, W2, b2, lr, act, div, xb, h, s, dh, dW1, db1, dW2, db2):
+    B, C = s.shape
+    n_rows, D = X.shape
+    for i in range(B):
+        r = idx[i]
+        if r < 0 or r >= n_rows:
+            raise IndexError("train_step_2layer: a batch index is out of range for X")
+        if T[r] < 0 or T[r] >= C:
+            raise ValueError("train_step_2layer: a label is out of range for the output layer")
+        for j in range(D):
+            xb[i, j] = X[r, j]  # exact conversion to the parameters' dtype, then
+            xb[i, j] = xb[i, j] / div  # / 255 for uint8 pixels (load_mnist's), / 1 (exact) else
+    _affine(xb, W1, b1, h, act)
+    _affine(h, W2, b2, s, 0)
+    _softmax_rows(s, s)
+    loss = 0.0
+    for i in range(B):
+        loss -= np.log(np.float64(s[i, T[idx[i]]]) + LOG_EPS)
+    loss /= B
+    scale = 1.0 / B
+    for i in range(B):
+        t = T[idx[i]]
+        for j in range(C):
+            s[i, j] = s[i, j] * scale
+        s[i, t] = s[i, t] - scale
+    np.dot(s, W2.T, dh)
+    _affine_backward(h, W2, s, dW2, db2)
+    hf, df = h.reshape(-1), dh.reshape(-1)
+    for k in range(hf.size):
+        if act == 1:
+            df[k] = 0 if hf[k] <= 0 else df[k]
+        else:
+            df[k] = df[k] * (1 - hf[k]) * hf[k]
+    _affine_backward(xb, W1, dh, dW1, db1)
+    if lr != 0:
+        for p, g in ((W1.reshape(-1), dW1.reshape(-1)), (W2.reshape(-1), dW2.reshape(-1))):
+            for k in range(p.size):
+                p[k] -= lr * g[k]
+        for p, g in ((b1, db1), (b2, db2)):
+            for k in range(p.size):
+                p[k] -= lr * g[k]
+    return loss
+
+
 # ------------------------------------------------------------------ the kernel table
 def _unary(kernel, x, out):
     dt = chk.dtype_of(x, "x")
@@ -425,6 +470,12 @@ def softmax_loss_backward_onehot(y, t, dout, dx):
     return dx
 
 
+def train_step_2layer(X, T, idx, W1, b1, W2, b2, lr, act, work):
+    work = chk.train_step_2layer(X, T, idx, W1, b1, W2, b2, act, work)
+    div = W1.dtype.type(255.0 if X.dtype == np.uint8 else 1.0)
+    return float(_train_step_2layer(X, T, idx, W1, b1, W2, b2, float(lr), int(act), div, *work))
+
+
 def warmup(dtypes=(np.float32, np.float64)):
     """Compile (or load from the cache) every kernel for ``dtypes``; returns seconds."""
     import time
@@ -449,4 +500,11 @@ def warmup(dtypes=(np.float32, np.float64)):
         sum_squared_error(o2, o2)
         softmax_loss_backward_labels(o2, t, 1.0, o2)
         softmax_loss_backward_onehot(o2, o2, 1.0, o2)
+        X, T, idx = np.ones((4, 3), dtype), np.zeros(4, np.int64), np.arange(2, dtype=np.int64)
+        W1, b1, W2, b2 = np.ones((3, 2), dtype), np.ones(2, dtype), np.ones((2, 2), dtype), np.ones(2, dtype)
+        work = (np.empty((2, 3), dtype), np.empty((2, 2), dtype), np.empty((2, 2), dtype),
+                np.empty((2, 2), dtype), np.empty((3, 2), dtype), np.empty(2, dtype),
+                np.empty((2, 2), dtype), np.empty(2, dtype))
+        for act in (1, 2):
+            train_step_2layer(X, T, idx, W1, b1, W2, b2, 0.0, act, work)
     return time.perf_counter() - start

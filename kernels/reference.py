@@ -103,6 +103,26 @@ def softmax_loss_backward_onehot(y, t, dout, dx):
     batch_size = y.shape[0]
     dx[...] = (y - t) * (dout / batch_size)
     return dx
+def train_step_2layer(X, T, idx, W1, b1, W2, b2, lr, act, work):
+    xb, h, s, dh, dW1, db1, dW2, db2 = work
+    if X.dtype == np.uint8:
+        np.divide(X[idx], xb.dtype.type(255), out=xb)
+    else:
+        np.take(X, idx, axis=0, out=xb)
+    t = T[idx]
+    (affine_relu if act == 1 else affine_sigmoid)(xb, W1, b1, h)
+    affine(h, W2, b2, s)
+    loss = softmax_loss_labels(s, t, s)
+    softmax_loss_backward_labels(s, t, 1.0, s)
+    affine_backward(h, W2, s, dW2, db2, dh)
+    (relu_backward if act == 1 else sigmoid_backward)(dh, h, dh)
+    affine_backward(xb, W1, dh, dW1, db1, None)
+    if lr:
+        for param, grad in ((W1, dW1), (b1, db1), (W2, dW2), (b2, db2)):
+            param -= lr * grad
+    return loss
+
+
 def warmup(dtypes=None):
     """Nothing to compile."""
     return 0.0
