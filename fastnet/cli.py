@@ -70,6 +70,149 @@ def _cmd_backends(args) -> int:
     return 0
 
 
+DEFAULT_LR = {"sgd": 0.1, "momentum": 0.01, "adam": 0.001}
+
+
+def _load_dataset(name, data_dir, normalize):
+    from .datasets import load_fashion_mnist, load_mnist
+
+    loaders = {"mnist": load_mnist, "fashion-mnist": load_fashion_mnist}
+    if name not in loaders:
+        raise CLIError(f"unknown dataset {name!r}; choose mnist or fashion-mnist")
+    return loaders[name](normalize=normalize, data_dir=data_dir)
+
+
+def _cmd_train(args) -> int:
+    """The chapter-5 experiment: TwoLayerNet on MNIST, with the book's defaults."""
+    import time
+    from pathlib import Path
+
+    from . import backend
+    from .nets import MultiLayerNet
+    from .train import Trainer, TrainingInterrupted
+
+    start = time.perf_counter()
+    if args.iters is not None and args.epochs is not None:
+        raise CLIError("give --iters or --epochs, not both")
+    iters = args.iters if args.epochs is None else None
+    if iters is None and args.epochs is None:
+        iters = 10000
+    lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
+    (x_train, t_train), (x_test, t_test) = _load_dataset(args.dataset, args.data_dir, normalize=False)
+    hidden = [int(h) for h in args.hidden.split(",")] if isinstance(args.hidden, str) else [args.hidden]
+    net = MultiLayerNet(x_train.shape[1], hidden, 10, activation=args.activation,
+                        weight_init_std=args.weight_init_std, dtype=args.dtype, seed=args.seed)
+    out = Path(args.out)
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    print(f"fastnet train: {args.dataset}, {'-'.join(map(str, net.sizes))} {args.activation}, "
+          f"{iters if iters else str(args.epochs) + ' epochs'}{' iterations' if iters else ''}, "
+          f"batch {args.batch_size}, {args.optimizer} lr {lr}, {net.dtype.name}, "
+          f"backend {backend.get_backend()}, seed {args.seed}", flush=True)
+    if args.gradient == "numerical":
+        from .numgrad import NumericalGradientStep
+
+        trainer = Trainer(net, x_train, t_train, x_test, t_test, iters=iters, epochs=args.epochs,
+                          batch_size=args.batch_size, optimizer=args.optimizer, lr=lr, seed=args.seed,
+                          fused=False, checkpoint_dir=out, progress=progress, verbose=True)
+        trainer.use_numerical_gradient(NumericalGradientStep(net))
+    else:
+        trainer = Trainer(net, x_train, t_train, x_test, t_test, iters=iters, epochs=args.epochs,
+                          batch_size=args.batch_size, optimizer=args.optimizer, lr=lr, seed=args.seed,
+                          checkpoint_dir=out, progress=progress, verbose=True)
+    try:
+        history = trainer.fit()
+    except TrainingInterrupted as stop:
+        print(f"fastnet: interrupted; weights and metrics so far are in {stop.saved}", file=sys.stderr)
+        return 130
+    history.config["dataset"] = args.dataset
+    history.config["total_seconds"] = time.perf_counter() - start
+    trainer.save_checkpoint()  # weights.npz and metrics.json, written atomically
+    written = ["weights.npz", "metrics.json"]
+    if args.plot:
+        try:
+            from .plots import plot_history
+
+            plot_history(history, out / "training.png",
+                         title=f"{args.dataset} {'-'.join(map(str, net.sizes))} {args.activation}")
+            written.append("training.png")
+        except ImportError as exc:
+            print(f"fastnet: no plot ({exc})", file=sys.stderr)
+    final = f"test acc {history.test_acc[-1]:.4f}" if history.test_acc else ""
+    print(f"done: {history.iterations} iterations in {history.seconds:.2f} s "
+          f"({history.seconds / history.iterations * 1e6:.0f} us/iter incl. evaluation), {final}; "
+          f"total {time.perf_counter() - start:.2f} s; wrote {', '.join(written)} to {out}")
+    return 0
+
+
+def _load_any_net(path):
+    from pathlib import Path
+
+    from .io import load_book_params
+    from .nets import ThreeLayerNet
+    from .train import load_net
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no weights file at {path}")
+    if path.suffix == ".pkl":
+        return ThreeLayerNet(load_book_params(path))
+    return load_net(path)
+
+
+def _confusion(pred, t, classes=10):
+    matrix = np.zeros((classes, classes), dtype=np.int64)
+    np.add.at(matrix, (t, pred), 1)
+    return matrix
+
+
+def _cmd_evaluate(args) -> int:
+    """Accuracy and confusion matrix of saved weights on a test set."""
+    net = _load_any_net(args.weights)
+    _, (x_test, t_test) = _load_dataset(args.dataset, args.data_dir, normalize=True)
+    pred = np.concatenate([np.argmax(net.predict(x_test[i : i + 1000]), axis=1)
+                           for i in range(0, len(x_test), 1000)])
+    t = np.asarray(t_test, dtype=np.int64)
+    accuracy = float(np.mean(pred == t))
+    print(f"accuracy: {accuracy:.4f} ({int(np.sum(pred == t))}/{len(t)}) on the {args.dataset} test set")
+    matrix = _confusion(pred, t)
+    print("confusion matrix (rows: true label, columns: predicted)")
+    print("      " + "".join(f"{j:>6d}" for j in range(10)))
+    for i, row in enumerate(matrix):
+        print(f"{i:>6d}" + "".join(f"{v:>6d}" for v in row))
+    return 0
+
+
+def _cmd_predict(args) -> int:
+    """Classify 28x28 grayscale images (white digit on black, as MNIST)."""
+    try:
+        from PIL import Image
+    except ImportError as exc:  # pragma: no cover
+        raise CLIError('reading images needs Pillow: pip install "fastnet[plot]"') from exc
+    from .functions import softmax
+    from .nets import ThreeLayerNet
+
+    net = _load_any_net(args.weights)
+    for path in args.images:
+        try:
+            with Image.open(path) as img:
+                gray = img.convert("L")
+                if gray.size != (28, 28):
+                    raise CLIError(f"{path} is {gray.size[0]}x{gray.size[1]}; fastnet predict takes 28x28 images")
+                x = np.asarray(gray, dtype=np.float32).reshape(1, 784) / 255.0
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no image at {path}") from None
+        except OSError as exc:
+            raise CLIError(f"cannot read {path} as an image ({exc})") from None
+        if args.invert:
+            x = 1.0 - x
+        y = net.predict(x)
+        probs = y[0] if isinstance(net, ThreeLayerNet) and net.output == "softmax" else softmax(y)[0]
+        best = int(np.argmax(probs))
+        top = np.argsort(probs)[::-1][:3]
+        print(f"{path}: {best}  (" + ", ".join(f"{k}: {probs[k]:.3f}" for k in top) + ")")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastnet",
@@ -89,6 +232,55 @@ def build_parser() -> argparse.ArgumentParser:
     backends = sub.add_parser("backends", help="list the kernel backends and whether they load")
     backends.add_argument("--contract", action="store_true", help="also print the kernel contract")
     backends.set_defaults(func=_cmd_backends)
+
+    train = sub.add_parser(
+        "train",
+        help="train a net on MNIST (defaults: the book's chapter-5 experiment)",
+        description="Train a net; the defaults reproduce the book's chapter 5: 784-50-10 ReLU, "
+        "10000 iterations, batch 100, SGD lr 0.1.  Writes weights.npz, metrics.json and "
+        "training.png to --out.  Ctrl-C stops and keeps what was trained.",
+    )
+    train.add_argument("--dataset", default="mnist", help="mnist (default) or fashion-mnist")
+    train.add_argument("--hidden", default="50", help="hidden layer size, or sizes like 100,50 (default 50)")
+    train.add_argument("--activation", choices=["relu", "sigmoid"], default="relu")
+    train.add_argument("--iters", type=int, default=None, help="iterations (default 10000)")
+    train.add_argument("--epochs", type=int, default=None, help="epochs instead of --iters")
+    train.add_argument("--batch-size", type=int, default=100)
+    train.add_argument("--lr", type=float, default=None,
+                       help="learning rate (default: sgd 0.1, momentum 0.01, adam 0.001)")
+    train.add_argument("--optimizer", choices=["sgd", "momentum", "adam"], default="sgd")
+    train.add_argument("--weight-init-std", default=0.01,
+                       type=lambda v: v if v in ("he", "xavier") else float(v),
+                       help="initial weight scale: a number (default 0.01), he or xavier")
+    train.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--data-dir", default=None, help="folder holding the data set files")
+    train.add_argument("--out", default="fastnet-run", help="output folder (default fastnet-run)")
+    train.add_argument("--gradient", choices=["backprop", "numerical"], default="backprop",
+                       help="backprop (default) or the book's numerical gradient (chapter 4)")
+    train.add_argument("--no-plot", dest="plot", action="store_false", help="do not write training.png")
+    train.add_argument("--progress", dest="progress", action="store_true", default=None,
+                       help="show the progress bar (default: when stderr is a terminal)")
+    train.add_argument("--no-progress", dest="progress", action="store_false")
+    train.add_argument("--backend", dest="backend_sub", default=None,
+                       help="kernel backend: numpy, numba, cython or auto")
+    train.set_defaults(func=_cmd_train)
+
+    evaluate = sub.add_parser("evaluate", help="accuracy and confusion matrix of saved weights")
+    evaluate.add_argument("--weights", required=True,
+                          help="a .npz written by fastnet train, or the book's sample_weight.pkl")
+    evaluate.add_argument("--dataset", default="mnist")
+    evaluate.add_argument("--data-dir", default=None)
+    evaluate.add_argument("--backend", dest="backend_sub", default=None)
+    evaluate.set_defaults(func=_cmd_evaluate)
+
+    predict = sub.add_parser("predict", help="classify 28x28 grayscale images")
+    predict.add_argument("--weights", required=True)
+    predict.add_argument("images", nargs="+", help="PNG (or other Pillow-readable) 28x28 images")
+    predict.add_argument("--invert", action="store_true",
+                         help="the images are dark digits on white (MNIST is white on black)")
+    predict.add_argument("--backend", dest="backend_sub", default=None)
+    predict.set_defaults(func=_cmd_predict)
     return parser
 
 
@@ -99,10 +291,11 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     try:
-        if getattr(args, "backend", None):
+        chosen = getattr(args, "backend_sub", None) or getattr(args, "backend", None)
+        if chosen:
             from .backend import set_backend
 
-            set_backend(args.backend)
+            set_backend(chosen)
         return int(args.func(args) or 0)
     except CLIError as exc:
         print(f"fastnet: error: {exc}", file=sys.stderr)

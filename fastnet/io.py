@@ -17,7 +17,27 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["save_params", "load_params", "load_book_params", "UnsafePickleError"]
+__all__ = ["save_params", "load_params", "load_book_params", "UnsafePickleError", "atomic_write"]
+
+
+def atomic_write(path, write) -> Path:
+    """Create ``path`` by calling ``write(binary_file)`` on a temporary file beside it,
+    then renaming it into place: an interrupted write never leaves a partial file.
+    The file gets the permissions a plain ``open`` would give (the umask's)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 class UnsafePickleError(pickle.UnpicklingError):
@@ -38,19 +58,10 @@ def save_params(path, params) -> Path:
         if not isinstance(key, str):
             raise TypeError(f"parameter names must be strings, got {key!r}")
         arr = np.asarray(value)
-        if arr.dtype.kind not in "fiub":
+        if arr.dtype.kind not in "fiubU":  # numbers, or text metadata (no objects: no pickle)
             raise TypeError(f"parameter {key} must be numeric, got dtype {arr.dtype}")
         arrays[key] = arr
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda fh: np.savez(fh, **arrays))
 
 
 def load_params(path) -> dict[str, np.ndarray]:

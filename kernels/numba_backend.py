@@ -507,4 +507,5 @@ def warmup(dtypes=(np.float32, np.float64)):
                 np.empty((2, 2), dtype), np.empty(2, dtype))
         for act in (1, 2):
             train_step_2layer(X, T, idx, W1, b1, W2, b2, 0.0, act, work)
+            train_step_2layer(X.astype(np.uint8), T, idx, W1, b1, W2, b2, 0.0, act, work)
     return time.perf_counter() - start

@@ -1,0 +1,83 @@
+"""Optimisers: the book's SGD, plus Momentum and Adam (chapter 6 of the book).
+
+Each updates a dict of parameter arrays in place from a dict of gradients, as the
+book's ``optimizer.update(params, grads)`` does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["SGD", "Momentum", "Adam", "make_optimizer"]
+
+
+class SGD:
+    """``W -= lr * dW``."""
+
+    name = "sgd"
+
+    def __init__(self, lr: float = 0.01):
+        if not lr > 0:
+            raise ValueError(f"learning rate must be positive, got {lr}")
+        self.lr = float(lr)
+
+    def update(self, params, grads):
+        for key, grad in grads.items():
+            params[key] -= params[key].dtype.type(self.lr) * grad
+
+
+class Momentum(SGD):
+    """``v = momentum * v - lr * dW;  W += v``."""
+
+    name = "momentum"
+
+    def __init__(self, lr: float = 0.01, momentum: float = 0.9):
+        super().__init__(lr)
+        self.momentum = float(momentum)
+        self.v = None
+
+    def update(self, params, grads):
+        if self.v is None:
+            self.v = {key: np.zeros_like(value) for key, value in params.items()}
+        for key, grad in grads.items():
+            v = self.v[key]
+            v *= self.momentum
+            v -= params[key].dtype.type(self.lr) * grad
+            params[key] += v
+
+
+class Adam(SGD):
+    """Adam (Kingma & Ba), written as the book's ``common/optimizer.py`` does."""
+
+    name = "adam"
+
+    def __init__(self, lr: float = 0.001, beta1: float = 0.9, beta2: float = 0.999):
+        super().__init__(lr)
+        self.beta1, self.beta2 = float(beta1), float(beta2)
+        self.iter = 0
+        self.m = self.v = None
+
+    def update(self, params, grads):
+        if self.m is None:
+            self.m = {key: np.zeros_like(value) for key, value in params.items()}
+            self.v = {key: np.zeros_like(value) for key, value in params.items()}
+        self.iter += 1
+        lr_t = self.lr * np.sqrt(1.0 - self.beta2**self.iter) / (1.0 - self.beta1**self.iter)
+        for key, grad in grads.items():
+            m, v = self.m[key], self.v[key]
+            m += (1 - self.beta1) * (grad - m)
+            v += (1 - self.beta2) * (grad**2 - v)
+            params[key] -= params[key].dtype.type(lr_t) * m / (np.sqrt(v) + 1e-7)
+
+
+OPTIMIZERS = {"sgd": SGD, "momentum": Momentum, "adam": Adam}
+
+
+def make_optimizer(optimizer, lr=None):
+    """An optimiser object from a name ('sgd', 'momentum', 'adam') or an object with ``update``."""
+    if hasattr(optimizer, "update"):
+        return optimizer
+    key = str(optimizer).lower()
+    if key not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    return OPTIMIZERS[key]() if lr is None else OPTIMIZERS[key](lr)

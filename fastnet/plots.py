@@ -1,0 +1,42 @@
+"""Figures like the book's: the loss curve (fig. 4-11) and train/test accuracy (fig. 4-12)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def plot_history(history, path, title: str = "") -> Path:
+    """Save a PNG with the loss per iteration and the accuracy per epoch.
+
+    Needs matplotlib (``pip install "fastnet[plot]"``); raises ImportError saying so.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError('plotting needs matplotlib: pip install "fastnet[plot]"') from exc
+    path = Path(path)
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    ax_loss.plot(range(1, len(history.loss) + 1), history.loss, linewidth=0.6)
+    ax_loss.set_xlabel("iteration")
+    ax_loss.set_ylabel("loss")
+    ax_loss.set_title("training loss (mini-batch)")
+    epochs = range(1, len(history.train_acc) + 1)
+    if history.train_acc:
+        ax_acc.plot(epochs, history.train_acc, marker="o", label="train acc")
+    if history.test_acc:
+        ax_acc.plot(epochs, history.test_acc, marker="s", linestyle="--", label="test acc")
+    ax_acc.set_xlabel("epochs")
+    ax_acc.set_ylabel("accuracy")
+    ax_acc.set_ylim(0, 1.0)
+    ax_acc.legend(loc="lower right")
+    ax_acc.set_title("accuracy")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

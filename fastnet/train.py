@@ -1,0 +1,354 @@
+"""Training: the book's mini-batch loop, with a compiled fast path.
+
+:class:`Trainer` runs the chapter-5 experiment (``train_neuralnet.py``): draw
+``batch_size`` random rows (with replacement, as ``np.random.choice`` does in the
+book), compute the gradient, update, and after every epoch measure the accuracy on the
+whole training and test sets.  What it adds: a seed that makes every run repeatable,
+a fast path that runs each step of a two-layer net as one compiled kernel call
+(``train_step_2layer``), optimisers, callbacks, checkpoints, and a clean stop on
+Ctrl-C that keeps the weights and the history so far.
+
+Images may be given as floats or as uint8 pixels; pixels are normalised on the fly to
+``x / 255`` in the net's dtype, exactly as ``load_mnist(normalize=True)`` does, which
+keeps a quarter of the memory and of the memory traffic.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import io as _io
+from ._validate import describe_nonfinite
+from .backend import get_backend, kernels
+from .nets import MultiLayerNet
+from .optim import SGD, make_optimizer
+
+__all__ = ["Trainer", "History", "TrainingInterrupted"]
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :meth:`Trainer.fit`; ``history`` and ``saved`` say what was kept."""
+
+    def __init__(self, history, saved):
+        super().__init__("training interrupted")
+        self.history, self.saved = history, saved
+
+
+@dataclass
+class History:
+    """What a run measured: the loss of every step and the accuracies of every epoch."""
+
+    loss: list = field(default_factory=list)
+    epoch_iter: list = field(default_factory=list)
+    train_acc: list = field(default_factory=list)
+    test_acc: list = field(default_factory=list)
+    epoch_seconds: list = field(default_factory=list)
+    iterations: int = 0
+    seconds: float = 0.0
+    interrupted: bool = False
+    config: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["loss"] = [float(v) for v in self.loss]
+        return data
+
+
+def _as_rows(x, name):
+    x = np.asarray(x)
+    if x.ndim < 2:
+        raise ValueError(f"{name} must hold one sample per row, got shape {x.shape}")
+    x = x.reshape(x.shape[0], -1)
+    if x.dtype != np.uint8 and x.dtype.kind != "f":
+        raise TypeError(f"{name} must be float or uint8 pixels, got {x.dtype}")
+    return np.ascontiguousarray(x)
+
+
+def _as_labels(t, rows, classes, name):
+    t = np.asarray(t)
+    if t.ndim == 2:
+        t = np.argmax(t, axis=1)
+    if t.shape != (rows,):
+        raise ValueError(f"{name} has shape {t.shape}, expected {rows} labels")
+    if t.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be integer class labels or one-hot rows, got {t.dtype}")
+    if rows and (t.min() < 0 or t.max() >= classes):
+        raise ValueError(f"{name} holds labels outside [0, {classes})")
+    return np.ascontiguousarray(t, dtype=np.int64)
+
+
+class _Progress:
+    def __init__(self, total, stream, enabled):
+        self.total, self.stream, self.enabled = total, stream, enabled
+        self.start = time.perf_counter()
+        self._last = 0.0
+
+    def update(self, done, loss):
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if now - self._last < 0.2 and done < self.total:
+            return
+        self._last = now
+        frac = done / self.total
+        rate = done / max(now - self.start, 1e-9)
+        bar = "#" * int(frac * 30)
+        self.stream.write(f"\r[{bar:<30}] {done}/{self.total} it  {rate:,.0f} it/s  loss {loss:.4f}")
+        self.stream.flush()
+
+    def line(self, text, stream=None):
+        """A line of its own (stdout unless told), clearing the bar first."""
+        if self.enabled:
+            self.stream.write("\r" + " " * 78 + "\r")
+            self.stream.flush()
+        out = sys.stdout if stream is None else stream
+        out.write(text + "\n")
+        out.flush()
+
+
+class Trainer:
+    """Mini-batch training of a :class:`~fastnet.nets.MultiLayerNet` (or ``TwoLayerNet``).
+
+    Give ``iters`` (the book: 10000) or ``epochs``; one epoch is
+    ``max(len(x_train) // batch_size, 1)`` iterations, as in the book.  ``optimizer`` is
+    'sgd' (the book's), 'momentum', 'adam' or an object with ``update(params, grads)``.
+    ``seed`` fixes the batches: the same seed, net and backend give identical results.
+
+    ``fused`` chooses the compiled training step for two-layer nets: ``'auto'`` (use it
+    whenever the net has two layers), ``True`` (require it) or ``False`` (the book's
+    ``net.gradient`` + ``optimizer.update`` loop).  ``callbacks`` are called after every
+    epoch as ``callback(trainer, record)``; one that returns ``False`` stops training.
+    ``checkpoint_dir`` receives ``weights.npz`` and ``metrics.json`` after every epoch
+    and on Ctrl-C.
+    """
+
+    def __init__(
+        self,
+        net: MultiLayerNet,
+        x_train,
+        t_train,
+        x_test=None,
+        t_test=None,
+        *,
+        iters: int | None = None,
+        epochs: int | None = None,
+        batch_size: int = 100,
+        optimizer="sgd",
+        lr: float | None = 0.1,
+        seed=0,
+        evaluate: bool = True,
+        fused="auto",
+        callbacks=(),
+        checkpoint_dir=None,
+        progress: bool = False,
+        verbose: bool = False,
+        stream=None,
+    ):
+        if not isinstance(net, MultiLayerNet):
+            raise TypeError(f"Trainer trains a MultiLayerNet or TwoLayerNet, got {type(net).__name__}")
+        if (iters is None) == (epochs is None):
+            raise ValueError("give exactly one of iters or epochs")
+        self.net = net
+        self.x_train = _as_rows(x_train, "x_train")
+        n, d = self.x_train.shape
+        classes = net.sizes[-1]
+        if d != net.sizes[0]:
+            raise ValueError(f"x_train has {d} features per row but the net takes {net.sizes[0]}")
+        if n == 0:
+            raise ValueError("x_train is empty")
+        self.t_train = _as_labels(t_train, n, classes, "t_train")
+        self.x_test = self.t_test = None
+        if x_test is not None:
+            self.x_test = _as_rows(x_test, "x_test")
+            if self.x_test.shape[1] != d:
+                raise ValueError(f"x_test has {self.x_test.shape[1]} features per row, x_train {d}")
+            self.t_test = _as_labels(t_test, self.x_test.shape[0], classes, "t_test")
+        for name, x in (("x_train", self.x_train), ("x_test", self.x_test)):
+            if x is not None and x.dtype.kind == "f":
+                problem = describe_nonfinite(x, name)
+                if problem:
+                    raise ValueError(problem)
+        self.batch_size = int(batch_size)
+        if not 1 <= self.batch_size:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.iter_per_epoch = max(n // self.batch_size, 1)
+        self.iters = int(iters) if iters is not None else int(epochs) * self.iter_per_epoch
+        if self.iters < 1:
+            raise ValueError("iters and epochs must be at least 1")
+        self.optimizer = make_optimizer(optimizer, lr)
+        self.rng = np.random.default_rng(seed)
+        self.seed = seed
+        self.evaluate = evaluate
+        self.callbacks = list(callbacks)
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.progress = progress
+        self.verbose = verbose
+        self.stream = sys.stderr if stream is None else stream
+        self.history = History()
+        two_layer = net.n_affine == 2
+        if fused is True and not two_layer:
+            raise ValueError("the fused training step needs a two-layer net")
+        self.fused = two_layer if fused == "auto" else bool(fused)
+        self._work = None
+
+    # ------------------------------------------------------------------ steps
+    def _batch_floats(self, x):
+        if x.dtype == np.uint8:
+            out = x.astype(self.net.dtype)
+            out /= 255.0
+            return out
+        return x
+
+    def _step_layers(self, idx):
+        net = self.net
+        xb = self._batch_floats(self.x_train[idx])
+        grads = net.gradient(xb, self.t_train[idx])
+        self.optimizer.update(net.params, grads)
+        return net.lastLayer.loss
+
+    def _step_fused(self, idx):
+        net, p = self.net, self.net.params
+        if self._work is None:
+            B, D, H, C = self.batch_size, *net.sizes
+            dt = net.dtype
+            self._work = tuple(np.empty(s, dt) for s in ((B, D), (B, H), (B, C), (B, H), (D, H), (H,), (H, C), (C,)))
+            self._act = 1 if net.activation == "relu" else 2
+            self._grads = dict(zip(("W1", "b1", "W2", "b2"), self._work[4:]))
+            self._plain_sgd = type(self.optimizer) is SGD
+        x = self.x_train
+        if x.dtype != np.uint8 and x.dtype != net.dtype:
+            x = self.x_train = x.astype(net.dtype)
+        k = kernels()
+        if self._plain_sgd:
+            return k.train_step_2layer(x, self.t_train, idx, p["W1"], p["b1"], p["W2"], p["b2"],
+                                       self.optimizer.lr, self._act, self._work)
+        loss = k.train_step_2layer(x, self.t_train, idx, p["W1"], p["b1"], p["W2"], p["b2"],
+                                   0.0, self._act, self._work)
+        self.optimizer.update(p, self._grads)
+        return loss
+
+    def accuracy(self, x, t, chunk: int = 2000) -> float:
+        """Accuracy of the net on all rows of ``x`` (floats or uint8 pixels), in chunks."""
+        correct = 0
+        for start in range(0, x.shape[0], chunk):
+            y = self.net.predict(self._batch_floats(x[start : start + chunk]))
+            correct += int(np.count_nonzero(np.argmax(y, axis=1) == t[start : start + chunk]))
+        return correct / x.shape[0]
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> History:
+        """Train; returns the :class:`History`.  Ctrl-C raises :class:`TrainingInterrupted`
+        after saving the weights and history so far (to ``checkpoint_dir``, if given)."""
+        h = self.history
+        h.config = {
+            "sizes": self.net.sizes, "activation": self.net.activation,
+            "dtype": self.net.dtype.name, "backend": get_backend(), "iters": self.iters,
+            "batch_size": self.batch_size, "optimizer": getattr(self.optimizer, "name", type(self.optimizer).__name__),
+            "lr": getattr(self.optimizer, "lr", None), "seed": self.seed, "fused": self.fused,
+            "iter_per_epoch": self.iter_per_epoch, "train_size": int(self.x_train.shape[0]),
+        }
+        step = self._step_fused if self.fused else self._step_layers
+        n = self.x_train.shape[0]
+        bar = _Progress(self.iters, self.stream, self.progress)
+        start = time.perf_counter()
+        epoch_start = start
+        done = h.iterations
+        try:
+            while done < self.iters:
+                idx = self.rng.integers(0, n, self.batch_size)
+                loss = step(idx)
+                if not np.isfinite(loss):
+                    self._diverged(loss, done)
+                h.loss.append(loss)
+                done += 1
+                h.iterations = done
+                bar.update(done, loss)
+                if done % self.iter_per_epoch == 0 or done == self.iters:
+                    now = time.perf_counter()
+                    h.epoch_seconds.append(now - epoch_start)
+                    if not self._end_epoch(bar):
+                        break
+                    epoch_start = time.perf_counter()
+        except KeyboardInterrupt:
+            h.interrupted = True
+            h.seconds = time.perf_counter() - start
+            saved = self.save_checkpoint()
+            where = f"; weights and history saved in {saved}" if saved else ""
+            bar.line(f"interrupted after {done} of {self.iters} iterations{where}", self.stream)
+            raise TrainingInterrupted(h, saved) from None
+        h.seconds = time.perf_counter() - start
+        return h
+
+    def _diverged(self, loss, done):
+        problem = None
+        for key, value in self.net.params.items():
+            problem = describe_nonfinite(value, f"parameter {key}")
+            if problem:
+                break
+        raise FloatingPointError(
+            f"the loss became {loss} at iteration {done + 1}: "
+            f"{problem or 'non-finite values'} (training diverged: try a smaller learning rate)"
+        )
+
+    def _end_epoch(self, bar) -> bool:
+        h = self.history
+        epoch = len(h.epoch_iter) + 1
+        h.epoch_iter.append(h.iterations)
+        record = {"epoch": epoch, "iteration": h.iterations, "loss": float(h.loss[-1])}
+        if self.evaluate:
+            h.train_acc.append(self.accuracy(self.x_train, self.t_train))
+            record["train_acc"] = h.train_acc[-1]
+            text = f"epoch {epoch:3d}  iter {h.iterations:6d}  loss {record['loss']:.4f}  train acc {h.train_acc[-1]:.4f}"
+            if self.x_test is not None:
+                h.test_acc.append(self.accuracy(self.x_test, self.t_test))
+                record["test_acc"] = h.test_acc[-1]
+                text += f"  test acc {h.test_acc[-1]:.4f}"
+            if self.verbose:
+                bar.line(text)
+        self.save_checkpoint()
+        keep_going = True
+        for callback in self.callbacks:
+            if callback(self, record) is False:
+                keep_going = False
+        return keep_going
+
+    def save_checkpoint(self):
+        """Write ``weights.npz`` and ``metrics.json`` to ``checkpoint_dir``; returns the folder."""
+        if self.checkpoint_dir is None:
+            return None
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        save_net(self.checkpoint_dir / "weights.npz", self.net)
+        text = json.dumps(self.history.to_json(), indent=1).encode()
+        _io.atomic_write(self.checkpoint_dir / "metrics.json", lambda fh: fh.write(text))
+        return self.checkpoint_dir
+
+
+def save_net(path, net: MultiLayerNet):
+    """Save a net's parameters with what is needed to rebuild it (``load_net``)."""
+    meta = {"sizes": np.array(net.sizes), "activation": np.array(net.activation)}
+    return _io.save_params(path, {**net.params, **{f"__{k}__": v for k, v in meta.items()}})
+
+
+def load_net(path) -> MultiLayerNet:
+    """Rebuild the net saved by :func:`save_net` (or any ``.npz`` of ``W1, b1, …``)."""
+    data = _io.load_params(path)
+    params = {k: v for k, v in data.items() if not k.startswith("__")}
+    if "__sizes__" in data:
+        sizes = [int(s) for s in data["__sizes__"]]
+        activation = str(data["__activation__"])
+    else:
+        n = sum(1 for k in params if k.startswith("W"))
+        if n == 0:
+            raise ValueError(f"{path} holds no weights W1, b1, …")
+        sizes = [params["W1"].shape[0]] + [params[f"W{i}"].shape[1] for i in range(1, n + 1)]
+        activation = "relu"
+    dtype = params["W1"].dtype
+    net = MultiLayerNet(sizes[0], sizes[1:-1], sizes[-1], activation=activation, dtype=dtype, seed=0)
+    net.set_params(params)
+    return net

@@ -1,0 +1,119 @@
+"""The fastnet command: train, evaluate, predict; one-line errors; Ctrl-C."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from fastnet.cli import main
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "fastnet", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_help_for_every_command(capsys):
+    for args in ([], ["train"], ["evaluate"], ["predict"], ["demo"], ["backends"]):
+        with pytest.raises(SystemExit) as info:
+            main([*args, "--help"])
+        assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--dataset" in out and "--weights" in out and "--optimizer" in out
+
+
+def test_demo_prints_the_book_numbers(capsys):
+    assert main(["demo"]) == 0
+    out = capsys.readouterr().out
+    assert "[0.31682708 0.69627909]" in out and "price 220" in out
+
+
+def test_train_evaluate_predict(tmp_path, mnist_dir, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "--data-dir", str(mnist_dir.parent), "--iters", "700", "--out", str(out),
+                 "--no-progress", "--backend", "cython"])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert "epoch   1  iter    600" in text and "done: 700 iterations" in text
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "training.png", "weights.npz"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["iterations"] == 700 and len(metrics["loss"]) == 700
+    assert metrics["test_acc"][-1] > 0.85
+    assert main(["evaluate", "--weights", str(out / "weights.npz"), "--data-dir", str(mnist_dir.parent)]) == 0
+    text = capsys.readouterr().out
+    assert f"accuracy: {metrics['test_acc'][-1]:.4f}" in text and "confusion matrix" in text
+
+    from PIL import Image
+
+    from fastnet.datasets import load_mnist
+
+    _, (x_test, t_test) = load_mnist(normalize=False, flatten=False, data_dir=mnist_dir.parent)
+    paths = []
+    for i in range(3):
+        path = tmp_path / f"digit{i}.png"
+        Image.fromarray(x_test[i, 0]).save(path)
+        paths.append(str(path))
+    assert main(["predict", "--weights", str(out / "weights.npz"), *paths]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [int(line.split(": ")[1].split()[0]) for line in lines] == t_test[:3].tolist()  # 7 2 1
+
+
+def test_evaluate_book_weights(mnist_dir, book_weights, capsys):
+    assert main(["evaluate", "--weights", str(book_weights), "--data-dir", str(mnist_dir.parent)]) == 0
+    assert "accuracy: 0.9352" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["evaluate", "--weights", "/nonexistent/w.npz"], "no weights file at /nonexistent/w.npz"),
+        (["train", "--dataset", "cifar"], "unknown dataset 'cifar'"),
+        (["train", "--backend", "torch"], "unknown backend 'torch'"),
+        (["train", "--iters", "5", "--epochs", "1"], "not both"),
+    ],
+)
+def test_user_errors_are_one_line(args, message):
+    result = run(*args)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert result.stderr.startswith("fastnet: error:") and message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_data_is_one_line(tmp_path):
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    result = subprocess.run([sys.executable, "-m", "fastnet", "evaluate", "--weights", __file__,
+                             "--data-dir", str(tmp_path)], capture_output=True, text=True, env=env)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_corrupt_weights_file(tmp_path):
+    bad = tmp_path / "w.npz"
+    bad.write_bytes(b"garbage")
+    result = run("evaluate", "--weights", str(bad))
+    assert result.returncode == 2 and "not a readable .npz" in result.stderr
+
+
+def test_ctrl_c_saves_and_exits_130(tmp_path, mnist_dir):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fastnet", "train", "--data-dir", str(mnist_dir.parent), "--iters", "10000000",
+         "--out", str(out), "--no-plot", "--no-progress", "--backend", "numpy", "--dtype", "float64"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 120
+    while not (out / "metrics.json").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr and str(out) in stderr and "Traceback" not in stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["interrupted"] is True and metrics["iterations"] > 600
+    assert np.load(out / "weights.npz")["W1"].shape == (784, 50)

@@ -1,0 +1,147 @@
+"""Trainer: the fused step equals the book's loop, seeds repeat, Ctrl-C keeps the work."""
+
+import json
+
+import numpy as np
+import pytest
+
+import fastnet
+from fastnet.datasets import load_mnist
+from fastnet.nets import MultiLayerNet, TwoLayerNet
+from fastnet.train import Trainer, TrainingInterrupted, load_net
+
+
+def _data(n=600, seed=0):
+    rng = np.random.default_rng(seed)
+    centers = rng.random((10, 64))
+    t = rng.integers(0, 10, n)
+    x = np.clip(centers[t] + 0.3 * rng.standard_normal((n, 64)), 0, 1)
+    return (x * 255).astype(np.uint8), t
+
+
+def _fit(backend_name, fused, dtype=np.float64, optimizer="sgd", iters=120, pixels=True, lr=0.1):
+    x, t = _data()
+    if not pixels:
+        x = x.astype(dtype) / dtype(255)
+    with fastnet.use_backend(backend_name):
+        net = TwoLayerNet(64, 20, 10, seed=1, dtype=dtype)
+        trainer = Trainer(net, x, t, x[:100], t[:100], iters=iters, batch_size=50, seed=2,
+                          fused=fused, optimizer=optimizer, lr=lr)
+        history = trainer.fit()
+    return net, history
+
+
+@pytest.mark.parametrize("backend_name", ["numpy", "numba", "cython"])
+@pytest.mark.parametrize("optimizer,lr", [("sgd", 0.1), ("momentum", 0.05), ("adam", 0.01)])
+def test_fused_step_equals_book_loop(backend_name, optimizer, lr):
+    fused_net, fused_h = _fit(backend_name, True, optimizer=optimizer, lr=lr)
+    loop_net, loop_h = _fit(backend_name, False, optimizer=optimizer, lr=lr)
+    np.testing.assert_allclose(fused_h.loss, loop_h.loss, rtol=1e-9)
+    for key in fused_net.params:
+        np.testing.assert_allclose(fused_net.params[key], loop_net.params[key], rtol=1e-8, atol=1e-12)
+    assert fused_h.train_acc == loop_h.train_acc
+
+
+def test_same_seed_same_result_and_float_input():
+    a_net, a = _fit("cython", "auto", dtype=np.float32)
+    b_net, b = _fit("cython", "auto", dtype=np.float32)
+    assert a.loss == b.loss and a.test_acc == b.test_acc
+    assert all(np.array_equal(a_net.params[k], b_net.params[k]) for k in a_net.params)
+    c_net, c = _fit("cython", "auto", dtype=np.float32, pixels=False)
+    assert c.loss == a.loss  # uint8 pixels are normalised exactly as floats / 255
+
+
+def test_history_epochs_and_learning():
+    net, h = _fit("cython", "auto", iters=30, lr=1.0)
+    # 600 rows / batch 50 = 12 iterations an epoch: epochs end at 12, 24 and the last at 30
+    assert h.epoch_iter == [12, 24, 30]
+    assert len(h.loss) == 30 and len(h.train_acc) == len(h.test_acc) == 3
+    assert h.train_acc[-1] > 0.25 and h.loss[-1] < h.loss[0]  # chance is 0.1
+
+
+def test_deeper_net_uses_the_layer_path():
+    x, t = _data()
+    net = MultiLayerNet(64, [16, 12], 10, seed=0)
+    trainer = Trainer(net, x, t, epochs=2, batch_size=50, seed=0)
+    assert trainer.fused is False
+    h = trainer.fit()
+    assert h.iterations == 24
+    with pytest.raises(ValueError, match="two-layer"):
+        Trainer(net, x, t, iters=1, fused=True)
+
+
+def test_callbacks_and_checkpoints(tmp_path):
+    x, t = _data()
+    seen = []
+
+    def stop_after_two(trainer, record):
+        seen.append(record["epoch"])
+        return record["epoch"] < 2
+
+    net = TwoLayerNet(64, 10, 10, seed=0)
+    h = Trainer(net, x, t, x, t, epochs=5, batch_size=50, callbacks=[stop_after_two],
+                checkpoint_dir=tmp_path).fit()
+    assert seen == [1, 2] and h.iterations == 24
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["iterations"] == 24 and len(saved["test_acc"]) == 2
+    again = load_net(tmp_path / "weights.npz")
+    assert again.sizes == [64, 10, 10]
+    assert all(np.array_equal(again.params[k], net.params[k]) for k in net.params)
+
+
+def test_ctrl_c_keeps_weights_and_history(tmp_path):
+    x, t = _data()
+
+    class Interrupt:
+        calls = 0
+
+        def update(self, params, grads):
+            Interrupt.calls += 1
+            if Interrupt.calls == 30:
+                raise KeyboardInterrupt
+            for k in grads:
+                params[k] -= 0.1 * grads[k]
+
+    net = TwoLayerNet(64, 10, 10, seed=0)
+    trainer = Trainer(net, x, t, iters=100, batch_size=50, optimizer=Interrupt(), checkpoint_dir=tmp_path)
+    with pytest.raises(TrainingInterrupted) as info:
+        trainer.fit()
+    assert info.value.saved == tmp_path
+    assert info.value.history.interrupted and info.value.history.iterations == 29
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["interrupted"] is True and len(saved["loss"]) == 29
+    assert np.array_equal(load_net(tmp_path / "weights.npz").params["W1"], net.params["W1"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "weights.npz"]
+
+
+def test_bad_input():
+    x, t = _data()
+    net = TwoLayerNet(64, 10, 10, seed=0)
+    with pytest.raises(ValueError, match="exactly one of iters or epochs"):
+        Trainer(net, x, t)
+    with pytest.raises(ValueError, match="65 features per row"):
+        Trainer(net, np.zeros((10, 65)), t[:10], iters=1)
+    with pytest.raises(ValueError, match="outside"):
+        Trainer(net, x, t + 5, iters=1)
+    bad = x.astype(np.float64)
+    bad[3, 4] = np.nan
+    with pytest.raises(ValueError, match=r"x_train contains nan at index \(3, 4\)"):
+        Trainer(net, bad, t, iters=1)
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        Trainer(net, x, t, iters=1, optimizer="rmsprop")
+
+
+def test_divergence_is_reported():
+    x, t = _data()
+    net = TwoLayerNet(64, 10, 10, seed=0, weight_init_std=1e30)
+    with pytest.raises(FloatingPointError, match="diverged"):
+        Trainer(net, x.astype(np.float64) * 1e300, t, iters=5).fit()
+
+
+def test_chapter5_mnist_accuracy(mnist_dir):
+    """The book's chapter-5 run, shortened to 3 epochs: test accuracy already past 0.93."""
+    (x, t), (xt, tt) = load_mnist(normalize=False, data_dir=mnist_dir.parent, download=False)
+    net = TwoLayerNet(784, 50, 10, seed=0, dtype=np.float32)
+    h = Trainer(net, x, t, xt, tt, epochs=3, seed=0).fit()
+    assert h.test_acc[-1] > 0.93
+    assert h.train_acc == sorted(h.train_acc)
