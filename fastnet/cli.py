@@ -108,17 +108,9 @@ def _cmd_train(args) -> int:
           f"{iters if iters else str(args.epochs) + ' epochs'}{' iterations' if iters else ''}, "
           f"batch {args.batch_size}, {args.optimizer} lr {lr}, {net.dtype.name}, "
           f"backend {backend.get_backend()}, seed {args.seed}", flush=True)
-    if args.gradient == "numerical":
-        from .numgrad import NumericalGradientStep
-
-        trainer = Trainer(net, x_train, t_train, x_test, t_test, iters=iters, epochs=args.epochs,
-                          batch_size=args.batch_size, optimizer=args.optimizer, lr=lr, seed=args.seed,
-                          fused=False, checkpoint_dir=out, progress=progress, verbose=True)
-        trainer.use_numerical_gradient(NumericalGradientStep(net))
-    else:
-        trainer = Trainer(net, x_train, t_train, x_test, t_test, iters=iters, epochs=args.epochs,
-                          batch_size=args.batch_size, optimizer=args.optimizer, lr=lr, seed=args.seed,
-                          checkpoint_dir=out, progress=progress, verbose=True)
+    trainer = Trainer(net, x_train, t_train, x_test, t_test, iters=iters, epochs=args.epochs,
+                      batch_size=args.batch_size, optimizer=args.optimizer, lr=lr, seed=args.seed,
+                      gradient=args.gradient, checkpoint_dir=out, progress=progress, verbose=True)
     try:
         history = trainer.fit()
     except TrainingInterrupted as stop:
@@ -213,6 +205,26 @@ def _cmd_predict(args) -> int:
     return 0
 
 
+def _cmd_gradcheck(args) -> int:
+    """Backprop against the numerical gradient on MNIST batches."""
+    from .gradient import gradcheck
+    from .nets import MultiLayerNet
+
+    (x_train, t_train), _ = _load_dataset(args.dataset, args.data_dir, normalize=True)
+    hidden = [int(h) for h in args.hidden.split(",")]
+    rng = np.random.default_rng(args.seed)
+    failed = 0
+    for b in range(args.batches):
+        net = MultiLayerNet(x_train.shape[1], hidden, 10, activation=args.activation,
+                            weight_init_std=args.weight_init_std, dtype=args.dtype, seed=args.seed + b)
+        idx = rng.choice(len(x_train), args.batch_size, replace=False)
+        report = gradcheck(net, x_train[idx].astype(net.dtype), t_train[idx], subset=args.subset)
+        print(f"batch {b + 1}/{args.batches} ({args.batch_size} images):")
+        print(report)
+        failed += not report.passed
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastnet",
@@ -265,6 +277,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--backend", dest="backend_sub", default=None,
                        help="kernel backend: numpy, numba, cython or auto")
     train.set_defaults(func=_cmd_train)
+
+    check = sub.add_parser("gradcheck", help="check backprop against the numerical gradient on MNIST batches")
+    check.add_argument("--dataset", default="mnist")
+    check.add_argument("--data-dir", default=None)
+    check.add_argument("--hidden", default="50", help="hidden layer size(s), e.g. 50 or 100,50")
+    check.add_argument("--activation", choices=["relu", "sigmoid"], default="relu")
+    check.add_argument("--weight-init-std", default=0.01,
+                       type=lambda v: v if v in ("he", "xavier") else float(v))
+    check.add_argument("--dtype", choices=["float32", "float64"], default="float64")
+    check.add_argument("--batch-size", type=int, default=100)
+    check.add_argument("--batches", type=int, default=1, help="how many random batches (default 1)")
+    check.add_argument("--subset", type=int, default=None,
+                       help="check this many random elements per parameter (big nets)")
+    check.add_argument("--seed", type=int, default=0)
+    check.add_argument("--backend", dest="backend_sub", default=None)
+    check.set_defaults(func=_cmd_gradcheck)
 
     evaluate = sub.add_parser("evaluate", help="accuracy and confusion matrix of saved weights")
     evaluate.add_argument("--weights", required=True,

@@ -26,6 +26,7 @@ import numpy as np
 from . import io as _io
 from ._validate import describe_nonfinite
 from .backend import get_backend, kernels
+from .gradient import numerical_gradient_net
 from .nets import MultiLayerNet
 from .optim import SGD, make_optimizer
 
@@ -120,7 +121,9 @@ class Trainer:
     'sgd' (the book's), 'momentum', 'adam' or an object with ``update(params, grads)``.
     ``seed`` fixes the batches: the same seed, net and backend give identical results.
 
-    ``fused`` chooses the compiled training step for two-layer nets: ``'auto'`` (use it
+    ``gradient='numerical'`` trains with the book's chapter-4 numerical gradient (fast
+    on the compiled backends) instead of backprop.  ``fused`` chooses the compiled
+    training step for two-layer nets: ``'auto'`` (use it
     whenever the net has two layers), ``True`` (require it) or ``False`` (the book's
     ``net.gradient`` + ``optimizer.update`` loop).  ``callbacks`` are called after every
     epoch as ``callback(trainer, record)``; one that returns ``False`` stops training.
@@ -144,6 +147,7 @@ class Trainer:
         seed=0,
         evaluate: bool = True,
         fused="auto",
+        gradient: str = "backprop",
         callbacks=(),
         checkpoint_dir=None,
         progress: bool = False,
@@ -191,10 +195,13 @@ class Trainer:
         self.verbose = verbose
         self.stream = sys.stderr if stream is None else stream
         self.history = History()
+        if gradient not in ("backprop", "numerical"):
+            raise ValueError(f"gradient must be 'backprop' or 'numerical', got {gradient!r}")
+        self.gradient = gradient
         two_layer = net.n_affine == 2
-        if fused is True and not two_layer:
-            raise ValueError("the fused training step needs a two-layer net")
-        self.fused = two_layer if fused == "auto" else bool(fused)
+        if fused is True and (not two_layer or gradient == "numerical"):
+            raise ValueError("the fused training step needs a two-layer net and backprop")
+        self.fused = two_layer and gradient == "backprop" if fused == "auto" else bool(fused)
         self._work = None
 
     # ------------------------------------------------------------------ steps
@@ -208,6 +215,12 @@ class Trainer:
     def _step_layers(self, idx):
         net = self.net
         xb = self._batch_floats(self.x_train[idx])
+        if self.gradient == "numerical":
+            tb = self.t_train[idx]
+            loss = net.loss(xb, tb)
+            grads = numerical_gradient_net(net, xb, tb)
+            self.optimizer.update(net.params, grads)
+            return loss
         grads = net.gradient(xb, self.t_train[idx])
         self.optimizer.update(net.params, grads)
         return net.lastLayer.loss
@@ -251,7 +264,7 @@ class Trainer:
             "dtype": self.net.dtype.name, "backend": get_backend(), "iters": self.iters,
             "batch_size": self.batch_size, "optimizer": getattr(self.optimizer, "name", type(self.optimizer).__name__),
             "lr": getattr(self.optimizer, "lr", None), "seed": self.seed, "fused": self.fused,
-            "iter_per_epoch": self.iter_per_epoch, "train_size": int(self.x_train.shape[0]),
+            "iter_per_epoch": self.iter_per_epoch, "gradient": self.gradient, "train_size": int(self.x_train.shape[0]),
         }
         step = self._step_fused if self.fused else self._step_layers
         n = self.x_train.shape[0]

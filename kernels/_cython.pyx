@@ -9,11 +9,14 @@
 
 cimport numpy as cnp
 from libc.math cimport log
+from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
+from cython.parallel cimport prange
 from scipy.linalg.cython_blas cimport sgemm, dgemm
 
 cdef extern from "_vmath.h" nogil:
     # vectorisable exp and sigmoid, in place (see _vmath.h)
+    double fn_exp(double x)
     void fn_exp_inplace_d(double* y, Py_ssize_t n)
     void fn_exp_inplace_f(float* y, Py_ssize_t n)
     void fn_sigmoid_inplace_d(double* y, Py_ssize_t n)
@@ -655,3 +658,162 @@ def train_step_2layer(X, T, idx, W1, b1, W2, b2, double lr, int act, work):
                                       <double*>p[6], <double*>p[7], <double*>p[8], <double*>p[9],
                                       <double*>p[10], <double*>p[11], <double*>p[12], B, D, H, C)
     return loss
+
+
+# ---------------------------------------------------------------- numerical gradient
+cdef inline double _act_d(double v, int act) noexcept nogil:
+    if act == 1:
+        return 0.0 if v <= 0 else v
+    return 1.0 / (1.0 + fn_exp(-v))
+
+
+cdef inline double _row_loss(double* S, Py_ssize_t i, long long t, Py_ssize_t C, real* col_w,
+                             double dz, Py_ssize_t col, double ds) noexcept nogil:
+    """-log(softmax(S[i] + dz * col_w + ds * e_col)[t] + 1e-7) in double (col_w may be NULL)."""
+    cdef Py_ssize_t c
+    cdef double v, m = -1.0 / 0.0, total = 0, target = 0, e
+    for c in range(C):
+        v = S[i * C + c] + (dz * col_w[c] if col_w != NULL else 0.0) + (ds if c == col else 0.0)
+        if v > m or m != m:
+            m = v
+    for c in range(C):
+        v = S[i * C + c] + (dz * col_w[c] if col_w != NULL else 0.0) + (ds if c == col else 0.0)
+        e = fn_exp(v - m)
+        total = total + e
+        if c == t:
+            target = e
+    return -log(target / total + LOG_EPS)
+
+
+cdef void _numgrad_W1_row(real* x, long long* t, real* W1, real* W2, int act, double h,
+                          double* A, double* Z, double* S, real* gW1, Py_ssize_t k,
+                          Py_ssize_t B, Py_ssize_t D, Py_ssize_t H, Py_ssize_t C,
+                          Py_ssize_t* rows) noexcept nogil:
+    """Gradient of row k of W1: only samples with x[i, k] != 0 change, and with ReLU only
+    those whose unit is on at w + h or w - h; the skipped ones give exactly 0, as the
+    book's loop does."""
+    cdef Py_ssize_t i, j, q, n = 0
+    cdef double w, dp, dm, diff, xi, zp, zm
+    for i in range(B):
+        if x[i * D + k] != 0:
+            rows[n] = i
+            n = n + 1
+    for j in range(H):
+        if n == 0:
+            gW1[k * H + j] = 0
+            continue
+        w = W1[k * H + j]
+        dp = <double>(<real>(w + h)) - w
+        dm = <double>(<real>(w - h)) - w
+        diff = 0
+        for q in range(n):
+            i = rows[q]
+            xi = x[i * D + k]
+            zp = _act_d(A[i * H + j] + xi * dp, act) - Z[i * H + j]
+            zm = _act_d(A[i * H + j] + xi * dm, act) - Z[i * H + j]
+            if zp == 0 and zm == 0:
+                continue
+            diff = diff + (_row_loss(S, i, t[i], C, &W2[j * C], zp, -1, 0.0)
+                           - _row_loss(S, i, t[i], C, &W2[j * C], zm, -1, 0.0))
+        gW1[k * H + j] = <real>(diff / B / (2 * h))
+
+
+cdef int _numgrad_2layer(real* x, long long* t, real* W1, real* b1, real* W2, real* b2, int act,
+                         double h, real* gW1, real* gb1, real* gW2, real* gb2,
+                         Py_ssize_t B, Py_ssize_t D, Py_ssize_t H, Py_ssize_t C) noexcept nogil:
+    cdef double* A = <double*>malloc(B * H * sizeof(double))
+    cdef double* Z = <double*>malloc(B * H * sizeof(double))
+    cdef double* S = <double*>malloc(B * C * sizeof(double))
+    cdef Py_ssize_t* rows
+    cdef Py_ssize_t i, j, k, c
+    cdef double acc, w, dp, dm, diff, zp, zm
+    if A == NULL or Z == NULL or S == NULL:
+        free(A); free(Z); free(S)
+        return -1
+    for i in range(B):
+        for j in range(H):
+            acc = 0
+            for k in range(D):
+                acc = acc + <double>x[i * D + k] * W1[k * H + j]
+            A[i * H + j] = acc + b1[j]
+            Z[i * H + j] = _act_d(A[i * H + j], act)
+        for c in range(C):
+            acc = 0
+            for j in range(H):
+                acc = acc + Z[i * H + j] * W2[j * C + c]
+            S[i * C + c] = acc + b2[c]
+    for k in prange(D, schedule="dynamic"):
+        rows = <Py_ssize_t*>malloc(B * sizeof(Py_ssize_t))
+        if rows != NULL:
+            _numgrad_W1_row(x, t, W1, W2, act, h, A, Z, S, gW1, k, B, D, H, C, rows)
+            free(rows)
+    for j in range(H):
+        w = b1[j]
+        dp = <double>(<real>(w + h)) - w
+        dm = <double>(<real>(w - h)) - w
+        diff = 0
+        for i in range(B):
+            zp = _act_d(A[i * H + j] + dp, act) - Z[i * H + j]
+            zm = _act_d(A[i * H + j] + dm, act) - Z[i * H + j]
+            diff = diff + (_row_loss(S, i, t[i], C, &W2[j * C], zp, -1, 0.0)
+                           - _row_loss(S, i, t[i], C, &W2[j * C], zm, -1, 0.0))
+        gb1[j] = <real>(diff / B / (2 * h))
+    for j in range(H):
+        for c in range(C):
+            w = W2[j * C + c]
+            dp = <double>(<real>(w + h)) - w
+            dm = <double>(<real>(w - h)) - w
+            diff = 0
+            for i in range(B):
+                diff = diff + (_row_loss(S, i, t[i], C, <real*>NULL, 0.0, c, Z[i * H + j] * dp)
+                               - _row_loss(S, i, t[i], C, <real*>NULL, 0.0, c, Z[i * H + j] * dm))
+            gW2[j * C + c] = <real>(diff / B / (2 * h))
+    for c in range(C):
+        w = b2[c]
+        dp = <double>(<real>(w + h)) - w
+        dm = <double>(<real>(w - h)) - w
+        diff = 0
+        for i in range(B):
+            diff = diff + (_row_loss(S, i, t[i], C, <real*>NULL, 0.0, c, dp)
+                           - _row_loss(S, i, t[i], C, <real*>NULL, 0.0, c, dm))
+        gb2[c] = <real>(diff / B / (2 * h))
+    free(A); free(Z); free(S)
+    return 0
+
+
+def numerical_gradient_2layer(x, t, W1, b1, W2, b2, int act, double h, gW1, gb1, gW2, gb2):
+    if act != 1 and act != 2:
+        raise ValueError(f"act must be 1 (relu) or 2 (sigmoid), got {act}")
+    cdef int tn = _typenum(W1, "W1")
+    cdef cnp.ndarray xa = _in2(x, tn, "x")
+    cdef cnp.ndarray W1a = _in2(W1, tn, "W1")
+    cdef cnp.ndarray W2a = _in2(W2, tn, "W2")
+    cdef Py_ssize_t B = xa.shape[0], D = xa.shape[1], H = W2a.shape[0], C = W2a.shape[1]
+    if W1a.shape[0] != D or W1a.shape[1] != H:
+        raise ValueError(f"W1 has shape {W1.shape}, expected ({D}, {H}) (x {x.shape}, W2 {W2.shape})")
+    cdef cnp.ndarray b1a = _vec(b1, tn, "b1", H, False)
+    cdef cnp.ndarray b2a = _vec(b2, tn, "b2", C, False)
+    cdef cnp.ndarray ta = _labels(t, B)
+    cdef long long* pt = <long long*>_p(ta)
+    cdef Py_ssize_t i
+    for i in range(B):
+        if pt[i] < 0 or pt[i] >= C:
+            raise ValueError(f"label {pt[i]} is out of range for {C} classes")
+    cdef cnp.ndarray g1 = _out2(gW1, tn, "gW1", D, H)
+    cdef cnp.ndarray g2 = _vec(gb1, tn, "gb1", H, True)
+    cdef cnp.ndarray g3 = _out2(gW2, tn, "gW2", H, C)
+    cdef cnp.ndarray g4 = _vec(gb2, tn, "gb2", C, True)
+    cdef void* p[10]
+    p[:] = [_p(xa), _p(W1a), _p(b1a), _p(W2a), _p(b2a), _p(g1), _p(g2), _p(g3), _p(g4), NULL]
+    cdef int status
+    with nogil:
+        if tn == cnp.NPY_FLOAT32:
+            status = _numgrad_2layer(<float*>p[0], pt, <float*>p[1], <float*>p[2], <float*>p[3],
+                                     <float*>p[4], act, h, <float*>p[5], <float*>p[6],
+                                     <float*>p[7], <float*>p[8], B, D, H, C)
+        else:
+            status = _numgrad_2layer(<double*>p[0], pt, <double*>p[1], <double*>p[2], <double*>p[3],
+                                     <double*>p[4], act, h, <double*>p[5], <double*>p[6],
+                                     <double*>p[7], <double*>p[8], B, D, H, C)
+    if status != 0:
+        raise MemoryError("numerical_gradient_2layer: out of memory")

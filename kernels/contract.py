@@ -75,6 +75,14 @@ KERNELS: dict[str, tuple[str, str]] = {
         "W -= lr*dW in place (dW buffers then unspecified); lr == 0: gradients written to "
         "dW1..db2, parameters untouched. Returns the batch loss before the update",
     ),
+    # the numerical gradient of the same net, by central differences, for every parameter
+    "numerical_gradient_2layer": (
+        "(x, t, W1, b1, W2, b2, act, h, gW1, gb1, gW2, gb2) -> None",
+        "for every parameter p: (loss(p + h) - loss(p - h)) / 2h of the batch x (B, D) with "
+        "int64 labels t, the loss being mean cross-entropy of softmax(act(x@W1+b1)@W2+b2) as "
+        "in the book; the compiled backends recompute only the rows and units that p changes "
+        "and skip inputs that are zero for the whole batch (gradient exactly 0)",
+    ),
 }
 
 #: Added to the probability inside every log, as in the book.

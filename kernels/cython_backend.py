@@ -12,6 +12,7 @@ from ._cython import (  # noqa: F401  (the kernel table)
     affine_sigmoid,
     cross_entropy_labels,
     cross_entropy_onehot,
+    numerical_gradient_2layer,
     relu,
     relu_backward,
     sigmoid,

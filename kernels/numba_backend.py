@@ -14,7 +14,7 @@ strided inputs contiguous, then calls the jitted ``_name`` function.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, types
+from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 from . import _checks as chk
@@ -338,6 +338,130 @@ def _train_step_2layer(X, T, idx, W1, b1, W2, b2, lr, act, div, xb, h, s, dh, dW
     return loss
 
 
+@inline
+def _act(v, act):
+    if act == 1:
+        return 0.0 if v <= 0 else v
+    return 1.0 / (1.0 + _exp64(-v))
+
+
+@inline
+def _row_loss(S, i, t, col_w, dz, col, ds):
+    """-log(softmax(S[i] + dz * col_w + ds * e_col)[t] + 1e-7), in float64.
+
+    One row's loss after a change: ``dz * col_w`` (a hidden unit's output moved by dz,
+    col_w its row of W2) or ``ds`` added to the score of class ``col``."""
+    C = S.shape[1]
+    m = -np.inf
+    for c in range(C):
+        v = np.float64(S[i, c]) + dz * col_w[c] + (ds if c == col else 0.0)
+        if v > m or m != m:
+            m = v
+    total = 0.0
+    target = 0.0
+    for c in range(C):
+        v = np.float64(S[i, c]) + dz * col_w[c] + (ds if c == col else 0.0)
+        e = _exp64(v - m)
+        total += e
+        if c == t:
+            target = e
+    return -np.log(target / total + LOG_EPS)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _numgrad_W1(x, t, W1, W2, act, h, A, Z, S, gW1):
+    """First-layer weights, input by input on all cores (each k writes its own row).
+
+    Only the rows whose input k is non-zero change; with ReLU, a row whose unit stays
+    off at w + h and at w - h changes nothing either.  Both skips give exactly what
+    the book's loop gives: the same loss twice, a difference of 0."""
+    B, D = x.shape
+    H = W1.shape[1]
+    two_h = 2 * h
+    for k in prange(D):
+        rows = np.empty(B, np.int64)
+        n = 0
+        for i in range(B):
+            if x[i, k] != 0:
+                rows[n] = i
+                n += 1
+        for j in range(H):
+            if n == 0:
+                gW1[k, j] = 0  # the loss does not depend on W1[k, j] for this batch
+                continue
+            w = W1[k, j]
+            dp = np.float64(w + h) - w  # the perturbation the book's loop really applies
+            dm = np.float64(w - h) - w
+            w2row = W2[j]
+            diff = 0.0
+            for q in range(n):
+                i = rows[q]
+                xi = np.float64(x[i, k])
+                zp = _act(A[i, j] + xi * dp, act) - Z[i, j]
+                zm = _act(A[i, j] + xi * dm, act) - Z[i, j]
+                if zp == 0.0 and zm == 0.0:
+                    continue
+                diff += _row_loss(S, i, t[i], w2row, zp, -1, 0.0) - _row_loss(S, i, t[i], w2row, zm, -1, 0.0)
+            gW1[k, j] = diff / B / two_h
+
+
+@jit
+def _numgrad_2layer(x, t, W1, b1, W2, b2, act, h, gW1, gb1, gW2, gb2):
+    B, D = x.shape
+    H, C = W2.shape
+    A = np.empty((B, H), np.float64)
+    Z = np.empty((B, H), np.float64)
+    S = np.empty((B, C), np.float64)
+    for i in range(B):
+        for j in range(H):
+            acc = 0.0
+            for k in range(D):
+                acc += np.float64(x[i, k]) * W1[k, j]
+            A[i, j] = acc + b1[j]
+            Z[i, j] = _act(A[i, j], act)
+        for c in range(C):
+            acc = 0.0
+            for j in range(H):
+                acc += Z[i, j] * W2[j, c]
+            S[i, c] = acc + b2[c]
+    zero_w = np.zeros(C, np.float64)
+    w2row = np.empty(C, np.float64)
+    two_h = 2 * h
+    _numgrad_W1(x, t, W1, W2, act, h, A, Z, S, gW1)
+    # first-layer biases: every row
+    for j in range(H):
+        w = b1[j]
+        dp = np.float64(w + h) - w
+        dm = np.float64(w - h) - w
+        for c in range(C):
+            w2row[c] = W2[j, c]
+        diff = 0.0
+        for i in range(B):
+            zp = _act(A[i, j] + dp, act) - Z[i, j]
+            zm = _act(A[i, j] + dm, act) - Z[i, j]
+            diff += _row_loss(S, i, t[i], w2row, zp, -1, 0.0) - _row_loss(S, i, t[i], w2row, zm, -1, 0.0)
+        gb1[j] = diff / B / two_h
+    # second layer: one class score per row moves
+    for j in range(H):
+        for c in range(C):
+            w = W2[j, c]
+            dp = np.float64(w + h) - w
+            dm = np.float64(w - h) - w
+            diff = 0.0
+            for i in range(B):
+                diff += (_row_loss(S, i, t[i], zero_w, 0.0, c, Z[i, j] * dp)
+                         - _row_loss(S, i, t[i], zero_w, 0.0, c, Z[i, j] * dm))
+            gW2[j, c] = diff / B / two_h
+    for c in range(C):
+        w = b2[c]
+        dp = np.float64(w + h) - w
+        dm = np.float64(w - h) - w
+        diff = 0.0
+        for i in range(B):
+            diff += _row_loss(S, i, t[i], zero_w, 0.0, c, dp) - _row_loss(S, i, t[i], zero_w, 0.0, c, dm)
+        gb2[c] = diff / B / two_h
+
+
 # ------------------------------------------------------------------ the kernel table
 def _unary(kernel, x, out):
     dt = chk.dtype_of(x, "x")
@@ -474,6 +598,25 @@ def train_step_2layer(X, T, idx, W1, b1, W2, b2, lr, act, work):
     work = chk.train_step_2layer(X, T, idx, W1, b1, W2, b2, act, work)
     div = W1.dtype.type(255.0 if X.dtype == np.uint8 else 1.0)
     return float(_train_step_2layer(X, T, idx, W1, b1, W2, b2, float(lr), int(act), div, *work))
+
+
+def numerical_gradient_2layer(x, t, W1, b1, W2, b2, act, h, gW1, gb1, gW2, gb2):
+    dt = chk.dtype_of(W1, "W1")
+    x = chk.inp(x, dt, "x")
+    (B, D), (H, C) = x.shape, W2.shape
+    W1, W2 = chk.inp(W1, dt, "W1"), chk.inp(W2, dt, "W2")
+    b1, b2 = chk.inp(b1, dt, "b1", ndim=1), chk.inp(b2, dt, "b2", ndim=1)
+    for name, a, shape in (("W1", W1, (D, H)), ("b1", b1, (H,)), ("b2", b2, (C,))):
+        if a.shape != shape:
+            raise ValueError(f"{name} has shape {a.shape}, expected {shape} (x {x.shape}, W2 {W2.shape})")
+    t = chk.labels(t, B)
+    if B and (t.min() < 0 or t.max() >= C):
+        raise ValueError(f"labels must be in [0, {C})")
+    if act not in (1, 2):
+        raise ValueError(f"act must be 1 (relu) or 2 (sigmoid), got {act}")
+    _numgrad_2layer(x, t, W1, b1, W2, b2, int(act), float(h),
+                    chk.out(gW1, dt, "gW1", (D, H)), chk.out(gb1, dt, "gb1", (H,)),
+                    chk.out(gW2, dt, "gW2", (H, C)), chk.out(gb2, dt, "gb2", (C,)))
 
 
 def warmup(dtypes=(np.float32, np.float64)):

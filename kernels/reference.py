@@ -123,6 +123,37 @@ def train_step_2layer(X, T, idx, W1, b1, W2, b2, lr, act, work):
     return loss
 
 
+def _loss_2layer(x, t, W1, b1, W2, b2, act):
+    a = np.dot(x, W1) + b1
+    if act == 1:
+        z = np.maximum(a, 0)
+    else:
+        with np.errstate(over="ignore"):
+            z = 1 / (1 + np.exp(-a))
+    s = np.dot(z, W2) + b2
+    s = s - np.max(s, axis=1, keepdims=True)
+    e = np.exp(s)
+    y = e / np.sum(e, axis=1, keepdims=True)
+    return float(-np.sum(np.log(y[np.arange(x.shape[0]), t] + LOG_EPS)) / x.shape[0])
+
+
+def numerical_gradient_2layer(x, t, W1, b1, W2, b2, act, h, gW1, gb1, gW2, gb2):
+    """The book's loop: perturb each parameter in place, recompute the whole loss twice."""
+    params = (W1, b1, W2, b2)
+    for param, grad in zip(params, (gW1, gb1, gW2, gb2)):
+        flat, gflat = param.reshape(-1), grad.reshape(-1)
+        for i in range(flat.size):
+            tmp = flat[i]
+            try:
+                flat[i] = tmp + h
+                fxh1 = _loss_2layer(x, t, *params, act)
+                flat[i] = tmp - h
+                fxh2 = _loss_2layer(x, t, *params, act)
+            finally:
+                flat[i] = tmp
+            gflat[i] = (fxh1 - fxh2) / (2 * h)
+
+
 def warmup(dtypes=None):
     """Nothing to compile."""
     return 0.0

@@ -1,0 +1,150 @@
+"""The network-aware numerical gradient equals the book's loop; gradcheck reports and raises."""
+
+import numpy as np
+import pytest
+
+import fastnet
+from fastnet import backend
+from fastnet.datasets import load_mnist
+from fastnet.gradient import GradcheckError, gradcheck, numerical_gradient, numerical_gradient_net
+from fastnet.nets import MultiLayerNet, TwoLayerNet
+from fastnet.train import Trainer
+
+
+def _book_loss(x, t, W1, b1, W2, b2, act):
+    return backend.load("numpy")._loss_2layer(x, t, W1, b1, W2, b2, act)
+
+
+def _book_elements(x, t, params, act, name, indices, h=1e-4):
+    """The book's loop (perturb in place, two full losses) for some elements of one parameter."""
+    p = params[name].reshape(-1)
+    out = []
+    for i in indices:
+        tmp = p[i]
+        p[i] = tmp + h
+        hi = _book_loss(x, t, *params.values(), act)
+        p[i] = tmp - h
+        lo = _book_loss(x, t, *params.values(), act)
+        p[i] = tmp
+        out.append((hi - lo) / (2 * h))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("backend_name", ["numba", "cython"])
+@pytest.mark.parametrize("act", [1, 2])
+def test_equals_reference_loop_on_random_data(backend_name, act, rng):
+    B, D, H, C = 16, 40, 9, 6
+    x = rng.random((B, D)) * (rng.random((B, D)) > 0.6)
+    x[:, :5] = 0  # inputs that are zero for the whole batch
+    t = rng.integers(0, C, B)
+    params = {k: 0.5 * rng.standard_normal(s) for k, s in (("W1", (D, H)), ("b1", (H,)), ("W2", (H, C)), ("b2", (C,)))}
+    ref = [np.empty_like(p) for p in params.values()]
+    got = [np.empty_like(p) for p in params.values()]
+    backend.load("numpy").numerical_gradient_2layer(x, t, *params.values(), act, 1e-4, *ref)
+    backend.load(backend_name).numerical_gradient_2layer(x, t, *params.values(), act, 1e-4, *got)
+    for name, a, b in zip(params, got, ref):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-8, err_msg=name)
+    assert not got[0][:5].any()  # exactly zero where the input is zero for the batch
+
+
+@pytest.mark.parametrize("backend_name", ["numba", "cython"])
+def test_equals_reference_loop_on_mnist(backend_name, mnist_dir):
+    (x_train, t_train), _ = load_mnist(data_dir=mnist_dir.parent, download=False, dtype=np.float64)
+    x, t = x_train[:100], t_train[:100].astype(np.int64)
+    rng = np.random.default_rng(5)
+    params = {"W1": 0.1 * rng.standard_normal((784, 50)), "b1": 0.1 * rng.standard_normal(50),
+              "W2": 0.1 * rng.standard_normal((50, 10)), "b2": np.zeros(10)}
+    got = [np.empty_like(p) for p in params.values()]
+    backend.load(backend_name).numerical_gradient_2layer(x, t, *params.values(), 1, 1e-4, *got)
+    got = dict(zip(params, got))
+    active = np.flatnonzero(x.any(axis=0))
+    w1_idx = np.ravel_multi_index((rng.choice(active, 150), rng.integers(0, 50, 150)), (784, 50))
+    checks = {"W1": w1_idx, "b1": np.arange(50), "W2": rng.choice(500, 150, replace=False), "b2": np.arange(10)}
+    for name, idx in checks.items():
+        book = _book_elements(x, t, params, 1, name, idx)
+        np.testing.assert_allclose(got[name].reshape(-1)[idx], book, rtol=0, atol=1e-8, err_msg=name)
+    zero_rows = np.flatnonzero(~x.any(axis=0))
+    assert zero_rows.size > 50 and not got["W1"][zero_rows].any()
+
+
+def test_net_method_uses_the_backend_and_matches(rng):
+    x, t = rng.random((6, 12)), rng.integers(0, 3, 6)
+    results = {}
+    for name in ("numpy", "cython", "numba"):
+        with fastnet.use_backend(name):
+            net = TwoLayerNet(12, 5, 3, weight_init_std=0.5, seed=4)
+            results[name] = net.numerical_gradient(x, np.eye(3)[t])
+    for name in ("cython", "numba"):
+        for key in results["numpy"]:
+            np.testing.assert_allclose(results[name][key], results["numpy"][key], atol=1e-8)
+
+
+def test_deep_net_and_soft_labels_use_the_generic_loop(rng):
+    net = MultiLayerNet(6, [4, 3], 2, weight_init_std=0.5, seed=0)
+    x = rng.random((3, 6))
+    grads = numerical_gradient_net(net, x, np.array([0, 1, 1]))
+    assert set(grads) == {"W1", "b1", "W2", "b2", "W3", "b3"}
+    soft = np.array([[0.3, 0.7], [0.5, 0.5], [1.0, 0.0]])
+    two = TwoLayerNet(6, 4, 2, seed=0)
+    g = numerical_gradient_net(two, x, soft)
+    assert np.isfinite(g["W1"]).all()
+
+
+def test_gradcheck_report(mnist_dir):
+    (x, t), _ = load_mnist(data_dir=mnist_dir.parent, download=False, dtype=np.float64, one_hot_label=True)
+    with fastnet.use_backend("cython"):
+        net = TwoLayerNet(784, 50, 10, seed=0)
+        report = gradcheck(net, x[:100], t[:100])
+    assert report.passed and report.seconds < 1.0
+    assert [r["name"] for r in report.rows] == ["W1", "b1", "W2", "b2"]
+    assert report["W1"]["checked"] == 39200 and report["b2"]["mean_abs"] < 1e-6
+    assert "PASSED" in str(report)
+
+
+def test_gradcheck_catches_a_wrong_backprop(rng):
+    net = TwoLayerNet(8, 5, 3, weight_init_std=0.5, seed=0)
+    x, t = rng.random((4, 8)), rng.integers(0, 3, 4)
+    good = net.gradient
+
+    def broken(x, t):
+        grads = good(x, t)
+        grads["W2"] = grads["W2"].copy()
+        grads["W2"][1, 2] *= 1.5
+        return grads
+
+    net.gradient = broken
+    report = gradcheck(net, x, t)
+    assert not report.passed and not report["W2"]["passed"] and report["W2"]["worst"] == (1, 2)
+    assert report["W1"]["passed"]
+    with pytest.raises(GradcheckError, match=r"W2\[1, 2\]: backprop .* numerical .* atol"):
+        gradcheck(net, x, t, raise_exception=True)
+    sub = gradcheck(net, x, t, subset=3, params=["b1"])
+    assert sub["b1"]["checked"] == 3 and sub.passed
+
+
+def test_numerical_training_tracks_backprop(rng):
+    centers = rng.random((4, 20))
+    t = rng.integers(0, 4, 400)
+    x = np.clip(centers[t] + 0.2 * rng.standard_normal((400, 20)), 0, 1)
+    histories = {}
+    for gradient in ("backprop", "numerical"):
+        with fastnet.use_backend("cython"):
+            net = TwoLayerNet(20, 10, 4, seed=1, weight_init_std=0.3)
+            histories[gradient] = Trainer(net, x, t, iters=60, batch_size=40, lr=0.5, seed=3,
+                                          gradient=gradient).fit()
+    # the same curve: the two gradients differ only by the 1e-7 inside the log and at
+    # ReLU kinks, so the runs drift apart slowly (0.7% here after 60 steps)
+    np.testing.assert_allclose(histories["numerical"].loss, histories["backprop"].loss, rtol=2e-2)
+    assert histories["numerical"].loss[-1] < 0.8 * histories["numerical"].loss[0]
+
+
+def test_numba_compiled_f_runs_the_loop_compiled():
+    from numba import njit
+
+    @njit
+    def f(x):
+        return x[0] ** 2 + 3 * x[1] ** 3
+
+    x = np.array([[3.0, 2.0]]).reshape(2)
+    np.testing.assert_allclose(numerical_gradient(f, x), [6.0, 36.0], rtol=1e-7)
+    assert x.tolist() == [3.0, 2.0]
