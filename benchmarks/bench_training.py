@@ -1,0 +1,153 @@
+"""Training: the layer-by-layer gradient, the fused step, PyTorch, whole runs, inference."""
+
+import timeit
+
+import numpy as np
+
+import fastnet
+import fastnet.nets
+from fastnet.train import Trainer
+
+from .common import (
+    BACKENDS,
+    DTYPES,
+    BookStep,
+    FusedStep,
+    TorchStep,
+    batch,
+    mnist_pixels,
+    require_backend,
+    thread_info,
+)
+
+
+class Gradient:
+    """TwoLayerNet.gradient as the book calls it (forward, backward layer by layer)."""
+
+    params = (BACKENDS, DTYPES)
+    param_names = ["backend", "dtype"]
+
+    def setup(self, backend, dtype):
+        require_backend(backend)
+        self.backend = backend
+        with fastnet.use_backend(backend):
+            self.net = fastnet.nets.TwoLayerNet(784, 50, 10, seed=0, dtype=dtype)
+        self.x, self.t = batch(dtype)
+        self.time_gradient(backend, dtype)
+
+    def time_gradient(self, backend, dtype):
+        with fastnet.use_backend(self.backend):
+            self.net.gradient(self.x, self.t)
+
+
+class TrainingStep:
+    """One mini-batch step of 784-50-10, batch 100: draw, gradient, SGD update."""
+
+    params = (["book-numpy-float64", "book-numpy-float32", "fused-numba-float32",
+               "fused-cython-float32", "fused-cython-float64", "torch-float32"],)
+    param_names = ["implementation"]
+
+    def setup(self, implementation):
+        (x, t), _ = mnist_pixels()
+        kind, *rest = implementation.split("-")
+        if kind == "book":
+            self.step = BookStep(rest[0], rest[1], x, t)
+        elif kind == "fused":
+            self.step = FusedStep(rest[0], rest[1], x, t)
+        else:
+            self.step = TorchStep(x, t)
+        for _ in range(3):
+            self.step()
+
+    def time_step(self, implementation):
+        self.step()
+
+
+class StepSpeedup:
+    """Fused cython float32 step against the book's loop (numpy, float64) and PyTorch,
+    measured side by side in one process."""
+
+    unit = "times faster"
+
+    def setup(self):
+        (x, t), _ = mnist_pixels()
+        self.fast = FusedStep("cython", "float32", x, t)
+        self.book = BookStep("numpy", "float64", x, t)
+        try:
+            self.torch = TorchStep(x, t)
+        except NotImplementedError:
+            self.torch = None
+
+    def _time(self, fn):
+        fn()
+        return min(timeit.repeat(fn, number=50, repeat=5)) / 50
+
+    def track_vs_book_loop(self):
+        return self._time(self.book) / self._time(self.fast)
+
+    def track_vs_pytorch(self):
+        if self.torch is None:
+            raise NotImplementedError("PyTorch is not installed")
+        return self._time(self.torch) / self._time(self.fast)
+
+
+class EndToEnd:
+    """A shortened chapter-5 run: 2 epochs (1200 steps) with evaluation on all 70,000 images."""
+
+    params = (BACKENDS,)
+    param_names = ["backend"]
+    timeout = 300
+    number = 1
+    repeat = 2
+
+    def setup(self, backend):
+        require_backend(backend)
+        (self.x, self.t), (self.xt, self.tt) = mnist_pixels()
+        self.backend = backend
+        self.dtype = "float64" if backend == "numpy" else "float32"
+        self._run(120)  # warm up (JIT, caches)
+
+    def _run(self, iters):
+        with fastnet.use_backend(self.backend):
+            net = fastnet.nets.TwoLayerNet(784, 50, 10, seed=0, dtype=self.dtype)
+            return Trainer(net, self.x, self.t, self.xt, self.tt, iters=iters, seed=0).fit()
+
+    def time_two_epochs(self, backend):
+        self._run(1200)
+
+    def peakmem_two_epochs(self, backend):
+        self._run(1200)
+
+    def track_test_accuracy(self, backend):
+        return self._run(1200).test_acc[-1]
+
+
+class Inference:
+    """Accuracy over the 10,000 test images (batched predict)."""
+
+    params = (BACKENDS, DTYPES)
+    param_names = ["backend", "dtype"]
+
+    def setup(self, backend, dtype):
+        require_backend(backend)
+        _, (xt, tt) = mnist_pixels()
+        self.x = (xt / np.float64(255)).astype(dtype)
+        self.t = tt
+        self.backend = backend
+        with fastnet.use_backend(backend):
+            self.net = fastnet.nets.TwoLayerNet(784, 50, 10, seed=0, dtype=dtype)
+            self.net.accuracy(self.x[:100], self.t[:100])
+
+    def time_test_set(self, backend, dtype):
+        with fastnet.use_backend(self.backend):
+            self.net.accuracy(self.x, self.t)
+
+
+class Threads:
+    """The thread counts every result was measured with."""
+
+    def track_blas_threads(self):
+        return max(v for k, v in thread_info().items() if k.startswith("openblas"))
+
+    def track_numba_threads(self):
+        return thread_info().get("numba", 0)

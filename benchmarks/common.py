@@ -1,0 +1,201 @@
+"""Shared set-up for the asv suites and the report: data, nets, thread counts, PyTorch."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+import fastnet
+import fastnet.nets
+from fastnet import backend
+
+BACKENDS = ("numpy", "numba", "cython")
+DTYPES = ("float32", "float64")
+SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+
+
+def require_backend(name: str):
+    """asv convention: a combination that cannot run raises NotImplementedError in setup."""
+    why = backend.why_unavailable(name)
+    if why:
+        raise NotImplementedError(why)
+    return backend.load(name)
+
+
+def mnist_pixels(n_train=None):
+    """Real MNIST as uint8 (from FASTNET_DATA, ../shared/data or the cache) or, when it
+    is not there, synthetic digits with MNIST's shape and sparsity (19% non-zero)."""
+    from fastnet.datasets import DatasetError, load_mnist
+
+    data_dir = os.environ.get("FASTNET_DATA") or (SHARED if SHARED.exists() else None)
+    try:
+        (x, t), (xt, tt) = load_mnist(normalize=False, data_dir=data_dir, download=False, progress=False)
+    except DatasetError:
+        rng = np.random.default_rng(0)
+        x = (rng.random((60000, 784)) * 255 * (rng.random((60000, 784)) < 0.19)).astype(np.uint8)
+        t = rng.integers(0, 10, 60000).astype(np.uint8)
+        xt, tt = x[:10000].copy(), t[:10000].copy()
+    if n_train:
+        x, t = x[:n_train], t[:n_train]
+    return (x, t.astype(np.int64)), (xt, tt.astype(np.int64))
+
+
+def batch(dtype, size=100, seed=0):
+    """One mini-batch of MNIST-like rows, normalised, and its labels."""
+    (x, t), _ = mnist_pixels()
+    idx = np.random.default_rng(seed).integers(0, len(x), size)
+    return (x[idx] / np.float64(255)).astype(dtype), t[idx]
+
+
+def thread_info() -> dict:
+    """Thread counts of every pool that can run our work (recorded with each result)."""
+    info = {}
+    try:
+        from threadpoolctl import threadpool_info
+
+        for pool in threadpool_info():
+            key = f"{pool['internal_api']}:{Path(pool['filepath']).name}"
+            info[key] = pool["num_threads"]
+    except ImportError:
+        info["threadpoolctl"] = "not installed"
+    try:
+        import numba
+
+        info["numba"] = numba.get_num_threads()
+    except ImportError:
+        pass
+    torch = try_torch()
+    if torch is not None:
+        info["torch"] = torch.get_num_threads()
+    info["cpus"] = os.cpu_count()
+    return info
+
+
+def try_torch():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+def torch_net(torch, seed=0, dtype="float32", hidden=50):
+    torch.manual_seed(seed)
+    dt = getattr(torch, dtype)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(784, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 10)
+    ).to(dt)
+    return model, torch.optim.SGD(model.parameters(), lr=0.1), torch.nn.CrossEntropyLoss()
+
+
+class FusedStep:
+    """One call of the active backend's ``train_step_2layer`` on MNIST rows."""
+
+    def __init__(self, name, dtype, x, t, batch_size=100, hidden=50, seed=0):
+        self.k = require_backend(name)
+        self.net = fastnet.nets.TwoLayerNet(784, hidden, 10, seed=seed, dtype=dtype)
+        p = self.net.params
+        self.params = (p["W1"], p["b1"], p["W2"], p["b2"])
+        self.x, self.t = x, t
+        B, D, H, C = batch_size, 784, hidden, 10
+        self.work = tuple(np.empty(s, dtype) for s in ((B, D), (B, H), (B, C), (B, H), (D, H), (H,), (H, C), (C,)))
+        self.rng = np.random.default_rng(seed)
+        self.batch_size = batch_size
+
+    def __call__(self):
+        idx = self.rng.integers(0, len(self.x), self.batch_size)
+        return self.k.train_step_2layer(self.x, self.t, idx, *self.params, 0.1, 1, self.work)
+
+
+class BookStep:
+    """The book's loop body: ``gradient`` through the layers, then ``params -= lr * grad``."""
+
+    def __init__(self, name, dtype, x, t, batch_size=100, seed=0):
+        require_backend(name)
+        self.name = name
+        with fastnet.use_backend(name):
+            self.net = fastnet.nets.TwoLayerNet(784, 50, 10, seed=seed, dtype=dtype)
+        self.x, self.t, self.dtype = x, t, np.dtype(dtype)
+        self.rng = np.random.default_rng(seed)
+        self.batch_size = batch_size
+
+    def __call__(self):
+        with fastnet.use_backend(self.name):
+            idx = self.rng.integers(0, len(self.x), self.batch_size)
+            x_batch = self.x[idx]
+            if x_batch.dtype == np.uint8:
+                x_batch = x_batch / self.dtype.type(255)
+            grad = self.net.gradient(x_batch, self.t[idx])
+            for key in ("W1", "b1", "W2", "b2"):
+                self.net.params[key] -= 0.1 * grad[key]
+
+
+class TorchStep:
+    """The same step in PyTorch (CPU, float32, SGD)."""
+
+    def __init__(self, x, t, batch_size=100, seed=0):
+        torch = try_torch()
+        if torch is None:
+            raise NotImplementedError("PyTorch is not installed (pip install torch==2.13.0)")
+        self.torch = torch
+        self.model, self.opt, self.loss_fn = torch_net(torch, seed)
+        self.x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32) / np.float32(255)
+                                  if x.dtype == np.uint8 else np.ascontiguousarray(x, dtype=np.float32))
+        self.t = torch.from_numpy(np.asarray(t, dtype=np.int64))
+        self.gen = torch.Generator().manual_seed(seed)
+        self.batch_size = batch_size
+
+    def __call__(self):
+        idx = self.torch.randint(0, len(self.x), (self.batch_size,), generator=self.gen)
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.loss_fn(self.model(self.x[idx]), self.t[idx])
+        loss.backward()
+        self.opt.step()
+        return loss
+
+
+def kernel_args(name, dtype, n=100, d=784, m=50, seed=0):
+    """Arguments (outputs preallocated) for one call of kernel ``name`` at MNIST sizes:
+    a batch of ``n`` rows of ``d`` inputs into ``m`` units; losses use 10 classes."""
+    rng = np.random.default_rng(seed)
+    dt = np.dtype(dtype)
+
+    def arr(*shape):
+        return rng.standard_normal(shape).astype(dt)
+
+    c = 10
+    labels = rng.integers(0, c, n).astype(np.int64)
+    onehot = np.eye(c, dtype=dt)[labels]
+    probs = np.abs(arr(n, c)) + 0.01
+    probs /= probs.sum(axis=1, keepdims=True)
+    x = batch(dt, n, seed)[0]
+    table = {
+        "step": (arr(n, m), np.empty((n, m), dt)),
+        "sigmoid": (arr(n, m), np.empty((n, m), dt)),
+        "relu": (arr(n, m), np.empty((n, m), dt)),
+        "sigmoid_backward": (arr(n, m), np.abs(arr(n, m)) % 1, np.empty((n, m), dt)),
+        "relu_backward": (arr(n, m), arr(n, m), np.empty((n, m), dt)),
+        "affine": (x, arr(d, m), arr(m), np.empty((n, m), dt)),
+        "affine_relu": (x, arr(d, m), arr(m), np.empty((n, m), dt)),
+        "affine_sigmoid": (x, arr(d, m), arr(m), np.empty((n, m), dt)),
+        "affine_backward": (x, arr(d, m), arr(n, m), np.empty((d, m), dt), np.empty(m, dt), None),
+        "softmax": (arr(n, c), np.empty((n, c), dt)),
+        "cross_entropy_labels": (probs, labels),
+        "cross_entropy_onehot": (probs, onehot),
+        "sum_squared_error": (probs, onehot),
+        "softmax_loss_labels": (arr(n, c), labels, np.empty((n, c), dt)),
+        "softmax_loss_onehot": (arr(n, c), onehot, np.empty((n, c), dt)),
+        "softmax_loss_backward_labels": (probs, labels, 1.0, np.empty((n, c), dt)),
+        "softmax_loss_backward_onehot": (probs, onehot, 1.0, np.empty((n, c), dt)),
+    }
+    if name == "train_step_2layer":
+        (X, T), _ = mnist_pixels()
+        W = [(0.01 * rng.standard_normal(s)).astype(dt) for s in ((d, m), (m,), (m, c), (c,))]
+        work = tuple(np.empty(s, dt) for s in ((n, d), (n, m), (n, c), (n, m), (d, m), (m,), (m, c), (c,)))
+        return (X, T, rng.integers(0, len(X), n), *W, 0.1, 1, work)
+    if name == "numerical_gradient_2layer":
+        W = [(0.01 * rng.standard_normal(s)).astype(dt) for s in ((d, m), (m,), (m, c), (c,))]
+        return (x.astype(dt), labels, *W, 1, 1e-4, *[np.empty_like(w) for w in W])
+    return table[name]
