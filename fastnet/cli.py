@@ -1,20 +1,22 @@
 """The ``fastnet`` command.
 
 User mistakes (a missing file, a bad option, an unknown dataset, no network) print one
-line, ``fastnet: error: …``, and exit with status 2; they never show a traceback.
+line, ``fastnet: error: …``, and exit with status 2; they never show a traceback
+(set ``FASTNET_DEBUG=1`` to see it).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import numpy as np
 
 from . import __version__
 
-#: exceptions that are the user's to fix: printed as one line, exit status 2
 def _user_errors():
+    """Exceptions that are the user's to fix: printed as one line, exit status 2."""
     import pickle
 
     from .backend import BackendError
@@ -329,6 +331,8 @@ def main(argv=None) -> int:
         print(f"fastnet: error: {exc}", file=sys.stderr)
         return 2
     except _user_errors() as exc:
+        if os.environ.get("FASTNET_DEBUG"):
+            raise  # developers: the whole traceback
         message = str(exc).strip().splitlines()
         print(f"fastnet: error: {' '.join(line.strip() for line in message)}", file=sys.stderr)
         return 2
