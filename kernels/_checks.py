@@ -11,6 +11,23 @@ import numpy as np
 FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 
+_F32, _F64, _I64 = np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.int64)
+
+
+def ready(a, out, t=None) -> bool:
+    """The common case, checked in one expression: ``a`` and ``out`` C-contiguous 2-D
+    arrays of one float dtype and one shape, ``out`` writeable, and ``t`` (if given)
+    C-contiguous int64 labels, one per row.  When False, the full checks run and say
+    what is wrong."""
+    return (
+        type(a) is np.ndarray and type(out) is np.ndarray and a.ndim == 2
+        and (a.dtype is _F32 or a.dtype is _F64) and out.dtype is a.dtype and out.shape == a.shape
+        and a.flags.c_contiguous and out.flags.c_contiguous and out.flags.writeable
+        and (t is None or (type(t) is np.ndarray and t.dtype is _I64 and t.ndim == 1
+                           and t.shape[0] == a.shape[0] and t.flags.c_contiguous))
+    )
+
+
 def dtype_of(a, name: str) -> np.dtype:
     if not isinstance(a, np.ndarray):
         raise TypeError(f"{name} must be a numpy array, got {type(a).__name__}")
