@@ -205,16 +205,16 @@ class Trainer:
         self._work = None
 
     # ------------------------------------------------------------------ steps
-    def _batch_floats(self, x):
-        if x.dtype == np.uint8:
-            out = x.astype(self.net.dtype)
-            out /= 255.0
-            return out
-        return x
+    def _floats(self, rows, out=None):
+        """uint8 pixels as ``rows / 255`` in the net's dtype (what load_mnist(normalize=True)
+        gives, in one pass; into ``out`` when given); float rows unchanged."""
+        if rows.dtype != np.uint8:
+            return rows
+        return np.divide(rows, self.net.dtype.type(255), out=out, dtype=self.net.dtype)
 
     def _step_layers(self, idx):
         net = self.net
-        xb = self._batch_floats(self.x_train[idx])
+        xb = self._floats(self.x_train[idx])
         if self.gradient == "numerical":
             tb = self.t_train[idx]
             loss = net.loss(xb, tb)
@@ -255,12 +255,9 @@ class Trainer:
         buf = None
         for start in range(0, x.shape[0], chunk):
             rows = x[start : start + chunk]
-            if rows.dtype == np.uint8:
-                if buf is None or buf.shape[0] < rows.shape[0]:
-                    buf = np.empty(rows.shape, self.net.dtype)
-                rows = np.divide(rows, self.net.dtype.type(255), out=buf[: rows.shape[0]],
-                                 dtype=self.net.dtype)
-            y = self.net.predict(rows)
+            if rows.dtype == np.uint8 and (buf is None or buf.shape[0] < rows.shape[0]):
+                buf = np.empty(rows.shape, self.net.dtype)
+            y = self.net.predict(self._floats(rows, None if buf is None else buf[: rows.shape[0]]))
             correct += int(np.count_nonzero(np.argmax(y, axis=1) == t[start : start + chunk]))
         return correct / x.shape[0]
 
