@@ -193,7 +193,8 @@ def locate(spec: Dataset, data_dir=None, download_missing=True, progress=True) -
     tried = "\n  ".join(str(d) for d in dirs)
     how = (
         f"put the four files ({', '.join(FILES.values())}) in one of those folders, "
-        f"pass data_dir=..., or set FASTNET_DATA to a folder holding {spec.folder}/"
+        f"pass data_dir=... (--data-dir on the command line), or set FASTNET_DATA to a folder "
+        f"holding {spec.folder}/"
         + (f"; {spec.install_hint}" if spec.install_hint else "")
     )
     if not download_missing:
