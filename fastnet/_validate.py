@@ -30,6 +30,11 @@ def as_float_array(x, name: str = "x", dtype=None) -> np.ndarray:
     return arr if arr.dtype == dtype else arr.astype(dtype)
 
 
+def rows_view(x: np.ndarray) -> np.ndarray:
+    """``x`` as 2-D (rows, last axis) for the kernels: 0-d and 1-d become one row."""
+    return x.reshape(1, -1) if x.ndim < 2 else x.reshape(-1, x.shape[-1])
+
+
 def labels(t, rows: int, classes: int, name: str = "t") -> np.ndarray:
     """Integer class labels of shape (rows,), each in [0, classes)."""
     t = np.asarray(t)

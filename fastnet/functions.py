@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._validate import as_float_array, labels
+from ._validate import rows_view as _rows
 from .backend import kernels
 
 __all__ = [
@@ -25,15 +26,6 @@ __all__ = [
     "sum_squared_error",
     "cross_entropy_error",
 ]
-
-
-def _rows(x: np.ndarray) -> np.ndarray:
-    """A 2-D view (rows, last axis) of ``x``: 0-d and 1-d become one row."""
-    if x.ndim == 0:
-        return x.reshape(1, 1)
-    if x.ndim == 1:
-        return x.reshape(1, -1)
-    return x.reshape(-1, x.shape[-1])
 
 
 def _elementwise(kernel_name: str, x) -> np.ndarray:

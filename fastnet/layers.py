@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._validate import as_float_array, labels
+from ._validate import rows_view as _rows
 from .backend import kernels
 
 __all__ = ["MulLayer", "AddLayer", "Relu", "Sigmoid", "Affine", "SoftmaxWithLoss"]
@@ -47,10 +48,6 @@ class AddLayer:
 
     def backward(self, dout):
         return dout * 1, dout * 1
-
-
-def _rows(a: np.ndarray) -> np.ndarray:
-    return a.reshape(1, -1) if a.ndim < 2 else a.reshape(-1, a.shape[-1])
 
 
 class _Activation:
