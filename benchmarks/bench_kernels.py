@@ -1,7 +1,5 @@
 """Every kernel of the contract, on every backend, float32 and float64, MNIST sizes."""
 
-import numpy as np
-
 from fastnet.kernels import contract
 
 from .common import BACKENDS, DTYPES, kernel_args, require_backend

@@ -127,7 +127,7 @@ def gradient_section(table, rounds):
             with fastnet.use_backend(name):
                 net = fastnet.nets.TwoLayerNet(784, 50, 10, seed=0, dtype=dtype)
 
-            def gradient(net=net, name=name):
+            def gradient(net=net, name=name, x=x, t=t):
                 with fastnet.use_backend(name):
                     net.gradient(x, t)
 
@@ -295,9 +295,10 @@ def main(argv=None):
     table = Table()
     kernels_section(table, rounds)
     gradient_section(table, rounds)
-    steps = step_section(table, rounds)
+    step_section(table, rounds)
     extra = numgrad_section(table, args.full_numgrad)
-    e2e = None if args.quick else e2e_section(table)
+    if not args.quick:
+        e2e_section(table)
     threads = common.thread_info()
     cpu = platform.processor() or platform.machine()
     try:

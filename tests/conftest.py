@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 import fastnet
-from fastnet import backend
 
 # Tests never touch the user's cache or data settings: downloads and parsed arrays go
 # to a throw-away cache for this test session.
