@@ -170,7 +170,7 @@ def kernel_args(name, dtype, n=100, d=784, m=50, seed=0):
     onehot = np.eye(c, dtype=dt)[labels]
     probs = np.abs(arr(n, c)) + 0.01
     probs /= probs.sum(axis=1, keepdims=True)
-    x = batch(dt, n, seed)[0]
+    x = np.ascontiguousarray(batch(dt, n, seed)[0][:, :d]) if d <= 784 else np.abs(arr(n, d))
     table = {
         "step": (arr(n, m), np.empty((n, m), dt)),
         "sigmoid": (arr(n, m), np.empty((n, m), dt)),
@@ -192,6 +192,7 @@ def kernel_args(name, dtype, n=100, d=784, m=50, seed=0):
     }
     if name == "train_step_2layer":
         (X, T), _ = mnist_pixels()
+        X = np.ascontiguousarray(X[:, :d])
         W = [(0.01 * rng.standard_normal(s)).astype(dt) for s in ((d, m), (m,), (m, c), (c,))]
         work = tuple(np.empty(s, dt) for s in ((n, d), (n, m), (n, c), (n, m), (d, m), (m,), (m, c), (c,)))
         return (X, T, rng.integers(0, len(X), n), *W, 0.1, 1, work)

@@ -1,0 +1,42 @@
+"""The benchmark floor stays in step with the kernel contract (run from a source checkout)."""
+
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+
+if not (ROOT / "benchmarks" / "report.py").exists():  # pragma: no cover - tests run from an installed wheel
+    pytest.skip("benchmarks/ is not beside these tests (installed-package run)", allow_module_level=True)
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import common, report  # noqa: E402
+from fastnet import backend  # noqa: E402
+from fastnet.kernels import contract  # noqa: E402
+
+
+@pytest.mark.parametrize("name", list(contract.KERNELS))
+def test_every_kernel_has_benchmark_arguments(name):
+    args = common.kernel_args(name, "float32", n=3, d=12, m=5)
+    for table in ("numpy", "cython"):
+        getattr(backend.load(table), name)(*args)
+
+
+def test_measure_and_table():
+    results = report.measure({"fast": lambda: None, "slow": lambda: sum(range(2000))}, rounds=3,
+                             round_time=0.01, pause=0.0)
+    assert results["slow"] > results["fast"] > 0
+    table = report.Table()
+    table.section("case", results, "slow")
+    text = table.markdown()
+    assert "| case | fast |" in text and "|  | slow |" in text and "1.0×" in text
+    assert report.fmt_time(2.5e-6) == "2.5 µs" and report.fmt_time(0.0123) == "12.3 ms"
+
+
+def test_step_helpers_run():
+    x = (np.random.default_rng(0).random((300, 784)) * 255).astype(np.uint8)
+    t = np.random.default_rng(1).integers(0, 10, 300)
+    loss = common.FusedStep("cython", "float32", x, t)()
+    assert np.isfinite(loss)
+    common.BookStep("numpy", "float64", x, t)()
