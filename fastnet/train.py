@@ -16,6 +16,7 @@ keeps a quarter of the memory and of the memory traffic.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -283,7 +284,7 @@ class Trainer:
             while done < self.iters:
                 idx = self.rng.integers(0, n, self.batch_size)
                 loss = step(idx)
-                if not np.isfinite(loss):
+                if not math.isfinite(loss):
                     self._diverged(loss, done)
                 h.loss.append(loss)
                 done += 1
