@@ -546,11 +546,10 @@ cdef double _train_step_2layer(real* X, unsigned char* U, long long* T, long lon
     """One SGD step of Affine-act-Affine-SoftmaxWithLoss.  With lr != 0 the weight
     updates are folded into the gradient products (gemm with alpha = -lr, beta = 1),
     so dW1 and dW2 are never materialised."""
-    cdef Py_ssize_t i, j, k
+    cdef Py_ssize_t i, j
     cdef long long t
     cdef double loss = 0, scale = 1.0 / B
     cdef real rs = <real>scale
-    cdef real v
     _gather_rows(X, U, idx, xb, B, D)
     _affine(xb, W1, b1, h, B, D, H, act)
     _affine(h, W2, b2, s, B, H, C, 0)
@@ -563,11 +562,10 @@ cdef double _train_step_2layer(real* X, unsigned char* U, long long* T, long lon
         s[i * C + t] = s[i * C + t] - rs
     # dh = ds @ W2.T (with the old W2), then the activation's derivative
     _gemm(False, True, B, H, C, <real>1, s, C, W2, C, <real>0, dh, H)
-    for k in range(<Py_ssize_t>B * H):
-        if act == 1:
-            dh[k] = 0 if h[k] <= 0 else dh[k]
-        else:
-            dh[k] = dh[k] * (1 - h[k]) * h[k]
+    if act == 1:
+        _map_relu_backward(dh, h, dh, <Py_ssize_t>B * H)
+    else:
+        _map_sigmoid_backward(dh, h, dh, <Py_ssize_t>B * H)
     for j in range(C):
         db2[j] = 0
     for i in range(B):

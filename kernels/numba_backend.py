@@ -321,12 +321,10 @@ def _train_step_2layer(X, T, idx, W1, b1, W2, b2, lr, act, div, xb, h, s, dh, dW
         s[i, t] = s[i, t] - scale
     np.dot(s, W2.T, dh)
     _affine_backward(h, W2, s, dW2, db2)
-    hf, df = h.reshape(-1), dh.reshape(-1)
-    for k in range(hf.size):
-        if act == 1:
-            df[k] = 0 if hf[k] <= 0 else df[k]
-        else:
-            df[k] = df[k] * (1 - hf[k]) * hf[k]
+    if act == 1:
+        _relu_backward(dh, h, dh)
+    else:
+        _sigmoid_backward(dh, h, dh)
     _affine_backward(xb, W1, dh, dW1, db1)
     if lr != 0:
         for p, g in ((W1.reshape(-1), dW1.reshape(-1)), (W2.reshape(-1), dW2.reshape(-1))):
@@ -425,7 +423,6 @@ def _numgrad_2layer(x, t, W1, b1, W2, b2, act, h, gW1, gb1, gW2, gb2):
                 acc += Z[i, j] * W2[j, c]
             S[i, c] = acc + b2[c]
     zero_w = np.zeros(C, np.float64)
-    w2row = np.empty(C, np.float64)
     two_h = 2 * h
     _numgrad_W1(x, t, W1, W2, act, h, A, Z, S, gW1)
     # first-layer biases: every row
@@ -433,8 +430,7 @@ def _numgrad_2layer(x, t, W1, b1, W2, b2, act, h, gW1, gb1, gW2, gb2):
         w = b1[j]
         dp = np.float64(w + h) - w
         dm = np.float64(w - h) - w
-        for c in range(C):
-            w2row[c] = W2[j, c]
+        w2row = W2[j]
         diff = 0.0
         for i in range(B):
             zp = _act(A[i, j] + dp, act) - Z[i, j]
