@@ -200,3 +200,25 @@ def kernel_args(name, dtype, n=100, d=784, m=50, seed=0):
         W = [(0.01 * rng.standard_normal(s)).astype(dt) for s in ((d, m), (m,), (m, c), (c,))]
         return (x.astype(dt), labels, *W, 1, 1e-4, *[np.empty_like(w) for w in W])
     return table[name]
+
+
+def reference_numgrad_seconds(x, t, params, sample: int = 400, seed: int = 0) -> float:
+    """Seconds the book's loop (two full forward passes per parameter, the reference
+    kernel's loss) needs for the whole numerical gradient of a two-layer net, timed on
+    ``sample`` random first-layer weights and scaled to every parameter: each parameter
+    costs the loop the same two passes."""
+    import time
+
+    loss = backend.load("numpy")._loss_2layer
+    flat = params[0].reshape(-1)
+    picks = np.random.default_rng(seed).choice(flat.size, min(sample, flat.size), replace=False)
+    start = time.perf_counter()
+    for i in picks:
+        tmp = flat[i]
+        flat[i] = tmp + 1e-4
+        loss(x, t, *params, 1)
+        flat[i] = tmp - 1e-4
+        loss(x, t, *params, 1)
+        flat[i] = tmp
+    per_param = (time.perf_counter() - start) / len(picks)
+    return per_param * sum(p.size for p in params)

@@ -173,20 +173,7 @@ def numgrad_section(table, full: bool):
     else:
         sample = 400
         n_params = sum(v.size for v in p.values())
-        loss = ref._loss_2layer
-        rng = np.random.default_rng(0)
-        flat = p["W1"].reshape(-1)
-        picks = rng.choice(flat.size, sample, replace=False)
-        start = time.perf_counter()
-        for i in picks:
-            tmp = flat[i]
-            flat[i] = tmp + 1e-4
-            loss(x, t, *p.values(), 1)
-            flat[i] = tmp - 1e-4
-            loss(x, t, *p.values(), 1)
-            flat[i] = tmp
-        per_param = (time.perf_counter() - start) / sample
-        results["reference loop (the book's)"] = per_param * n_params
+        results["reference loop (the book's)"] = common.reference_numgrad_seconds(x, t, list(p.values()), sample)
         notes["reference loop (the book's)"] = f"{sample} parameters timed, scaled to {n_params:,}"
     for name in ("numba", "cython"):
         k = common.require_backend(name)

@@ -203,6 +203,8 @@ class Trainer:
         if fused is True and (not two_layer or gradient == "numerical"):
             raise ValueError("the fused training step needs a two-layer net and backprop")
         self.fused = two_layer and gradient == "backprop" if fused == "auto" else bool(fused)
+        if self.fused and self.x_train.dtype.kind == "f" and self.x_train.dtype != net.dtype:
+            self.x_train = self.x_train.astype(net.dtype)  # once: the kernel takes one dtype
         self._work = None
 
     # ------------------------------------------------------------------ steps
@@ -236,8 +238,6 @@ class Trainer:
             self._grads = dict(zip(("W1", "b1", "W2", "b2"), self._work[4:]))
             self._plain_sgd = type(self.optimizer) is SGD
         x = self.x_train
-        if x.dtype != np.uint8 and x.dtype != net.dtype:
-            x = self.x_train = x.astype(net.dtype)
         k = kernels()
         if self._plain_sgd:
             return k.train_step_2layer(x, self.t_train, idx, p["W1"], p["b1"], p["W2"], p["b2"],
