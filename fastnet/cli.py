@@ -75,6 +75,17 @@ def _cmd_backends(args) -> int:
 DEFAULT_LR = {"sgd": 0.1, "momentum": 0.01, "adam": 0.001}
 
 
+def _hidden_sizes(text: str) -> list[int]:
+    """``--hidden``: one size (50) or several (100,50)."""
+    try:
+        sizes = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected sizes like 50 or 100,50, got {text!r}") from None
+    if min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"layer sizes must be positive, got {text!r}")
+    return sizes
+
+
 def _load_dataset(name, data_dir, normalize):
     from .datasets import load_fashion_mnist, load_mnist
 
@@ -101,8 +112,7 @@ def _cmd_train(args) -> int:
         iters = 10000
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
     (x_train, t_train), (x_test, t_test) = _load_dataset(args.dataset, args.data_dir, normalize=False)
-    hidden = [int(h) for h in args.hidden.split(",")] if isinstance(args.hidden, str) else [args.hidden]
-    net = MultiLayerNet(x_train.shape[1], hidden, 10, activation=args.activation,
+    net = MultiLayerNet(x_train.shape[1], args.hidden, 10, activation=args.activation,
                         weight_init_std=args.weight_init_std, dtype=args.dtype, seed=args.seed)
     out = Path(args.out)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
@@ -213,11 +223,10 @@ def _cmd_gradcheck(args) -> int:
     from .nets import MultiLayerNet
 
     (x_train, t_train), _ = _load_dataset(args.dataset, args.data_dir, normalize=True)
-    hidden = [int(h) for h in args.hidden.split(",")]
     rng = np.random.default_rng(args.seed)
     failed = 0
     for b in range(args.batches):
-        net = MultiLayerNet(x_train.shape[1], hidden, 10, activation=args.activation,
+        net = MultiLayerNet(x_train.shape[1], args.hidden, 10, activation=args.activation,
                             weight_init_std=args.weight_init_std, dtype=args.dtype, seed=args.seed + b)
         idx = rng.choice(len(x_train), args.batch_size, replace=False)
         report = gradcheck(net, x_train[idx].astype(net.dtype), t_train[idx], subset=args.subset)
@@ -255,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
         "training.png to --out.  Ctrl-C stops and keeps what was trained.",
     )
     train.add_argument("--dataset", default="mnist", help="mnist (default) or fashion-mnist")
-    train.add_argument("--hidden", default="50", help="hidden layer size, or sizes like 100,50 (default 50)")
+    train.add_argument("--hidden", default=[50], type=_hidden_sizes, help="hidden layer size, or sizes like 100,50 (default 50)")
     train.add_argument("--activation", choices=["relu", "sigmoid"], default="relu")
     train.add_argument("--iters", type=int, default=None, help="iterations (default 10000)")
     train.add_argument("--epochs", type=int, default=None, help="epochs instead of --iters")
@@ -283,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("gradcheck", help="check backprop against the numerical gradient on MNIST batches")
     check.add_argument("--dataset", default="mnist")
     check.add_argument("--data-dir", default=None)
-    check.add_argument("--hidden", default="50", help="hidden layer size(s), e.g. 50 or 100,50")
+    check.add_argument("--hidden", default=[50], type=_hidden_sizes, help="hidden layer size(s), e.g. 50 or 100,50")
     check.add_argument("--activation", choices=["relu", "sigmoid"], default="relu")
     check.add_argument("--weight-init-std", default=0.01,
                        type=lambda v: v if v in ("he", "xavier") else float(v))
