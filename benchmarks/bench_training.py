@@ -44,7 +44,8 @@ class TrainingStep:
     """One mini-batch step of 784-50-10, batch 100: draw, gradient, SGD update."""
 
     params = (["book-numpy-float64", "book-numpy-float32", "fused-numba-float32",
-               "fused-cython-float32", "fused-cython-float64", "torch-float32"],)
+               "fused-cython-float32", "fused-cython-float64", "sparse-numba-float32",
+               "sparse-cython-float32", "torch-float32"],)
     param_names = ["implementation"]
 
     def setup(self, implementation):
@@ -52,8 +53,8 @@ class TrainingStep:
         kind, *rest = implementation.split("-")
         if kind == "book":
             self.step = BookStep(rest[0], rest[1], x, t)
-        elif kind == "fused":
-            self.step = FusedStep(rest[0], rest[1], x, t)
+        elif kind in ("fused", "sparse"):
+            self.step = FusedStep(rest[0], rest[1], x, t, sparse=kind == "sparse")
         else:
             self.step = TorchStep(x, t)
         for _ in range(3):
@@ -64,14 +65,15 @@ class TrainingStep:
 
 
 class StepSpeedup:
-    """Fused cython float32 step against the book's loop (numpy, float64) and PyTorch,
-    measured side by side in one process."""
+    """The fastest fused step (cython, float32, inputs as CSR rows, as ``fastnet train``
+    runs MNIST) against the book's loop (numpy, float64) and PyTorch, measured side by
+    side in one process."""
 
     unit = "times faster"
 
     def setup(self):
         (x, t), _ = mnist_pixels()
-        self.fast = FusedStep("cython", "float32", x, t)
+        self.fast = FusedStep("cython", "float32", x, t, sparse=True)
         self.book = BookStep("numpy", "float64", x, t)
         try:
             self.torch = TorchStep(x, t)

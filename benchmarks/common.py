@@ -42,6 +42,17 @@ def mnist_pixels(n_train=None):
     return (x, t.astype(np.int64)), (xt, tt.astype(np.int64))
 
 
+_CSR = {}
+
+
+def mnist_csr(d=784):
+    """The CSR rows (indptr, indices, data) of the MNIST training pixels' first d columns."""
+    if d not in _CSR:
+        (x, _), _ = mnist_pixels()
+        _CSR[d] = backend.load("numpy").sparse_rows(np.ascontiguousarray(x[:, :d]))
+    return _CSR[d]
+
+
 def batch(dtype, size=100, seed=0):
     """One mini-batch of MNIST-like rows, normalised, and its labels."""
     (x, t), _ = mnist_pixels()
@@ -91,10 +102,13 @@ def torch_net(torch, seed=0, dtype="float32", hidden=50):
 
 
 class FusedStep:
-    """One call of the active backend's ``train_step_2layer`` on MNIST rows."""
+    """One call of a backend's ``train_step_2layer`` on MNIST rows (uint8 pixels), or of
+    ``train_step_2layer_sparse`` on the same rows as CSR when ``sparse``."""
 
-    def __init__(self, name, dtype, x, t, batch_size=100, hidden=50, seed=0):
+    def __init__(self, name, dtype, x, t, batch_size=100, hidden=50, seed=0, sparse=False):
         self.k = require_backend(name)
+        self.step = self.k.train_step_2layer_sparse if sparse else self.k.train_step_2layer
+        self.rows = self.k.sparse_rows(x) if sparse else (x,)
         self.net = fastnet.nets.TwoLayerNet(784, hidden, 10, seed=seed, dtype=dtype)
         p = self.net.params
         self.params = (p["W1"], p["b1"], p["W2"], p["b2"])
@@ -106,7 +120,7 @@ class FusedStep:
 
     def __call__(self):
         idx = self.rng.integers(0, len(self.x), self.batch_size)
-        return self.k.train_step_2layer(self.x, self.t, idx, *self.params, 0.1, 1, self.work)
+        return self.step(*self.rows, self.t, idx, *self.params, 0.1, 1, self.work)
 
 
 class BookStep:
@@ -196,6 +210,17 @@ def kernel_args(name, dtype, n=100, d=784, m=50, seed=0):
         W = [(0.01 * rng.standard_normal(s)).astype(dt) for s in ((d, m), (m,), (m, c), (c,))]
         work = tuple(np.empty(s, dt) for s in ((n, d), (n, m), (n, c), (n, m), (d, m), (m,), (m, c), (c,)))
         return (X, T, rng.integers(0, len(X), n), *W, 0.1, 1, work)
+    if name == "train_step_2layer_sparse":
+        (X, T), _ = mnist_pixels()
+        W = [(0.01 * rng.standard_normal(s)).astype(dt) for s in ((d, m), (m,), (m, c), (c,))]
+        work = tuple(np.empty(s, dt) for s in ((n, d), (n, m), (n, c), (n, m), (d, m), (m,), (m, c), (c,)))
+        return (*mnist_csr(d), T, rng.integers(0, len(X), n), *W, 0.1, 1, work)
+    if name == "sparse_affine":
+        indptr = mnist_csr(d)[0]
+        row0 = int(rng.integers(0, len(indptr) - 1 - n))
+        return (*mnist_csr(d), row0, arr(d, m), arr(m), 1, np.empty((n, m), dt))
+    if name == "sparse_rows":
+        return (mnist_pixels()[0][0][: 10 * n, :d],)
     if name == "numerical_gradient_2layer":
         W = [(0.01 * rng.standard_normal(s)).astype(dt) for s in ((d, m), (m,), (m, c), (c,))]
         return (x.astype(dt), labels, *W, 1, 1e-4, *[np.empty_like(w) for w in W])

@@ -146,8 +146,13 @@ def step_section(table, rounds):
         "fused step, numba float32": common.FusedStep("numba", "float32", x, t),
         "fused step, cython float32": common.FusedStep("cython", "float32", x, t),
         "fused step, cython float32 (float X)": common.FusedStep("cython", "float32", x32, t),
+        "sparse fused step, numba float32": common.FusedStep("numba", "float32", x, t, sparse=True),
+        "sparse fused step, cython float32": common.FusedStep("cython", "float32", x, t, sparse=True),
     }
     notes = {name: "uint8 pixels, normalised on the fly" for name in cases if "fused" in name and "float X" not in name}
+    for name in cases:
+        if name.startswith("sparse"):
+            notes[name] = "pixels as CSR rows: first layer over the non-zeros only (fastnet train's path)"
     try:
         cases["PyTorch 2.13 CPU float32"] = common.TorchStep(x, t)
     except NotImplementedError as exc:

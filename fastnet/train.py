@@ -31,7 +31,12 @@ from .gradient import numerical_gradient_net
 from .nets import MultiLayerNet
 from .optim import SGD, make_optimizer
 
-__all__ = ["Trainer", "History", "TrainingInterrupted"]
+__all__ = ["Trainer", "History", "TrainingInterrupted", "SPARSE_MAX_DENSITY"]
+
+#: ``sparse='auto'`` runs the first layer over the non-zero inputs only when at most this
+#: share of the training inputs is non-zero.  MNIST (19% non-zero) gains; at Fashion-
+#: MNIST's 50% the sparse loops do 2.6x the row operations and dense BLAS is faster.
+SPARSE_MAX_DENSITY = 0.3
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -130,6 +135,13 @@ class Trainer:
     epoch as ``callback(trainer, record)``; one that returns ``False`` stops training.
     ``checkpoint_dir`` receives ``weights.npz`` and ``metrics.json`` after every epoch
     and on Ctrl-C.
+
+    ``sparse`` chooses how the fused step and the evaluation read the inputs: as rows
+    of non-zeros (CSR, built once per data set) so that the first layer touches only
+    non-zero pixels, or dense.  ``'auto'`` uses it on the compiled backends when at most
+    :data:`SPARSE_MAX_DENSITY` of the inputs are non-zero (MNIST: 19%); the reference
+    backend's sparse kernels densify each batch (they are the oracle), so ``'auto'``
+    keeps it dense there.  Both give the same parameters up to rounding order.
     """
 
     def __init__(
@@ -148,6 +160,7 @@ class Trainer:
         seed=0,
         evaluate: bool = True,
         fused="auto",
+        sparse="auto",
         gradient: str = "backprop",
         callbacks=(),
         checkpoint_dir=None,
@@ -205,7 +218,38 @@ class Trainer:
         self.fused = two_layer and gradient == "backprop" if fused == "auto" else bool(fused)
         if self.fused and self.x_train.dtype.kind == "f" and self.x_train.dtype != net.dtype:
             self.x_train = self.x_train.astype(net.dtype)  # once: the kernel takes one dtype
+        if sparse not in ("auto", True, False):
+            raise ValueError(f"sparse must be 'auto', True or False, got {sparse!r}")
+        if sparse is True and not self.fused:
+            raise ValueError("sparse=True needs the fused step (a two-layer net, backprop)")
+        self.sparse_option = sparse
+        self._sparse = None  # decided when fit() starts (the backend may change until then)
+        self._csr = {}
         self._work = None
+
+    # ------------------------------------------------------------------ inputs as CSR
+    def density(self) -> float:
+        """Share of non-zero values in the training inputs (from up to 2,000 rows)."""
+        sample = self.x_train[: min(2000, self.x_train.shape[0])]
+        return float(np.count_nonzero(sample)) / max(sample.size, 1)
+
+    def use_sparse(self) -> bool:
+        """Whether the step and the evaluation read the inputs as CSR rows (see ``sparse``)."""
+        if not self.fused or self.sparse_option is False:
+            return False
+        if self.sparse_option is True:
+            return True
+        return get_backend() != "numpy" and self.density() <= SPARSE_MAX_DENSITY
+
+    def _rows_csr(self, x):
+        """The CSR rows of ``x``; kept for the training and test sets (built once each:
+        about 0.03 s for MNIST's 60,000 images on the compiled backends)."""
+        for name in ("x_train", "x_test"):
+            if x is getattr(self, name):
+                if name not in self._csr:
+                    self._csr[name] = kernels().sparse_rows(x)
+                return self._csr[name]
+        return kernels().sparse_rows(x)
 
     # ------------------------------------------------------------------ steps
     def _floats(self, rows, out=None):
@@ -237,13 +281,15 @@ class Trainer:
             self._act = 1 if net.activation == "relu" else 2
             self._grads = dict(zip(("W1", "b1", "W2", "b2"), self._work[4:]))
             self._plain_sgd = type(self.optimizer) is SGD
-        x = self.x_train
         k = kernels()
+        if self._sparse:
+            step, x = k.train_step_2layer_sparse, self._rows_csr(self.x_train)
+        else:
+            step, x = k.train_step_2layer, (self.x_train,)
         if self._plain_sgd:
-            return k.train_step_2layer(x, self.t_train, idx, p["W1"], p["b1"], p["W2"], p["b2"],
-                                       self.optimizer.lr, self._act, self._work)
-        loss = k.train_step_2layer(x, self.t_train, idx, p["W1"], p["b1"], p["W2"], p["b2"],
-                                   0.0, self._act, self._work)
+            return step(*x, self.t_train, idx, p["W1"], p["b1"], p["W2"], p["b2"],
+                        self.optimizer.lr, self._act, self._work)
+        loss = step(*x, self.t_train, idx, p["W1"], p["b1"], p["W2"], p["b2"], 0.0, self._act, self._work)
         self.optimizer.update(p, self._grads)
         return loss
 
@@ -252,6 +298,8 @@ class Trainer:
 
         Pixels are normalised chunk by chunk into one reused buffer (one pass, no new
         pages), exactly as ``load_mnist(normalize=True)`` would have done."""
+        if self._sparse if self._sparse is not None else self.use_sparse():
+            return self._accuracy_sparse(x, t, chunk)
         correct = 0
         buf = None
         for start in range(0, x.shape[0], chunk):
@@ -260,6 +308,23 @@ class Trainer:
                 buf = np.empty(rows.shape, self.net.dtype)
             y = self.net.predict(self._floats(rows, None if buf is None else buf[: rows.shape[0]]))
             correct += int(np.count_nonzero(np.argmax(y, axis=1) == t[start : start + chunk]))
+        return correct / x.shape[0]
+
+    def _accuracy_sparse(self, x, t, chunk):
+        """accuracy() of a two-layer net with the first layer over CSR rows."""
+        k, net = kernels(), self.net
+        p = net.params
+        indptr, indices, data = self._rows_csr(x)
+        H, C = net.sizes[1], net.sizes[2]
+        h = np.empty((chunk, H), net.dtype)
+        s = np.empty((chunk, C), net.dtype)
+        act = 1 if net.activation == "relu" else 2
+        correct = 0
+        for start in range(0, x.shape[0], chunk):
+            m = min(chunk, x.shape[0] - start)
+            k.sparse_affine(indptr, indices, data, start, p["W1"], p["b1"], act, h[:m])
+            k.affine(h[:m], p["W2"], p["b2"], s[:m])
+            correct += int(np.count_nonzero(np.argmax(s[:m], axis=1) == t[start : start + m]))
         return correct / x.shape[0]
 
     # ------------------------------------------------------------------ the loop
@@ -274,6 +339,8 @@ class Trainer:
             "lr": getattr(self.optimizer, "lr", None), "seed": self.seed, "fused": self.fused,
             "iter_per_epoch": self.iter_per_epoch, "gradient": self.gradient, "train_size": int(self.x_train.shape[0]),
         }
+        self._sparse = self.use_sparse()
+        h.config["sparse"] = self._sparse
         step = self._step_fused if self.fused else self._step_layers
         n = self.x_train.shape[0]
         bar = _Progress(self.iters, self.stream, self.progress)

@@ -74,8 +74,25 @@ def labels(t, rows: int):
     return t
 
 
-def train_step_2layer(X, T, idx, W1, b1, W2, b2, act, work):
-    """Check every array of a fused two-layer step; returns ``work`` as a tuple."""
+def csr(indptr, indices, data, dtype, who: str):
+    """CSR rows: int64 indptr, int32 indices, data uint8 or ``dtype``, all 1-D contiguous."""
+    for name, a, want in (("indptr", indptr, np.int64), ("indices", indices, np.int32)):
+        if type(a) is not np.ndarray or a.dtype != want or a.ndim != 1 or not a.flags.c_contiguous:
+            raise TypeError(f"{who}: {name} must be a C-contiguous 1-D {np.dtype(want)} array")
+    if type(data) is not np.ndarray or data.ndim != 1 or not data.flags.c_contiguous:
+        raise TypeError(f"{who}: data must be a C-contiguous 1-D array")
+    if data.dtype != np.uint8 and data.dtype != dtype:
+        raise TypeError(f"{who}: data is {data.dtype}; it must be uint8 pixels or the weights' dtype {dtype}")
+    if indptr.shape[0] < 1:
+        raise ValueError(f"{who}: indptr must hold at least one entry")
+    if data.shape[0] != indices.shape[0]:
+        raise ValueError(f"{who}: data has {data.shape[0]} entries but indices {indices.shape[0]}")
+
+
+def train_step_2layer(X, T, idx, W1, b1, W2, b2, act, work, rows=None):
+    """Check every array of a fused two-layer step; returns ``work`` as a tuple.  With
+    ``X`` None (the sparse step) the batch comes from ``rows`` CSR rows and ``xb`` is
+    not used."""
     if len(work) != 8:
         raise ValueError(f"work must hold 8 buffers (xb, h, s, dh, dW1, db1, dW2, db2), got {len(work)}")
     if act not in (1, 2):
@@ -91,6 +108,8 @@ def train_step_2layer(X, T, idx, W1, b1, W2, b2, act, work):
         ("dh", work[3], (B, H)), ("dW1", work[4], (D, H)), ("db1", work[5], (H,)),
         ("dW2", work[6], (H, C)), ("db2", work[7], (C,)),
     )
+    if X is None:
+        expected = expected[1:4] + expected[5:]
     for name, a, shape in expected:
         if name == "X" and type(a) is np.ndarray and a.dtype == np.uint8:
             pass  # pixels, normalised on the fly
@@ -103,6 +122,7 @@ def train_step_2layer(X, T, idx, W1, b1, W2, b2, act, work):
     for name, a in (("T", T), ("idx", idx)):
         if type(a) is not np.ndarray or a.dtype != np.int64 or a.ndim != 1 or not a.flags.c_contiguous:
             raise TypeError(f"{name} must be a C-contiguous 1-D int64 array")
-    if T.shape[0] != X.shape[0]:
-        raise ValueError(f"X has {X.shape[0]} rows but T has {T.shape[0]} labels")
+    n_rows = X.shape[0] if X is not None else rows
+    if T.shape[0] != n_rows:
+        raise ValueError(f"X has {n_rows} rows but T has {T.shape[0]} labels")
     return tuple(work)

@@ -10,9 +10,41 @@
 cimport numpy as cnp
 from libc.math cimport log
 from libc.stdlib cimport free, malloc
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
 from cython.parallel cimport prange
 from scipy.linalg.cython_blas cimport sgemm, dgemm
+
+cdef extern from "_sparse.h" nogil:
+    # the first layer over CSR rows (see _sparse.h)
+    void fn_sparse_forward_f(const long long* indptr, const int* indices, const float* data,
+                             const float* lut, const long long* rows, long long row0, long long n,
+                             const float* W, const float* b, float* out, long long D, long long H,
+                             long long* bad)
+    void fn_sparse_forward_d(const long long* indptr, const int* indices, const double* data,
+                             const double* lut, const long long* rows, long long row0, long long n,
+                             const double* W, const double* b, double* out, long long D, long long H,
+                             long long* bad)
+    void fn_sparse_forward_fu(const long long* indptr, const int* indices, const unsigned char* data,
+                              const float* lut, const long long* rows, long long row0, long long n,
+                              const float* W, const float* b, float* out, long long D, long long H,
+                              long long* bad)
+    void fn_sparse_forward_du(const long long* indptr, const int* indices, const unsigned char* data,
+                              const double* lut, const long long* rows, long long row0, long long n,
+                              const double* W, const double* b, double* out, long long D, long long H,
+                              long long* bad)
+    void fn_sparse_scatter_f(const long long* indptr, const int* indices, const float* data,
+                             const float* lut, const long long* rows, long long n, const float* G,
+                             float* W, long long D, long long H, int jlo, int jhi, long long* bad)
+    void fn_sparse_scatter_d(const long long* indptr, const int* indices, const double* data,
+                             const double* lut, const long long* rows, long long n, const double* G,
+                             double* W, long long D, long long H, int jlo, int jhi, long long* bad)
+    void fn_sparse_scatter_fu(const long long* indptr, const int* indices, const unsigned char* data,
+                              const float* lut, const long long* rows, long long n, const float* G,
+                              float* W, long long D, long long H, int jlo, int jhi, long long* bad)
+    void fn_sparse_scatter_du(const long long* indptr, const int* indices, const unsigned char* data,
+                              const double* lut, const long long* rows, long long n, const double* G,
+                              double* W, long long D, long long H, int jlo, int jhi, long long* bad)
+    int fn_max_threads()
 
 cdef extern from "_vmath.h" nogil:
     # vectorisable exp and sigmoid, in place (see _vmath.h)
@@ -539,19 +571,17 @@ cdef void _gather_rows(real* X, unsigned char* U, long long* idx, real* xb, int 
                 out[j] = (<real>row[j]) / <real>255
 
 
-cdef double _train_step_2layer(real* X, unsigned char* U, long long* T, long long* idx, real* W1, real* b1,
-                               real* W2, real* b2, double lr, int act, real* xb, real* h,
-                               real* s, real* dh, real* dW1, real* db1, real* dW2, real* db2,
-                               int B, int D, int H, int C) noexcept nogil:
-    """One SGD step of Affine-act-Affine-SoftmaxWithLoss.  With lr != 0 the weight
-    updates are folded into the gradient products (gemm with alpha = -lr, beta = 1),
-    so dW1 and dW2 are never materialised."""
+cdef double _step_top(real* h, long long* T, long long* idx, real* W2, real* b2, double lr,
+                      int act, real* s, real* dh, real* db1, real* dW2, real* db2,
+                      int B, int H, int C) noexcept nogil:
+    """Everything of a two-layer step above the first layer's product: given the hidden
+    activations h, the second Affine, softmax-with-loss, dh (with the old W2) and db1;
+    then SGD on W2, b2, b1 when lr != 0 (b1 from db1), else dW2 and db2.  Returns the
+    batch loss."""
     cdef Py_ssize_t i, j
     cdef long long t
     cdef double loss = 0, scale = 1.0 / B
     cdef real rs = <real>scale
-    _gather_rows(X, U, idx, xb, B, D)
-    _affine(xb, W1, b1, h, B, D, H, act)
     _affine(h, W2, b2, s, B, H, C, 0)
     _softmax(s, s, B, C)
     for i in range(B):
@@ -578,15 +608,32 @@ cdef double _train_step_2layer(real* X, unsigned char* U, long long* T, long lon
             db1[j] += dh[i * H + j]
     if lr != 0:
         _gemm(True, False, H, C, B, <real>(-lr), h, H, s, C, <real>1, W2, C)
-        _gemm(True, False, D, H, B, <real>(-lr), xb, D, dh, H, <real>1, W1, H)
         for j in range(C):
             b2[j] -= <real>lr * db2[j]
+    else:
+        _gemm(True, False, H, C, B, <real>1, h, H, s, C, <real>0, dW2, C)
+    return loss / B
+
+
+cdef double _train_step_2layer(real* X, unsigned char* U, long long* T, long long* idx, real* W1, real* b1,
+                               real* W2, real* b2, double lr, int act, real* xb, real* h,
+                               real* s, real* dh, real* dW1, real* db1, real* dW2, real* db2,
+                               int B, int D, int H, int C) noexcept nogil:
+    """One SGD step of Affine-act-Affine-SoftmaxWithLoss.  With lr != 0 the weight
+    updates are folded into the gradient products (gemm with alpha = -lr, beta = 1),
+    so dW1 and dW2 are never materialised."""
+    cdef Py_ssize_t j
+    cdef double loss
+    _gather_rows(X, U, idx, xb, B, D)
+    _affine(xb, W1, b1, h, B, D, H, act)
+    loss = _step_top(h, T, idx, W2, b2, lr, act, s, dh, db1, dW2, db2, B, H, C)
+    if lr != 0:
+        _gemm(True, False, D, H, B, <real>(-lr), xb, D, dh, H, <real>1, W1, H)
         for j in range(H):
             b1[j] -= <real>lr * db1[j]
     else:
-        _gemm(True, False, H, C, B, <real>1, h, H, s, C, <real>0, dW2, C)
         _gemm(True, False, D, H, B, <real>1, xb, D, dh, H, <real>0, dW1, H)
-    return loss / B
+    return loss
 
 
 def train_step_2layer(X, T, idx, W1, b1, W2, b2, double lr, int act, work):
@@ -656,6 +703,348 @@ def train_step_2layer(X, T, idx, W1, b1, W2, b2, double lr, int act, work):
                                       <double*>p[6], <double*>p[7], <double*>p[8], <double*>p[9],
                                       <double*>p[10], <double*>p[11], <double*>p[12], B, D, H, C)
     return loss
+
+
+# ---------------------------------------------------------------- sparse first layer
+# Rows of X as CSR (indptr int64, indices int32 sorted within each row, data uint8
+# pixels or floats of the parameters' dtype).  The loops are in _sparse.h; here they are
+# split between OpenMP threads: the forward by rows (about equal non-zeros each), the
+# weight update by column ranges of W (each column updated by one thread, in row
+# order, so the result does not depend on the thread count).
+DEF MAX_THREADS = 64
+# below this many non-zeros in a call, one thread: waking the others costs more
+DEF PARALLEL_NNZ = 4096
+
+
+cdef inline void _sp_forward(long long* indptr, int* indices, void* data, bint pix, real* lut,
+                             long long* rows, long long row0, long long n, real* W, real* b,
+                             real* out, long long D, long long H, long long* bad) noexcept nogil:
+    if real is float:
+        if pix:
+            fn_sparse_forward_fu(indptr, indices, <unsigned char*>data, lut, rows, row0, n, W, b, out, D, H, bad)
+        else:
+            fn_sparse_forward_f(indptr, indices, <float*>data, lut, rows, row0, n, W, b, out, D, H, bad)
+    else:
+        if pix:
+            fn_sparse_forward_du(indptr, indices, <unsigned char*>data, lut, rows, row0, n, W, b, out, D, H, bad)
+        else:
+            fn_sparse_forward_d(indptr, indices, <double*>data, lut, rows, row0, n, W, b, out, D, H, bad)
+
+
+cdef inline void _sp_scatter(long long* indptr, int* indices, void* data, bint pix, real* lut,
+                             long long* rows, long long n, real* G, real* W, long long D,
+                             long long H, int jlo, int jhi, long long* bad) noexcept nogil:
+    if real is float:
+        if pix:
+            fn_sparse_scatter_fu(indptr, indices, <unsigned char*>data, lut, rows, n, G, W, D, H, jlo, jhi, bad)
+        else:
+            fn_sparse_scatter_f(indptr, indices, <float*>data, lut, rows, n, G, W, D, H, jlo, jhi, bad)
+    else:
+        if pix:
+            fn_sparse_scatter_du(indptr, indices, <unsigned char*>data, lut, rows, n, G, W, D, H, jlo, jhi, bad)
+        else:
+            fn_sparse_scatter_d(indptr, indices, <double*>data, lut, rows, n, G, W, D, H, jlo, jhi, bad)
+
+
+cdef inline void _pixel_table(real* lut) noexcept nogil:
+    """lut[u] = u / 255 in the working dtype, as load_mnist(normalize=True) computes it."""
+    cdef int u
+    for u in range(256):
+        lut[u] = (<real>u) / <real>255
+
+
+cdef int _split_rows(long long* indptr, long long* rows, long long row0, long long n,
+                     long long* cut) noexcept nogil:
+    """Cut rows [0, n) into up to fn_max_threads() runs of about equal non-zeros:
+    run t is [cut[t], cut[t + 1]).  Returns the number of runs (1 for small work)."""
+    cdef long long i, r, total = 0, acc = 0
+    cdef int t, nt = fn_max_threads()
+    for i in range(n):
+        r = rows[i] if rows != NULL else row0 + i
+        total += indptr[r + 1] - indptr[r]
+    if nt > MAX_THREADS:
+        nt = MAX_THREADS
+    if nt > n:
+        nt = <int>n
+    if nt < 1 or total < PARALLEL_NNZ:
+        nt = 1
+    cut[0] = 0
+    t = 1
+    for i in range(n):
+        while t < nt and acc * nt >= total * t:
+            cut[t] = i
+            t += 1
+        r = rows[i] if rows != NULL else row0 + i
+        acc += indptr[r + 1] - indptr[r]
+    while t <= nt:
+        cut[t] = n
+        t += 1
+    return nt
+
+
+cdef void _sp_forward_par(long long* indptr, int* indices, void* data, bint pix, real* lut,
+                          long long* rows, long long row0, long long n, real* W, real* b,
+                          real* out, long long D, long long H, int act, long long* bad) noexcept nogil:
+    """out = act(X[rows] @ W + b) (rows[i], or row0 + i when rows is NULL)."""
+    cdef long long cut[MAX_THREADS + 1]
+    cdef long long bads[MAX_THREADS]
+    cdef int t, nt = _split_rows(indptr, rows, row0, n, cut)
+    cdef real* o
+    for t in prange(nt, num_threads=nt, schedule="static", chunksize=1):
+        bads[t] = 0
+        o = out + cut[t] * H
+        _sp_forward(indptr, indices, data, pix, lut, (rows + cut[t]) if rows != NULL else NULL,
+                    row0 + cut[t], cut[t + 1] - cut[t], W, b, o, D, H, &bads[t])
+        if act == 1:
+            _map_relu(o, o, (cut[t + 1] - cut[t]) * H)
+        elif act == 2:
+            _map_sigmoid(o, o, (cut[t + 1] - cut[t]) * H)
+    for t in range(nt):
+        bad[0] += bads[t]
+
+
+cdef void _sp_scatter_par(long long* indptr, int* indices, void* data, bint pix, real* lut,
+                          long long* rows, long long n, real* G, real* W, long long D,
+                          long long H, int nt, bint zero, long long* bad) noexcept nogil:
+    """W += X[rows].T @ G without forming it (W = X[rows].T @ G when zero), by column
+    ranges: thread t owns the rows [D t / nt, D (t + 1) / nt) of W."""
+    cdef long long bads[MAX_THREADS]
+    cdef int t, jlo, jhi
+    for t in prange(nt, num_threads=nt, schedule="static", chunksize=1):
+        bads[t] = 0
+        jlo = <int>(D * t // nt)
+        jhi = <int>(D * (t + 1) // nt)
+        if zero:
+            memset(W + jlo * H, 0, (jhi - jlo) * H * sizeof(real))
+        _sp_scatter(indptr, indices, data, pix, lut, rows, n, G, W, D, H, jlo, jhi, &bads[t])
+    for t in range(nt):
+        bad[0] += bads[t]
+
+
+cdef double _train_step_2layer_sparse(long long* indptr, int* indices, void* data, bint pix,
+                                      long long* T, long long* idx, real* W1, real* b1, real* W2,
+                                      real* b2, double lr, int act, real* h, real* s, real* dh,
+                                      real* dW1, real* db1, real* dW2, real* db2, int B, int D,
+                                      int H, int C, long long* bad) noexcept nogil:
+    """The step of _train_step_2layer with the first layer over CSR rows: forward by
+    rows, the W1 update (or dW1) scattered by columns; everything above it shared."""
+    cdef real lut[256]
+    cdef long long cut[MAX_THREADS + 1]
+    cdef Py_ssize_t i, j
+    cdef double loss
+    cdef int nt
+    cdef real mlr = <real>(-lr)
+    _pixel_table(lut)
+    _sp_forward_par(indptr, indices, data, pix, lut, idx, 0, B, W1, b1, h, D, H, act, bad)
+    loss = _step_top(h, T, idx, W2, b2, lr, act, s, dh, db1, dW2, db2, B, H, C)
+    nt = _split_rows(indptr, idx, 0, B, cut)
+    if lr != 0:
+        for i in range(<Py_ssize_t>B * H):
+            dh[i] = dh[i] * mlr
+        _sp_scatter_par(indptr, indices, data, pix, lut, idx, B, dh, W1, D, H, nt, False, bad)
+        for j in range(H):
+            b1[j] -= <real>lr * db1[j]
+    else:
+        _sp_scatter_par(indptr, indices, data, pix, lut, idx, B, dh, dW1, D, H, nt, True, bad)
+    return loss
+
+
+cdef object _csr(indptr, indices, data, int tn, str who):
+    """Check CSR arrays; returns (indptr, indices, data, pixels?)."""
+    for name, a, typenum in (("indptr", indptr, cnp.NPY_INT64), ("indices", indices, cnp.NPY_INT32)):
+        if not (cnp.PyArray_Check(a) and cnp.PyArray_TYPE(<cnp.ndarray>a) == typenum
+                and cnp.PyArray_NDIM(<cnp.ndarray>a) == 1 and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>a)):
+            raise TypeError(f"{who}: {name} must be a C-contiguous 1-D "
+                            f"{'int64' if typenum == cnp.NPY_INT64 else 'int32'} array")
+    if not (cnp.PyArray_Check(data) and cnp.PyArray_NDIM(<cnp.ndarray>data) == 1
+            and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>data)):
+        raise TypeError(f"{who}: data must be a C-contiguous 1-D array")
+    cdef int dn = cnp.PyArray_TYPE(<cnp.ndarray>data)
+    if dn != cnp.NPY_UINT8 and dn != tn:
+        raise TypeError(f"{who}: data is {data.dtype}; it must be uint8 pixels or the weights' "
+                        f"dtype {np.dtype(np.float32 if tn == cnp.NPY_FLOAT32 else np.float64)}")
+    if indptr.shape[0] < 1:
+        raise ValueError(f"{who}: indptr must hold at least one entry")
+    if data.shape[0] != indices.shape[0]:
+        raise ValueError(f"{who}: data has {data.shape[0]} entries but indices {indices.shape[0]}")
+    return dn == cnp.NPY_UINT8
+
+
+cdef int _csr_rows_ok(long long* indptr, long long n_rows, long long nnz, long long* rows,
+                      long long row0, long long n) except -1:
+    """The rows used must have 0 <= indptr[r] <= indptr[r + 1] <= nnz."""
+    cdef long long i, r
+    for i in range(n):
+        r = rows[i] if rows != NULL else row0 + i
+        if r < 0 or r >= n_rows:
+            raise IndexError(f"row {r} is out of range for {n_rows} rows")
+        if indptr[r] < 0 or indptr[r] > indptr[r + 1] or indptr[r + 1] > nnz:
+            raise ValueError(f"indptr is not a valid CSR row pointer at row {r}")
+    return 0
+
+
+def train_step_2layer_sparse(indptr, indices, data, T, idx, W1, b1, W2, b2, double lr, int act, work):
+    if act != 1 and act != 2:
+        raise ValueError(f"act must be 1 (relu) or 2 (sigmoid), got {act}")
+    if len(work) != 8:
+        raise ValueError(f"work must hold 8 buffers (xb, h, s, dh, dW1, db1, dW2, db2), got {len(work)}")
+    cdef int tn = _typenum(W1, "W1")
+    cdef bint pixels = _csr(indptr, indices, data, tn, "train_step_2layer_sparse")
+    cdef cnp.ndarray W1a = _out2(W1, tn, "W1", W1.shape[0], W1.shape[1])
+    cdef int D = W1a.shape[0], H = W1a.shape[1]
+    cdef cnp.ndarray W2a = _out2(W2, tn, "W2", H, W2.shape[1] if W2.ndim == 2 else -1)
+    cdef int C = W2a.shape[1]
+    cdef cnp.ndarray b1a = _vec(b1, tn, "b1", H, True)
+    cdef cnp.ndarray b2a = _vec(b2, tn, "b2", C, True)
+    cdef cnp.ndarray pa = <cnp.ndarray>indptr
+    cdef Py_ssize_t n_rows = pa.shape[0] - 1
+    cdef cnp.ndarray Ta = _labels(T, n_rows)
+    cdef cnp.ndarray ia = np.ascontiguousarray(idx, dtype=np.int64)
+    if cnp.PyArray_NDIM(ia) != 1 or ia.shape[0] < 1:
+        raise ValueError("idx must be a non-empty 1-D array of row numbers")
+    cdef int B = ia.shape[0]
+    xb, h, s, dh, dW1, db1, dW2, db2 = work  # xb is not used: no dense batch is formed
+    cdef cnp.ndarray ha = _out2(h, tn, "h", B, H)
+    cdef cnp.ndarray sa = _out2(s, tn, "s", B, C)
+    cdef cnp.ndarray dha = _out2(dh, tn, "dh", B, H)
+    cdef cnp.ndarray dW1a = _out2(dW1, tn, "dW1", D, H)
+    cdef cnp.ndarray db1a = _vec(db1, tn, "db1", H, True)
+    cdef cnp.ndarray dW2a = _out2(dW2, tn, "dW2", H, C)
+    cdef cnp.ndarray db2a = _vec(db2, tn, "db2", C, True)
+    cdef long long* pp = <long long*>_p(pa)
+    cdef long long* pi = <long long*>_p(ia)
+    cdef long long* pt = <long long*>_p(Ta)
+    cdef Py_ssize_t i
+    _csr_rows_ok(pp, n_rows, indices.shape[0], pi, 0, B)
+    for i in range(B):
+        if pt[pi[i]] < 0 or pt[pi[i]] >= C:
+            raise ValueError(f"label {pt[pi[i]]} of row {pi[i]} is out of range for {C} classes")
+    cdef double loss
+    cdef long long bad = 0
+    cdef int* pj = <int*>_p(<cnp.ndarray>indices)
+    cdef void* pd = _p(<cnp.ndarray>data)
+    cdef void* p[12]
+    p[:] = [_p(W1a), _p(b1a), _p(W2a), _p(b2a), _p(ha), _p(sa), _p(dha),
+            _p(dW1a), _p(db1a), _p(dW2a), _p(db2a), NULL]
+    with nogil:
+        if tn == cnp.NPY_FLOAT32:
+            loss = _train_step_2layer_sparse(pp, pj, pd, pixels, pt, pi, <float*>p[0], <float*>p[1],
+                                             <float*>p[2], <float*>p[3], lr, act, <float*>p[4],
+                                             <float*>p[5], <float*>p[6], <float*>p[7], <float*>p[8],
+                                             <float*>p[9], <float*>p[10], B, D, H, C, &bad)
+        else:
+            loss = _train_step_2layer_sparse(pp, pj, pd, pixels, pt, pi, <double*>p[0], <double*>p[1],
+                                             <double*>p[2], <double*>p[3], lr, act, <double*>p[4],
+                                             <double*>p[5], <double*>p[6], <double*>p[7], <double*>p[8],
+                                             <double*>p[9], <double*>p[10], B, D, H, C, &bad)
+    if bad:
+        raise ValueError(f"train_step_2layer_sparse: {bad} column indices are outside [0, {D}) "
+                         "(the weights may be partly updated)")
+    return loss
+
+
+def sparse_affine(indptr, indices, data, long long row0, W, b, int act, out):
+    if act < 0 or act > 2:
+        raise ValueError(f"act must be 0 (identity), 1 (relu) or 2 (sigmoid), got {act}")
+    cdef int tn = _typenum(W, "W")
+    cdef bint pixels = _csr(indptr, indices, data, tn, "sparse_affine")
+    cdef cnp.ndarray Wa = _in2(W, tn, "W")
+    cdef long long D = Wa.shape[0], H = Wa.shape[1]
+    cdef cnp.ndarray ba = _vec(b, tn, "b", H, False)
+    cdef cnp.ndarray oa = _out2(out, tn, "out", out.shape[0] if out.ndim == 2 else -1, H)
+    cdef long long n = oa.shape[0]
+    cdef cnp.ndarray pa = <cnp.ndarray>indptr
+    cdef long long* pp = <long long*>_p(pa)
+    if row0 < 0 or row0 + n > pa.shape[0] - 1:
+        raise IndexError(f"rows [{row0}, {row0 + n}) are out of range for {pa.shape[0] - 1} rows")
+    _csr_rows_ok(pp, pa.shape[0] - 1, indices.shape[0], NULL, row0, n)
+    cdef long long bad = 0
+    cdef int* pj = <int*>_p(<cnp.ndarray>indices)
+    cdef void* pd = _p(<cnp.ndarray>data)
+    cdef void* pw = _p(Wa)
+    cdef void* pb = _p(ba)
+    cdef void* po = _p(oa)
+    cdef float lutf[256]
+    cdef double lutd[256]
+    with nogil:
+        if tn == cnp.NPY_FLOAT32:
+            _pixel_table(lutf)
+            _sp_forward_par(pp, pj, pd, pixels, lutf, NULL, row0, n, <float*>pw, <float*>pb,
+                            <float*>po, D, H, act, &bad)
+        else:
+            _pixel_table(lutd)
+            _sp_forward_par(pp, pj, pd, pixels, lutd, NULL, row0, n, <double*>pw, <double*>pb,
+                            <double*>po, D, H, act, &bad)
+    if bad:
+        raise ValueError(f"sparse_affine: {bad} column indices are outside [0, {D})")
+    return out
+
+
+def sparse_rows(X):
+    """CSR of the rows of a dense 2-D array: (indptr int64, indices int32, data)."""
+    if not cnp.PyArray_Check(X):
+        raise TypeError(f"X must be a numpy array, got {type(X).__name__}")
+    cdef cnp.ndarray Xa = np.ascontiguousarray(X)
+    cdef int xn = cnp.PyArray_TYPE(Xa)
+    if xn != cnp.NPY_UINT8 and xn != cnp.NPY_FLOAT32 and xn != cnp.NPY_FLOAT64:
+        raise TypeError(f"X must be uint8, float32 or float64, got {X.dtype}")
+    if cnp.PyArray_NDIM(Xa) != 2:
+        raise ValueError(f"X must be 2-D, got shape {X.shape}")
+    cdef Py_ssize_t N = Xa.shape[0], D = Xa.shape[1]
+    if D >= 2 ** 31:
+        raise ValueError(f"X has {D} columns; column indices are int32")
+    cdef cnp.ndarray indptr = np.empty(N + 1, np.int64)
+    cdef long long* pp = <long long*>_p(indptr)
+    cdef void* px = _p(Xa)
+    cdef Py_ssize_t r
+    pp[0] = 0
+    with nogil:
+        for r in prange(N, schedule="static"):
+            if xn == cnp.NPY_UINT8:
+                pp[r + 1] = _count_nonzero(<unsigned char*>px + r * D, D)
+            elif xn == cnp.NPY_FLOAT32:
+                pp[r + 1] = _count_nonzero(<float*>px + r * D, D)
+            else:
+                pp[r + 1] = _count_nonzero(<double*>px + r * D, D)
+        for r in range(N):
+            pp[r + 1] += pp[r]
+    cdef cnp.ndarray indices = np.empty(pp[N], np.int32)
+    cdef cnp.ndarray data = np.empty(pp[N], X.dtype)
+    cdef int* pj = <int*>_p(indices)
+    cdef void* pd = _p(data)
+    with nogil:
+        for r in prange(N, schedule="static"):
+            if xn == cnp.NPY_UINT8:
+                _fill_row(<unsigned char*>px + r * D, D, pj + pp[r], <unsigned char*>pd + pp[r])
+            elif xn == cnp.NPY_FLOAT32:
+                _fill_row(<float*>px + r * D, D, pj + pp[r], <float*>pd + pp[r])
+            else:
+                _fill_row(<double*>px + r * D, D, pj + pp[r], <double*>pd + pp[r])
+    return indptr, indices, data
+
+
+ctypedef fused cell:
+    unsigned char
+    float
+    double
+
+
+cdef long long _count_nonzero(cell* x, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t j
+    cdef long long c = 0
+    for j in range(n):
+        c += x[j] != 0
+    return c
+
+
+cdef void _fill_row(cell* x, Py_ssize_t n, int* indices, cell* data) noexcept nogil:
+    cdef Py_ssize_t j
+    cdef long long q = 0
+    for j in range(n):
+        if x[j] != 0:
+            indices[q] = <int>j
+            data[q] = x[j]
+            q += 1
 
 
 # ---------------------------------------------------------------- numerical gradient

@@ -75,6 +75,24 @@ KERNELS: dict[str, tuple[str, str]] = {
         "W -= lr*dW in place (dW buffers then unspecified); lr == 0: gradients written to "
         "dW1..db2, parameters untouched. Returns the batch loss before the update",
     ),
+    # the first layer over rows stored sparse (MNIST pixels are about 81% zeros)
+    "sparse_rows": (
+        "(X) -> (indptr, indices, data)",
+        "CSR of the rows of a dense 2-D uint8/float array (new arrays): indptr int64 (rows+1), "
+        "indices int32 sorted within each row, data the non-zeros in X's dtype",
+    ),
+    "sparse_affine": (
+        "(indptr, indices, data, row0, W, b, act, out) -> out",
+        "out = act(X[row0 : row0 + len(out)] @ W + b) for CSR rows X (data uint8 pixels / 255 "
+        "or W's dtype); act 0 identity, 1 relu, 2 sigmoid; the compiled backends touch only "
+        "the non-zeros and split the rows between threads",
+    ),
+    "train_step_2layer_sparse": (
+        "(indptr, indices, data, T, idx, W1, b1, W2, b2, lr, act, work) -> float",
+        "train_step_2layer with X given as CSR rows (column indices sorted within a row); "
+        "the first layer's product and the W1 update (or dW1) run over the non-zeros only; "
+        "work[0] (xb) is not used",
+    ),
     # the numerical gradient of the same net, by central differences, for every parameter
     "numerical_gradient_2layer": (
         "(x, t, W1, b1, W2, b2, act, h, gW1, gb1, gW2, gb2) -> None",

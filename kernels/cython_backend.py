@@ -22,8 +22,11 @@ from ._cython import (  # noqa: F401  (the kernel table)
     softmax_loss_backward_onehot,
     softmax_loss_labels,
     softmax_loss_onehot,
+    sparse_affine,
+    sparse_rows,
     step,
     train_step_2layer,
+    train_step_2layer_sparse,
     sum_squared_error,
 )
 

@@ -294,19 +294,21 @@ def _sl_backward_onehot(y, t, dout, dx):
 
 
 @jit
-def _train_step_2layer(X, T, idx, W1, b1, W2, b2, lr, act, div, xb, h, s, dh, dW1, db1, dW2, db2):
-    B, C = s.shape
-    n_rows, D = X.shape
-    for i in range(B):
+def _check_batch(T, idx, n_rows, C):
+    for i in range(idx.size):
         r = idx[i]
         if r < 0 or r >= n_rows:
             raise IndexError("train_step_2layer: a batch index is out of range for X")
         if T[r] < 0 or T[r] >= C:
             raise ValueError("train_step_2layer: a label is out of range for the output layer")
-        for j in range(D):
-            xb[i, j] = X[r, j]  # exact conversion to the parameters' dtype, then
-            xb[i, j] = xb[i, j] / div  # / 255 for uint8 pixels (load_mnist's), / 1 (exact) else
-    _affine(xb, W1, b1, h, act)
+
+
+@jit
+def _step_top(h, T, idx, W2, b2, act, s, dh, db1, dW2, db2):
+    """Everything of a two-layer step above the first layer's product: the second
+    Affine, softmax-with-loss, dW2, db2, dh (with the old W2, through the activation's
+    derivative) and db1.  Returns the batch loss."""
+    B, C = s.shape
     _affine(h, W2, b2, s, 0)
     _softmax_rows(s, s)
     loss = 0.0
@@ -325,15 +327,260 @@ def _train_step_2layer(X, T, idx, W1, b1, W2, b2, lr, act, div, xb, h, s, dh, dW
         _relu_backward(dh, h, dh)
     else:
         _sigmoid_backward(dh, h, dh)
-    _affine_backward(xb, W1, dh, dW1, db1)
-    if lr != 0:
-        for p, g in ((W1.reshape(-1), dW1.reshape(-1)), (W2.reshape(-1), dW2.reshape(-1))):
-            for k in range(p.size):
-                p[k] -= lr * g[k]
-        for p, g in ((b1, db1), (b2, db2)):
-            for k in range(p.size):
-                p[k] -= lr * g[k]
+    H = dh.shape[1]
+    for j in range(H):
+        db1[j] = 0
+    for i in range(B):
+        for j in range(H):
+            db1[j] += dh[i, j]
     return loss
+
+
+@jit
+def _sgd(params, grads, lr):
+    for p, g in zip(params, grads):
+        pf, gf = p.reshape(-1), g.reshape(-1)
+        for k in range(pf.size):
+            pf[k] -= lr * gf[k]
+
+
+@jit
+def _train_step_2layer(X, T, idx, W1, b1, W2, b2, lr, act, div, xb, h, s, dh, dW1, db1, dW2, db2):
+    B, C = s.shape
+    n_rows, D = X.shape
+    _check_batch(T, idx, n_rows, C)
+    for i in range(B):
+        r = idx[i]
+        for j in range(D):
+            xb[i, j] = X[r, j]  # exact conversion to the parameters' dtype, then
+            xb[i, j] = xb[i, j] / div  # / 255 for uint8 pixels (load_mnist's), / 1 (exact) else
+    _affine(xb, W1, b1, h, act)
+    loss = _step_top(h, T, idx, W2, b2, act, s, dh, db1, dW2, db2)
+    np.dot(xb.T, dh, dW1)
+    if lr != 0:
+        _sgd((W1, W2), (dW1, dW2), lr)
+        _sgd((b1, b2), (db1, db2), lr)
+    return loss
+
+
+# ------------------------------------------------------------------ sparse first layer
+# The loops of _sparse.h (the Cython side), written the same way: the forward keeps
+# four non-zeros per pass over out[i, :], the update scatters X^T G into W by column
+# ranges, one range per thread (each column in row order, so any thread count gives
+# the same result).  Threads only where there is work for them (PARALLEL_NNZ).
+PARALLEL_NNZ = 4096
+
+
+def _value(data, lut, p):
+    """The p-th stored value: lut[data[p]] for uint8 pixels, else data[p]."""
+
+
+@overload(_value, inline="always")
+def _value_typed(data, lut, p):
+    if isinstance(data.dtype, types.Integer):
+        return lambda data, lut, p: lut[data[p]]
+    return lambda data, lut, p: data[p]
+
+
+@inline
+def _lower_bound(indices, lo, hi, j):
+    while lo < hi:
+        mid = lo + (hi - lo) // 2
+        if indices[mid] < j:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+@jit
+def _split_rows(indptr, rows, row0, n, nt):
+    """Runs of rows with about equal non-zeros, one per thread: run t is cut[t]:cut[t+1]."""
+    total = 0
+    for i in range(n):
+        r = rows[i] if rows.size else row0 + i
+        total += indptr[r + 1] - indptr[r]
+    nt = max(min(nt, n), 1)
+    if total < PARALLEL_NNZ:
+        nt = 1
+    cut = np.empty(nt + 1, np.int64)
+    cut[0] = 0
+    t, acc = 1, 0
+    for i in range(n):
+        while t < nt and acc * nt >= total * t:
+            cut[t] = i
+            t += 1
+        r = rows[i] if rows.size else row0 + i
+        acc += indptr[r + 1] - indptr[r]
+    while t <= nt:
+        cut[t] = n
+        t += 1
+    return cut
+
+
+@jit
+def _sp_forward_rows(indptr, indices, data, lut, rows, row0, lo, hi, W, b, out, act):
+    """out[i] = act(X[r] @ W + b) for i in lo:hi, r = rows[i] (or row0 + i when rows is
+    empty); returns the number of column indices outside [0, D) (left out)."""
+    D, H = W.shape
+    nb = 0
+    for i in range(lo, hi):
+        r = rows[i] if rows.size else row0 + i
+        p, e = indptr[r], indptr[r + 1]
+        o = out[i]
+        for k in range(H):
+            o[k] = b[k]
+        while p + 4 <= e:
+            j0, j1, j2, j3 = indices[p], indices[p + 1], indices[p + 2], indices[p + 3]
+            if min(j0, j1, j2, j3) < 0 or max(j0, j1, j2, j3) >= D:
+                nb += 1
+            else:
+                v0, v1 = _value(data, lut, p), _value(data, lut, p + 1)
+                v2, v3 = _value(data, lut, p + 2), _value(data, lut, p + 3)
+                w0, w1, w2, w3 = W[j0], W[j1], W[j2], W[j3]
+                for k in range(H):
+                    o[k] += (v0 * w0[k] + v1 * w1[k]) + (v2 * w2[k] + v3 * w3[k])
+            p += 4
+        while p < e:
+            j = indices[p]
+            if j < 0 or j >= D:
+                nb += 1
+            else:
+                v = _value(data, lut, p)
+                w = W[j]
+                for k in range(H):
+                    o[k] += v * w[k]
+            p += 1
+        if act == 1:
+            for k in range(H):
+                o[k] = 0 if o[k] <= 0 else o[k]
+        elif act == 2:
+            _sigmoid_inplace(o)
+    return nb
+
+
+@jit
+def _sp_scatter_cols(indptr, indices, data, lut, rows, G, W, jlo, jhi, zero):
+    """W[jlo:jhi] += (X[rows].T @ G)[jlo:jhi] (= when zero) over the non-zeros only."""
+    D, H = W.shape
+    nb = 0
+    if zero:
+        for j in range(jlo, jhi):
+            for k in range(H):
+                W[j, k] = 0
+    for i in range(rows.size):
+        r = rows[i]
+        p, e = indptr[r], indptr[r + 1]
+        if jlo > 0:
+            p = _lower_bound(indices, p, e, jlo)
+        if jhi < D:
+            e = _lower_bound(indices, p, e, jhi)
+        g = G[i]
+        for q in range(p, e):
+            j = indices[q]
+            if j < 0 or j >= D:
+                nb += 1
+                continue
+            v = _value(data, lut, q)
+            w = W[j]
+            for k in range(H):
+                w[k] += v * g[k]
+    return nb
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _sp_forward_par(indptr, indices, data, lut, rows, row0, W, b, out, act, cut):
+    """out = act(X[rows] @ W + b), run t of the rows (cut[t]:cut[t+1]) on thread t."""
+    nt = cut.size - 1
+    bad = np.zeros(nt, np.int64)
+    for t in prange(nt):
+        bad[t] = _sp_forward_rows(indptr, indices, data, lut, rows, row0, cut[t], cut[t + 1], W, b, out, act)
+    return bad.sum()
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _sp_scatter_par(indptr, indices, data, lut, rows, G, W, nt, zero):
+    """W += X[rows].T @ G (W = X[rows].T @ G when zero), thread t owning the rows
+    D t / nt : D (t + 1) / nt of W."""
+    D = W.shape[0]
+    bad = np.zeros(nt, np.int64)
+    for t in prange(nt):
+        bad[t] = _sp_scatter_cols(indptr, indices, data, lut, rows, G, W, D * t // nt, D * (t + 1) // nt, zero)
+    return bad.sum()
+
+
+@jit
+def _check_rows(indptr, nnz, rows, row0, n):
+    n_rows = indptr.size - 1
+    for i in range(n):
+        r = rows[i] if rows.size else row0 + i
+        if r < 0 or r >= n_rows:
+            raise IndexError("a row number is out of range for the CSR rows")
+        if indptr[r] < 0 or indptr[r] > indptr[r + 1] or indptr[r + 1] > nnz:
+            raise ValueError("indptr is not a valid CSR row pointer")
+
+
+@jit
+def _train_step_2layer_sparse(indptr, indices, data, lut, T, idx, W1, b1, W2, b2, lr, act, nt,
+                              h, s, dh, dW1, db1, dW2, db2):
+    B, C = s.shape
+    _check_rows(indptr, indices.size, idx, 0, B)
+    _check_batch(T, idx, indptr.size - 1, C)
+    cut = _split_rows(indptr, idx, 0, B, nt)
+    bad = _sp_forward_par(indptr, indices, data, lut, idx, 0, W1, b1, h, act, cut)
+    loss = _step_top(h, T, idx, W2, b2, act, s, dh, db1, dW2, db2)
+    if lr != 0:
+        mlr = -lr
+        for i in range(B):
+            for k in range(dh.shape[1]):
+                dh[i, k] = dh[i, k] * mlr
+        bad += _sp_scatter_par(indptr, indices, data, lut, idx, dh, W1, cut.size - 1, False)
+        _sgd((W2,), (dW2,), lr)
+        _sgd((b1, b2), (db1, db2), lr)
+    else:
+        bad += _sp_scatter_par(indptr, indices, data, lut, idx, dh, dW1, cut.size - 1, True)
+    return loss, bad
+
+
+@jit
+def _sparse_affine(indptr, indices, data, lut, row0, W, b, act, out, nt):
+    n = out.shape[0]
+    empty = np.empty(0, np.int64)
+    _check_rows(indptr, indices.size, empty, row0, n)
+    cut = _split_rows(indptr, empty, row0, n, nt)
+    return _sp_forward_par(indptr, indices, data, lut, empty, row0, W, b, out, act, cut)
+
+
+@jit
+def _count_row(x):
+    c = 0
+    for j in range(x.size):
+        c += x[j] != 0
+    return c
+
+
+@jit
+def _fill_row(x, indices, data):
+    q = 0
+    for j in range(x.size):
+        if x[j] != 0:
+            indices[q] = j
+            data[q] = x[j]
+            q += 1
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _sparse_rows(X):
+    N = X.shape[0]
+    counts = np.zeros(N + 1, np.int64)
+    for r in prange(N):
+        counts[r + 1] = _count_row(X[r])
+    indptr = np.cumsum(counts)
+    indices = np.empty(indptr[N], np.int32)
+    data = np.empty(indptr[N], X.dtype)
+    for r in prange(N):
+        _fill_row(X[r], indices[indptr[r]:indptr[r + 1]], data[indptr[r]:indptr[r + 1]])
+    return indptr, indices, data
 
 
 @inline
@@ -601,6 +848,64 @@ def train_step_2layer(X, T, idx, W1, b1, W2, b2, lr, act, work):
     return float(_train_step_2layer(X, T, idx, W1, b1, W2, b2, float(lr), int(act), div, *work))
 
 
+def _pixel_table(dtype):
+    """lut[u] = u / 255 in the working dtype (what load_mnist(normalize=True) computes)."""
+    return np.arange(256, dtype=dtype) / dtype.type(255)
+
+
+_LUTS = {np.dtype(np.float32): _pixel_table(np.dtype(np.float32)),
+         np.dtype(np.float64): _pixel_table(np.dtype(np.float64))}
+
+
+def _threads():
+    import numba
+
+    return numba.get_num_threads()
+
+
+def sparse_rows(X):
+    if not isinstance(X, np.ndarray):
+        raise TypeError(f"X must be a numpy array, got {type(X).__name__}")
+    if X.dtype not in (np.uint8, np.float32, np.float64):
+        raise TypeError(f"X must be uint8, float32 or float64, got {X.dtype}")
+    if X.ndim != 2:
+        raise ValueError(f"X must be 2-D, got shape {X.shape}")
+    if X.shape[1] >= 2**31:
+        raise ValueError(f"X has {X.shape[1]} columns; column indices are int32")
+    return _sparse_rows(np.ascontiguousarray(X))
+
+
+def sparse_affine(indptr, indices, data, row0, W, b, act, out):
+    if act not in (0, 1, 2):
+        raise ValueError(f"act must be 0 (identity), 1 (relu) or 2 (sigmoid), got {act}")
+    dt = chk.dtype_of(W, "W")
+    chk.csr(indptr, indices, data, dt, "sparse_affine")
+    W = chk.inp(W, dt, "W")
+    b = chk.inp(b, dt, "b", ndim=1)
+    if b.shape != (W.shape[1],):
+        raise ValueError(f"b has shape {b.shape}, expected ({W.shape[1]},)")
+    n = out.shape[0] if getattr(out, "ndim", 0) == 2 else -1
+    chk.out(out, dt, "out", (n, W.shape[1]))
+    if row0 < 0 or row0 + n > indptr.shape[0] - 1:
+        raise IndexError(f"rows [{row0}, {row0 + n}) are out of range for {indptr.shape[0] - 1} rows")
+    bad = _sparse_affine(indptr, indices, data, _LUTS[dt], int(row0), W, b, int(act), out, _threads())
+    if bad:
+        raise ValueError(f"sparse_affine: column indices outside [0, {W.shape[0]})")
+    return out
+
+
+def train_step_2layer_sparse(indptr, indices, data, T, idx, W1, b1, W2, b2, lr, act, work):
+    dt = chk.dtype_of(W1, "W1")
+    chk.csr(indptr, indices, data, dt, "train_step_2layer_sparse")
+    work = chk.train_step_2layer(None, T, idx, W1, b1, W2, b2, act, work, rows=indptr.shape[0] - 1)
+    loss, bad = _train_step_2layer_sparse(indptr, indices, data, _LUTS[dt], T, idx, W1, b1, W2, b2,
+                                          float(lr), int(act), _threads(), *work[1:])
+    if bad:
+        raise ValueError(f"train_step_2layer_sparse: column indices outside [0, {W1.shape[0]}) "
+                         "(the weights may be partly updated)")
+    return float(loss)
+
+
 def numerical_gradient_2layer(x, t, W1, b1, W2, b2, act, h, gW1, gb1, gW2, gb2):
     dt = chk.dtype_of(W1, "W1")
     x = chk.inp(x, dt, "x")
@@ -652,4 +957,10 @@ def warmup(dtypes=(np.float32, np.float64)):
         for act in (1, 2):
             train_step_2layer(X, T, idx, W1, b1, W2, b2, 0.0, act, work)
             train_step_2layer(X.astype(np.uint8), T, idx, W1, b1, W2, b2, 0.0, act, work)
+        for rows in (X, X.astype(np.uint8)):
+            csr = sparse_rows(rows)
+            for act in (1, 2):
+                train_step_2layer_sparse(*csr, T, idx, W1, b1, W2, b2, 0.0, act, work)
+                train_step_2layer_sparse(*csr, T, idx, W1, b1, W2, b2, 0.1, act, work)
+            sparse_affine(*csr, 0, W1, b1, 1, o2)
     return time.perf_counter() - start

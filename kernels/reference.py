@@ -123,6 +123,40 @@ def train_step_2layer(X, T, idx, W1, b1, W2, b2, lr, act, work):
     return loss
 
 
+# ------------------------------------------------------------------ rows stored as CSR
+def sparse_rows(X):
+    """CSR of the rows of X: (indptr int64, indices int32 sorted per row, data X.dtype)."""
+    X = np.asarray(X)
+    if X.ndim != 2:
+        raise ValueError(f"X must be 2-D, got shape {X.shape}")
+    if X.dtype not in (np.uint8, np.float32, np.float64):
+        raise TypeError(f"X must be uint8, float32 or float64, got {X.dtype}")
+    rows, cols = np.nonzero(X)
+    indptr = np.zeros(X.shape[0] + 1, np.int64)
+    np.cumsum(np.bincount(rows, minlength=X.shape[0]), out=indptr[1:])
+    return indptr, cols.astype(np.int32), X[rows, cols]
+
+
+def _dense_rows(indptr, indices, data, rows, D, dtype):
+    """The rows ``rows`` of a CSR matrix as a dense float array (pixels / 255)."""
+    out = np.zeros((len(rows), D), dtype)
+    for i, r in enumerate(rows):
+        lo, hi = indptr[r], indptr[r + 1]
+        values = data[lo:hi]
+        out[i, indices[lo:hi]] = values / dtype.type(255) if data.dtype == np.uint8 else values
+    return out
+
+
+def sparse_affine(indptr, indices, data, row0, W, b, act, out):
+    x = _dense_rows(indptr, indices, data, range(row0, row0 + out.shape[0]), W.shape[0], W.dtype)
+    return (affine, affine_relu, affine_sigmoid)[act](x, W, b, out)
+
+
+def train_step_2layer_sparse(indptr, indices, data, T, idx, W1, b1, W2, b2, lr, act, work):
+    X = _dense_rows(indptr, indices, data, idx, W1.shape[0], W1.dtype)
+    return train_step_2layer(X, T[idx], np.arange(len(idx)), W1, b1, W2, b2, lr, act, work)
+
+
 def _loss_2layer(x, t, W1, b1, W2, b2, act):
     a = np.dot(x, W1) + b1
     if act == 1:

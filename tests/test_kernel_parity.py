@@ -34,7 +34,9 @@ def _close(got, expected, dtype, msg, terms=0.0):
 COMPILED = ("numba", "cython")
 #: whole-net kernels with parity tests of their own (below, and test_numerical_gradient.py)
 WHOLE_NET = {"train_step_2layer", "numerical_gradient_2layer"}
-ELEMENTARY = [k for k in contract.KERNELS if k not in WHOLE_NET]
+#: kernels over CSR rows, with parity tests of their own (below)
+SPARSE = {"sparse_rows", "sparse_affine", "train_step_2layer_sparse"}
+ELEMENTARY = [k for k in contract.KERNELS if k not in WHOLE_NET | SPARSE]
 DTYPES = (np.float32, np.float64)
 
 
@@ -250,8 +252,120 @@ def test_train_step_bad_indices(backend_name):
         k.train_step_2layer(X, T, np.array([0, 1, 2]), *params, 0.1, 1, work)
 
 
+# ---------------------------------------------------------------- CSR rows
+def _sparse_case(dtype, B, D, H, C, N=60, density=0.2, pixels=True, seed=0):
+    """Sparse rows (some empty, a batch that repeats rows) and a two-layer net."""
+    rng = np.random.default_rng(seed)
+    mask = rng.random((N, D)) < density
+    mask[::7] = False  # rows without a single non-zero
+    if pixels:
+        X = (rng.integers(1, 256, (N, D)) * mask).astype(np.uint8)
+    else:
+        X = (rng.standard_normal((N, D)) * mask).astype(dtype)
+    T = rng.integers(0, C, N).astype(np.int64)
+    idx = rng.integers(0, N, B).astype(np.int64)
+    idx[: min(B, 3)] = idx[0]  # the same row twice or more in one batch
+    params = [(0.1 * rng.standard_normal(shape)).astype(dtype) for shape in ((D, H), (H,), (H, C), (C,))]
+    work = tuple(np.full(shape, np.nan, dtype) for shape in
+                 ((B, D), (B, H), (B, C), (B, H), (D, H), (H,), (H, C), (C,)))
+    return X, T, idx, params, work
+
+
+@pytest.mark.parametrize("backend_name", ("numpy",) + COMPILED)
+@pytest.mark.parametrize("dtype", ["uint8", "float32", "float64"])
+def test_sparse_rows_parity(backend_name, dtype):
+    rng = np.random.default_rng(5)
+    X = (rng.integers(0, 256, (40, 33)) * (rng.random((40, 33)) < 0.3)).astype(dtype)
+    X[3] = 0
+    indptr, indices, data = backend.load(backend_name).sparse_rows(X)
+    assert indptr.dtype == np.int64 and indices.dtype == np.int32 and data.dtype == X.dtype
+    assert indptr[0] == 0 and indptr[-1] == np.count_nonzero(X) == len(indices) == len(data)
+    dense = np.zeros_like(X)
+    for r in range(X.shape[0]):
+        cols = indices[indptr[r]:indptr[r + 1]]
+        assert np.all(np.diff(cols) > 0)  # sorted within each row
+        dense[r, cols] = data[indptr[r]:indptr[r + 1]]
+    np.testing.assert_array_equal(dense, X)
+    with pytest.raises((TypeError, ValueError)):
+        backend.load(backend_name).sparse_rows(X.astype(np.int16))
+
+
+@pytest.mark.parametrize("backend_name", COMPILED)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("pixels", [True, False])
+@pytest.mark.parametrize("act", [0, 1, 2])
+def test_sparse_affine_parity(backend_name, dtype, pixels, act):
+    ref, got = backend.load("numpy"), backend.load(backend_name)
+    X, _, _, (W, b, _, _), _ = _sparse_case(dtype, 1, 37, 19, 3, N=5000, pixels=pixels)
+    csr = ref.sparse_rows(X)
+    for row0, n in ((0, 5000), (13, 1), (4990, 10)):
+        expected = ref.sparse_affine(*csr, row0, W, b, act, np.empty((n, 19), dtype))
+        out = got.sparse_affine(*csr, row0, W, b, act, np.full((n, 19), np.nan, dtype))
+        terms = float((np.abs(expected) + 1).max()) * 37
+        _close(out, expected, dtype, f"{backend_name} rows {row0}+{n}", terms=terms)
+    with pytest.raises(IndexError):
+        got.sparse_affine(*csr, 4999, W, b, act, np.empty((2, 19), dtype))
+
+
+@pytest.mark.parametrize("backend_name", COMPILED)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("act", [1, 2])
+@pytest.mark.parametrize("pixels", [True, False])
+@pytest.mark.parametrize("sizes", [(100, 784, 50, 10), (1, 5, 3, 2), (7, 13, 9, 4), (300, 200, 30, 10)])
+def test_sparse_step_parity(backend_name, dtype, act, pixels, sizes):
+    """The sparse step against the reference, and against the dense step of the same
+    backend on the same rows (the sizes include batches big enough for threads)."""
+    B, D, H, C = sizes
+    ref, got = backend.load("numpy"), backend.load(backend_name)
+    X, T, idx, params, work = _sparse_case(dtype, B, D, H, C, N=max(60, B), pixels=pixels)
+    csr = ref.sparse_rows(X)
+    ref_work = tuple(w.copy() for w in work)
+    loss_ref = ref.train_step_2layer_sparse(*csr, T, idx, *[p.copy() for p in params], 0.0, act, ref_work)
+    dense_work = tuple(w.copy() for w in work)
+    loss_dense = got.train_step_2layer(X, T, idx, *[p.copy() for p in params], 0.0, act, dense_work)
+    loss = got.train_step_2layer_sparse(*csr, T, idx, *params, 0.0, act, work)
+    _close(loss, loss_ref, dtype, "loss")
+    _close(loss, loss_dense, dtype, "loss against the dense step")
+    for name, a, b, c in zip(("dW1", "db1", "dW2", "db2"), work[4:], ref_work[4:], dense_work[4:]):
+        _close(a, b, dtype, f"{backend_name} {name}", terms=float(np.abs(b).max()) * 10)
+        _close(a, c, dtype, f"{backend_name} {name} against the dense step", terms=float(np.abs(b).max()) * 10)
+    ref_params = [p.copy() for p in params]
+    ref.train_step_2layer_sparse(*csr, T, idx, *ref_params, 0.5, act, ref_work)
+    got.train_step_2layer_sparse(*csr, T, idx, *params, 0.5, act, work)
+    for name, a, b in zip(("W1", "b1", "W2", "b2"), params, ref_params):
+        _close(a, b, dtype, f"{backend_name} updated {name}")
+
+
+@pytest.mark.parametrize("backend_name", COMPILED)
+def test_sparse_step_bad_input(backend_name):
+    k = backend.load(backend_name)
+    X, T, idx, params, work = _sparse_case(np.float64, 4, 6, 3, 2, N=10, pixels=True)
+    indptr, indices, data = backend.load("numpy").sparse_rows(X)
+    idx = np.array([1, 2, 3, 4])
+    with pytest.raises(IndexError):
+        k.train_step_2layer_sparse(indptr, indices, data, T, np.array([0, 1, 2, 10]), *params, 0.1, 1, work)
+    bad = indices.copy()
+    bad[indptr[1]] = 6  # a column the weights do not have
+    with pytest.raises(ValueError, match="outside"):
+        k.train_step_2layer_sparse(indptr, bad, data, T, idx, *[p.copy() for p in params], 0.1, 1, work)
+    broken = indptr.copy()
+    broken[2] = broken[-1] + 5  # points past the stored values
+    with pytest.raises(ValueError, match="indptr"):
+        k.train_step_2layer_sparse(broken, indices, data, T, idx, *params, 0.1, 1, work)
+    with pytest.raises(TypeError, match="indices"):
+        k.train_step_2layer_sparse(indptr, indices.astype(np.int64), data, T, idx, *params, 0.1, 1, work)
+    with pytest.raises(TypeError, match="data"):
+        k.train_step_2layer_sparse(indptr, indices, data.astype(np.float32), T, idx, *params, 0.1, 1, work)
+    T[idx[0]] = 7
+    with pytest.raises(ValueError, match="out of range"):
+        k.train_step_2layer_sparse(indptr, indices, data, T, idx, *params, 0.1, 1, work)
+
+
 def test_every_kernel_has_a_parity_test():
     """A kernel added to the contract must get a parity test: list it here when it does."""
     tested_elsewhere = {"train_step_2layer": "test_train_step_parity",
-                        "numerical_gradient_2layer": "test_numerical_gradient.py"}
+                        "numerical_gradient_2layer": "test_numerical_gradient.py",
+                        "sparse_rows": "test_sparse_rows_parity",
+                        "sparse_affine": "test_sparse_affine_parity",
+                        "train_step_2layer_sparse": "test_sparse_step_parity"}
     assert set(contract.KERNELS) == set(ELEMENTARY) | set(tested_elsewhere)

@@ -19,15 +19,24 @@ def _data(n=600, seed=0):
     return (x * 255).astype(np.uint8), t
 
 
-def _fit(backend_name, fused, dtype=np.float64, optimizer="sgd", iters=120, pixels=True, lr=0.1):
-    x, t = _data()
+def _sparse_data(n=600, seed=0):
+    """Like _data, with about 80% of the pixels zero (as MNIST's 81%)."""
+    x, t = _data(n, seed)
+    x[np.random.default_rng(seed + 1).random(x.shape) < 0.8] = 0
+    return x, t
+
+
+def _fit(backend_name, fused, dtype=np.float64, optimizer="sgd", iters=120, pixels=True, lr=0.1,
+         sparse="auto", data=_data):
+    x, t = data()
     if not pixels:
         x = x.astype(dtype) / dtype(255)
     with fastnet.use_backend(backend_name):
         net = TwoLayerNet(64, 20, 10, seed=1, dtype=dtype)
         trainer = Trainer(net, x, t, x[:100], t[:100], iters=iters, batch_size=50, seed=2,
-                          fused=fused, optimizer=optimizer, lr=lr)
+                          fused=fused, optimizer=optimizer, lr=lr, sparse=sparse)
         history = trainer.fit()
+    assert history.config["sparse"] == trainer.use_sparse()
     return net, history
 
 
@@ -40,6 +49,51 @@ def test_fused_step_equals_book_loop(backend_name, optimizer, lr):
     for key in fused_net.params:
         np.testing.assert_allclose(fused_net.params[key], loop_net.params[key], rtol=1e-8, atol=1e-12)
     assert fused_h.train_acc == loop_h.train_acc
+
+
+@pytest.mark.parametrize("backend_name", ["numpy", "numba", "cython"])
+@pytest.mark.parametrize("optimizer,lr", [("sgd", 0.1), ("adam", 0.01)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sparse_step_equals_book_loop(backend_name, optimizer, lr, dtype):
+    """Inputs read as CSR rows: the same training as the book's loop, up to rounding order."""
+    sparse_net, sparse_h = _fit(backend_name, True, dtype, optimizer, lr=lr, sparse=True, data=_sparse_data)
+    loop_net, loop_h = _fit(backend_name, False, dtype, optimizer, lr=lr, sparse=False, data=_sparse_data)
+    rtol = 1e-4 if dtype == np.float32 else 1e-9
+    np.testing.assert_allclose(sparse_h.loss, loop_h.loss, rtol=rtol)
+    for key in sparse_net.params:
+        np.testing.assert_allclose(sparse_net.params[key], loop_net.params[key], rtol=rtol * 10,
+                                   atol=1e-5 if dtype == np.float32 else 1e-12)
+    assert np.abs(np.subtract(sparse_h.train_acc, loop_h.train_acc)).max() <= 2 / 600
+
+
+def test_sparse_auto_choice():
+    """'auto' reads sparse inputs as CSR on the compiled backends only; dense data stays dense."""
+    x, t = _sparse_data()
+    for name, expected in (("numpy", False), ("numba", True), ("cython", True)):
+        with fastnet.use_backend(name):
+            trainer = Trainer(TwoLayerNet(64, 20, 10, seed=1), x, t, iters=1)
+            assert trainer.density() < 0.3
+            assert trainer.use_sparse() is expected
+    with fastnet.use_backend("cython"):
+        dense_x, dense_t = _data()
+        assert not Trainer(TwoLayerNet(64, 20, 10, seed=1), dense_x, dense_t, iters=1).use_sparse()
+        assert not Trainer(TwoLayerNet(64, 20, 10, seed=1), x, t, iters=1, sparse=False).use_sparse()
+        deep = MultiLayerNet(64, [20, 20], 10, seed=1)
+        assert not Trainer(deep, x, t, iters=1).use_sparse()
+        with pytest.raises(ValueError, match="fused"):
+            Trainer(deep, x, t, iters=1, sparse=True)
+        with pytest.raises(ValueError, match="sparse"):
+            Trainer(TwoLayerNet(64, 20, 10, seed=1), x, t, iters=1, sparse="yes")
+
+
+def test_sparse_accuracy_equals_dense():
+    x, t = _sparse_data(3000)
+    with fastnet.use_backend("cython"):
+        net = TwoLayerNet(64, 20, 10, seed=1, weight_init_std=0.3)
+        sparse = Trainer(net, x, t, iters=1, sparse=True).accuracy(x, t, chunk=700)
+        dense = Trainer(net, x, t, iters=1, sparse=False).accuracy(x, t, chunk=700)
+    expected = float(np.mean(np.argmax(net.predict(x / 255.0), axis=1) == t))
+    assert abs(sparse - dense) <= 2 / 3000 and abs(dense - expected) <= 2 / 3000
 
 
 def test_same_seed_same_result_and_float_input():
