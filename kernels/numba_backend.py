@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange, types
+from llvmlite import ir
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from . import _checks as chk
@@ -382,6 +384,35 @@ def _value_typed(data, lut, p):
     return lambda data, lut, p: data[p]
 
 
+@intrinsic
+def _prefetch(typingctx, arr, i):
+    """Hint the CPU to bring &arr[i] into cache (llvm.prefetch: read, keep, data)."""
+
+    def codegen(context, builder, sig, args):
+        aryty = sig.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]], wraparound=False,
+                                       boundscheck=False)
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return types.void(arr, i), codegen
+
+
+@inline
+def _prefetch_row(indptr, indices, data, r):
+    """Bring the CSR entries of row r into cache while the previous row is worked on
+    (as fn_prefetch_row in _sparse.h: rows of a random batch lie far apart)."""
+    p, e = indptr[r], indptr[r + 1]
+    for q in range(p, e, 16):
+        _prefetch(indices, q)
+    for q in range(p, e, 64 // data.itemsize):
+        _prefetch(data, q)
+
+
 @inline
 def _lower_bound(indices, lo, hi, j):
     while lo < hi:
@@ -426,6 +457,8 @@ def _sp_forward_rows(indptr, indices, data, lut, rows, row0, lo, hi, W, b, out, 
     nb = 0
     for i in range(lo, hi):
         r = rows[i] if rows.size else row0 + i
+        if i + 1 < hi:
+            _prefetch_row(indptr, indices, data, rows[i + 1] if rows.size else r + 1)
         p, e = indptr[r], indptr[r + 1]
         o = out[i]
         for k in range(H):
@@ -470,6 +503,8 @@ def _sp_scatter_cols(indptr, indices, data, lut, rows, G, W, jlo, jhi, zero):
                 W[j, k] = 0
     for i in range(rows.size):
         r = rows[i]
+        if i + 1 < rows.size:
+            _prefetch_row(indptr, indices, data, rows[i + 1])
         p, e = indptr[r], indptr[r + 1]
         if jlo > 0:
             p = _lower_bound(indices, p, e, jlo)
