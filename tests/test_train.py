@@ -94,6 +94,12 @@ def test_sparse_accuracy_equals_dense():
         dense = Trainer(net, x, t, iters=1, sparse=False).accuracy(x, t, chunk=700)
     expected = float(np.mean(np.argmax(net.predict(x / 255.0), axis=1) == t))
     assert abs(sparse - dense) <= 2 / 3000 and abs(dense - expected) <= 2 / 3000
+    # float64 test rows for a float32 net: stored in the net's dtype, not refused
+    with fastnet.use_backend("cython"):
+        net32 = TwoLayerNet(64, 20, 10, seed=1, weight_init_std=0.3, dtype=np.float32)
+        trainer = Trainer(net32, x, t, x / 255.0, t, iters=2, sparse=True)
+        history = trainer.fit()
+    assert abs(history.test_acc[-1] - trainer.accuracy(x.astype(np.float32) / np.float32(255), t)) <= 2 / 3000
 
 
 def test_same_seed_same_result_and_float_input():
