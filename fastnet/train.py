@@ -34,8 +34,10 @@ from .optim import SGD, make_optimizer
 __all__ = ["Trainer", "History", "TrainingInterrupted", "SPARSE_MAX_DENSITY"]
 
 #: ``sparse='auto'`` runs the first layer over the non-zero inputs only when at most this
-#: share of the training inputs is non-zero.  MNIST (19% non-zero) gains; at Fashion-
-#: MNIST's 50% the sparse loops do 2.6x the row operations and dense BLAS is faster.
+#: share of the training inputs is non-zero.  MNIST (19% non-zero) gains (benchmarks.report:
+#: sparse vs dense fused step); at Fashion-MNIST's 50% the sparse loops would do 2.6x the
+#: row operations, which by their per-non-zero cost here is slower than dense BLAS (an
+#: estimate: not benchmarked on Fashion-MNIST).
 SPARSE_MAX_DENSITY = 0.3
 
 
@@ -224,6 +226,7 @@ class Trainer:
             raise ValueError("sparse=True needs the fused step (a two-layer net, backprop)")
         self.sparse_option = sparse
         self._sparse = None  # decided when fit() starts (the backend may change until then)
+        self._fused_call = None
         self._csr = {}
         self._work = None
 
@@ -242,8 +245,8 @@ class Trainer:
         return get_backend() != "numpy" and self.density() <= SPARSE_MAX_DENSITY
 
     def _rows_csr(self, x):
-        """The CSR rows of ``x``; kept for the training and test sets (built once each:
-        about 0.03 s for MNIST's 60,000 images on the compiled backends).  Float rows
+        """The CSR rows of ``x``; kept for the training and test sets (built once each;
+        the ``sparse_rows`` kernel is timed in benchmarks/bench_kernels.py).  Float rows
         are stored in the net's dtype: a kernel never mixes dtypes."""
 
         def build(rows):
@@ -288,11 +291,11 @@ class Trainer:
             self._act = 1 if net.activation == "relu" else 2
             self._grads = dict(zip(("W1", "b1", "W2", "b2"), self._work[4:]))
             self._plain_sgd = type(self.optimizer) is SGD
-        k = kernels()
-        if self._sparse:
-            step, x = k.train_step_2layer_sparse, self._rows_csr(self.x_train)
-        else:
-            step, x = k.train_step_2layer, (self.x_train,)
+        if self._fused_call is None:  # once per fit(): the backend is fixed while it runs
+            k = kernels()
+            self._fused_call = ((k.train_step_2layer_sparse, self._rows_csr(self.x_train)) if self._sparse
+                                else (k.train_step_2layer, (self.x_train,)))
+        step, x = self._fused_call
         if self._plain_sgd:
             return step(*x, self.t_train, idx, p["W1"], p["b1"], p["W2"], p["b2"],
                         self.optimizer.lr, self._act, self._work)
@@ -347,6 +350,7 @@ class Trainer:
             "iter_per_epoch": self.iter_per_epoch, "gradient": self.gradient, "train_size": int(self.x_train.shape[0]),
         }
         self._sparse = self.use_sparse()
+        self._fused_call = None
         h.config["sparse"] = self._sparse
         step = self._step_fused if self.fused else self._step_layers
         n = self.x_train.shape[0]

@@ -783,12 +783,13 @@ cdef int _split_rows(long long* indptr, long long* rows, long long row0, long lo
 
 
 cdef void _sp_forward_par(long long* indptr, int* indices, void* data, bint pix, real* lut,
-                          long long* rows, long long row0, long long n, real* W, real* b,
-                          real* out, long long D, long long H, int act, long long* bad) noexcept nogil:
-    """out = act(X[rows] @ W + b) (rows[i], or row0 + i when rows is NULL)."""
-    cdef long long cut[MAX_THREADS + 1]
+                          long long* rows, long long row0, real* W, real* b, real* out,
+                          long long D, long long H, int act, long long* cut, int nt,
+                          long long* bad) noexcept nogil:
+    """out = act(X[rows] @ W + b) (rows[i], or row0 + i when rows is NULL), run t of the
+    rows (cut[t]:cut[t + 1], from _split_rows) on thread t."""
     cdef long long bads[MAX_THREADS]
-    cdef int t, nt = _split_rows(indptr, rows, row0, n, cut)
+    cdef int t
     cdef real* o
     for t in prange(nt, num_threads=nt, schedule="static", chunksize=1):
         bads[t] = 0
@@ -835,9 +836,9 @@ cdef double _train_step_2layer_sparse(long long* indptr, int* indices, void* dat
     cdef int nt
     cdef real mlr = <real>(-lr)
     _pixel_table(lut)
-    _sp_forward_par(indptr, indices, data, pix, lut, idx, 0, B, W1, b1, h, D, H, act, bad)
-    loss = _step_top(h, T, idx, W2, b2, lr, act, s, dh, db1, dW2, db2, B, H, C)
     nt = _split_rows(indptr, idx, 0, B, cut)
+    _sp_forward_par(indptr, indices, data, pix, lut, idx, 0, W1, b1, h, D, H, act, cut, nt, bad)
+    loss = _step_top(h, T, idx, W2, b2, lr, act, s, dh, db1, dW2, db2, B, H, C)
     if lr != 0:
         for i in range(<Py_ssize_t>B * H):
             dh[i] = dh[i] * mlr
@@ -850,7 +851,7 @@ cdef double _train_step_2layer_sparse(long long* indptr, int* indices, void* dat
 
 
 cdef object _csr(indptr, indices, data, int tn, str who):
-    """Check CSR arrays; returns (indptr, indices, data, pixels?)."""
+    """Check CSR arrays; returns whether data holds uint8 pixels."""
     for name, a, typenum in (("indptr", indptr, cnp.NPY_INT64), ("indices", indices, cnp.NPY_INT32)):
         if not (cnp.PyArray_Check(a) and cnp.PyArray_TYPE(<cnp.ndarray>a) == typenum
                 and cnp.PyArray_NDIM(<cnp.ndarray>a) == 1 and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>a)):
@@ -966,15 +967,18 @@ def sparse_affine(indptr, indices, data, long long row0, W, b, int act, out):
     cdef void* po = _p(oa)
     cdef float lutf[256]
     cdef double lutd[256]
+    cdef long long cut[MAX_THREADS + 1]
+    cdef int nt
     with nogil:
+        nt = _split_rows(pp, NULL, row0, n, cut)
         if tn == cnp.NPY_FLOAT32:
             _pixel_table(lutf)
-            _sp_forward_par(pp, pj, pd, pixels, lutf, NULL, row0, n, <float*>pw, <float*>pb,
-                            <float*>po, D, H, act, &bad)
+            _sp_forward_par(pp, pj, pd, pixels, lutf, NULL, row0, <float*>pw, <float*>pb,
+                            <float*>po, D, H, act, cut, nt, &bad)
         else:
             _pixel_table(lutd)
-            _sp_forward_par(pp, pj, pd, pixels, lutd, NULL, row0, n, <double*>pw, <double*>pb,
-                            <double*>po, D, H, act, &bad)
+            _sp_forward_par(pp, pj, pd, pixels, lutd, NULL, row0, <double*>pw, <double*>pb,
+                            <double*>po, D, H, act, cut, nt, &bad)
     if bad:
         raise ValueError(f"sparse_affine: {bad} column indices are outside [0, {D})")
     return out
