@@ -28,11 +28,21 @@
 #define FASTNET_SPARSE_H
 
 #include <stdint.h>
+#include <string.h>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define FN_SPARSE_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define FN_SPARSE_CLONES
+#endif
+
+/* The row helpers are inlined into each clone (they take 64-byte vectors, whose passing
+ * convention differs between the clones). */
+#if defined(__GNUC__)
+#define FN_INLINE static inline __attribute__((always_inline))
+#pragma GCC diagnostic ignored "-Wpsabi"
+#else
+#define FN_INLINE static inline
 #endif
 
 /* Bring the CSR entries of the next row into cache while this one is worked on: rows
@@ -60,57 +70,207 @@ static inline long long fn_lower_bound(const int *indices, long long lo, long lo
     return lo;
 }
 
+/* One hidden row is worked on as NV vectors of L lanes (64 bytes each: 16 floats or 8
+ * doubles) held in registers: the vectors start at 0, L, 2L, ... and, when L does not
+ * divide H, one more at H - L that overlaps the one before it.  Up to four vectors are
+ * done per pass over a row's non-zeros (a net with H <= 4L, like the book's 50 hidden
+ * floats, makes one pass).  Nets with H < L use the plain loops.  Measured on MNIST
+ * batches (C benchmark of these loops, batch 100, one thread): the forward and the
+ * update take about 20% less time than the same loops with a run-time trip count.
+ *
+ * The forward keeps two sets of accumulators (even and odd non-zeros) so that the adds
+ * do not wait on each other.  The overlapping vector computes the same sums for its
+ * shared lanes as the vector it overlaps (same operations, same order): they store the
+ * same values.  In the update, the overlapping vector's shared lanes add zero, and all
+ * vectors of a row of W are loaded before any is stored. */
+static inline long long fn_vec_offset(long long v, long long nfull, long long H, long long L)
+{
+    return v < nfull ? v * L : H - L;
+}
+
 #define FN_SPARSE_LOOPS(T, S, VT, VAL)                                                      \
+typedef T fn_vec_##S __attribute__((vector_size(64), aligned(sizeof(T))));                  \
+FN_INLINE fn_vec_##S fn_ld_##S(const T *p)                                              \
+{ fn_vec_##S v; memcpy(&v, p, sizeof v); return v; }                                        \
+FN_INLINE void fn_st_##S(T *p, fn_vec_##S v) { memcpy(p, &v, sizeof v); }              \
+                                                                                            \
+/* plain loops: any H */                                                                    \
+FN_INLINE void fn_forward_row_plain_##S(const int *indices, const VT *data,            \
+    const T *lut, long long p, long long e, const T *W, const T *b, T *__restrict o,      \
+    long long D, long long H, long long *bad)                                             \
+{                                                                                           \
+    for (long long k = 0; k < H; k++) o[k] = b[k];                                          \
+    for (; p + 4 <= e; p += 4) {                                                            \
+        int j0 = indices[p], j1 = indices[p + 1];                                           \
+        int j2 = indices[p + 2], j3 = indices[p + 3];                                       \
+        if ((uint32_t)j0 >= D || (uint32_t)j1 >= D || (uint32_t)j2 >= D                     \
+            || (uint32_t)j3 >= D) { (*bad)++; continue; }                                   \
+        T v0 = VAL(p), v1 = VAL(p + 1), v2 = VAL(p + 2), v3 = VAL(p + 3);                   \
+        const T *w0 = W + j0 * H, *w1 = W + j1 * H, *w2 = W + j2 * H, *w3 = W + j3 * H;     \
+        for (long long k = 0; k < H; k++)                                                   \
+            o[k] += (v0 * w0[k] + v1 * w1[k]) + (v2 * w2[k] + v3 * w3[k]);                  \
+    }                                                                                       \
+    for (; p < e; p++) {                                                                    \
+        int j = indices[p];                                                                 \
+        if ((uint32_t)j >= D) { (*bad)++; continue; }                                       \
+        T v = VAL(p);                                                                       \
+        const T *w = W + j * H;                                                             \
+        for (long long k = 0; k < H; k++) o[k] += v * w[k];                                 \
+    }                                                                                       \
+}                                                                                           \
+                                                                                            \
+/* vectors v0 .. v0 + m - 1 (m <= 4) of one output row */                                  \
+FN_INLINE void fn_forward_row_vec_##S(const int *indices, const VT *data,              \
+    const T *lut, long long p, long long e, const T *W, const T *b, T *__restrict o,      \
+    long long D, long long H, long long o0, long long o1, long long o2, long long o3,      \
+    int m, int count_bad, long long *bad)                                                   \
+{                                                                                           \
+    fn_vec_##S a0 = fn_ld_##S(b + o0), a1 = fn_ld_##S(b + o1);                              \
+    fn_vec_##S a2 = fn_ld_##S(b + o2), a3 = fn_ld_##S(b + o3);                              \
+    fn_vec_##S c0 = {0}, c1 = {0}, c2 = {0}, c3 = {0};                                      \
+    for (; p + 2 <= e; p += 2) {                                                            \
+        int j = indices[p], k = indices[p + 1];                                             \
+        T v = VAL(p), u = VAL(p + 1);                                                       \
+        if ((uint32_t)j >= D || (uint32_t)k >= D) {                                         \
+            if (count_bad) *bad += ((uint32_t)j >= D) + ((uint32_t)k >= D);                 \
+            if ((uint32_t)j >= D) { j = 0; v = 0; }                                         \
+            if ((uint32_t)k >= D) { k = 0; u = 0; }                                         \
+        }                                                                                   \
+        const T *w = W + (long long)j * H, *x = W + (long long)k * H;                       \
+        a0 += v * fn_ld_##S(w + o0); c0 += u * fn_ld_##S(x + o0);                           \
+        if (m > 1) { a1 += v * fn_ld_##S(w + o1); c1 += u * fn_ld_##S(x + o1); }            \
+        if (m > 2) { a2 += v * fn_ld_##S(w + o2); c2 += u * fn_ld_##S(x + o2); }            \
+        if (m > 3) { a3 += v * fn_ld_##S(w + o3); c3 += u * fn_ld_##S(x + o3); }            \
+    }                                                                                       \
+    if (p < e) {                                                                            \
+        int j = indices[p];                                                                 \
+        if ((uint32_t)j >= D) { if (count_bad) (*bad)++; }                                  \
+        else {                                                                              \
+            T v = VAL(p);                                                                   \
+            const T *w = W + (long long)j * H;                                              \
+            a0 += v * fn_ld_##S(w + o0);                                                    \
+            if (m > 1) a1 += v * fn_ld_##S(w + o1);                                         \
+            if (m > 2) a2 += v * fn_ld_##S(w + o2);                                         \
+            if (m > 3) a3 += v * fn_ld_##S(w + o3);                                         \
+        }                                                                                   \
+    }                                                                                       \
+    if (m > 3) fn_st_##S(o + o3, a3 + c3);                                                  \
+    if (m > 2) fn_st_##S(o + o2, a2 + c2);                                                  \
+    if (m > 1) fn_st_##S(o + o1, a1 + c1);                                                  \
+    fn_st_##S(o + o0, a0 + c0);                                                             \
+}                                                                                           \
+                                                                                            \
 FN_SPARSE_CLONES static void fn_sparse_forward_##S(                                         \
     const long long *indptr, const int *indices, const VT *data, const T *lut,            \
-    const long long *rows, long long row0, long long n, const T *W, const T *b,                   \
-    T *__restrict out, long long D, long long H, long long *bad)                                  \
+    const long long *rows, long long row0, long long n, const T *W, const T *b,           \
+    T *__restrict out, long long D, long long H, long long *bad)                          \
 {                                                                                           \
-    for (long long i = 0; i < n; i++) {                                                       \
-        long long r = rows ? rows[i] : row0 + i;                                              \
+    const long long L = 64 / sizeof(T), nfull = H / L, nv = nfull + (H % L != 0);           \
+    for (long long i = 0; i < n; i++) {                                                     \
+        long long r = rows ? rows[i] : row0 + i;                                            \
         if (i + 1 < n)                                                                      \
             fn_prefetch_row(indptr, indices, data, rows ? rows[i + 1] : r + 1, sizeof(VT)); \
-        long long p = indptr[r], e = indptr[r + 1];                                           \
+        long long p = indptr[r], e = indptr[r + 1];                                         \
         T *__restrict o = out + i * H;                                                      \
-        for (long long k = 0; k < H; k++) o[k] = b[k];                                        \
-        for (; p + 4 <= e; p += 4) {                                                        \
-            int j0 = indices[p], j1 = indices[p + 1];                                   \
-            int j2 = indices[p + 2], j3 = indices[p + 3];                               \
-            if ((uint32_t)j0 >= D || (uint32_t)j1 >= D || (uint32_t)j2 >= D                 \
-                || (uint32_t)j3 >= D) { (*bad)++; continue; }                               \
-            T v0 = VAL(p), v1 = VAL(p + 1), v2 = VAL(p + 2), v3 = VAL(p + 3);               \
-            const T *w0 = W + j0 * H, *w1 = W + j1 * H, *w2 = W + j2 * H, *w3 = W + j3 * H; \
-            for (long long k = 0; k < H; k++)                                                 \
-                o[k] += (v0 * w0[k] + v1 * w1[k]) + (v2 * w2[k] + v3 * w3[k]);              \
+        if (H < L) {                                                                        \
+            fn_forward_row_plain_##S(indices, data, lut, p, e, W, b, o, D, H, bad);         \
+            continue;                                                                       \
         }                                                                                   \
-        for (; p < e; p++) {                                                                \
-            int j = indices[p];                                                         \
-            if ((uint32_t)j >= D) { (*bad)++; continue; }                                   \
-            T v = VAL(p);                                                                   \
-            const T *w = W + j * H;                                                         \
-            for (long long k = 0; k < H; k++) o[k] += v * w[k];                               \
+        for (long long v0 = 0; v0 < nv; v0 += 4) {                                          \
+            int m = nv - v0 < 4 ? (int)(nv - v0) : 4;                                       \
+            long long o0 = fn_vec_offset(v0, nfull, H, L);                                  \
+            long long o1 = m > 1 ? fn_vec_offset(v0 + 1, nfull, H, L) : o0;                 \
+            long long o2 = m > 2 ? fn_vec_offset(v0 + 2, nfull, H, L) : o0;                 \
+            long long o3 = m > 3 ? fn_vec_offset(v0 + 3, nfull, H, L) : o0;                 \
+            /* one instance per m, so that each has its vectors in registers */             \
+            switch (m) {                                                                    \
+            case 4: fn_forward_row_vec_##S(indices, data, lut, p, e, W, b, o, D, H,         \
+                                           o0, o1, o2, o3, 4, v0 == 0, bad); break;         \
+            case 3: fn_forward_row_vec_##S(indices, data, lut, p, e, W, b, o, D, H,         \
+                                           o0, o1, o2, o3, 3, v0 == 0, bad); break;         \
+            case 2: fn_forward_row_vec_##S(indices, data, lut, p, e, W, b, o, D, H,         \
+                                           o0, o1, o2, o3, 2, v0 == 0, bad); break;         \
+            default: fn_forward_row_vec_##S(indices, data, lut, p, e, W, b, o, D, H,        \
+                                            o0, o1, o2, o3, 1, v0 == 0, bad); break;        \
+            }                                                                               \
         }                                                                                   \
+    }                                                                                       \
+}                                                                                           \
+                                                                                            \
+/* W[j] += v G[i] over columns [p, e) of one row, vectors v0 .. v0 + m - 1; lanes of the */ \
+/* overlapping vector that the vector before it covers add zero (keep[] is 0 there) */      \
+FN_INLINE void fn_scatter_row_vec_##S(const int *indices, const VT *data,              \
+    const T *lut, long long p, long long e, const T *__restrict g, T *__restrict W,       \
+    long long D, long long H, long long o0, long long o1, long long o2, long long o3,      \
+    fn_vec_##S keep3, int m, long long *bad)                                              \
+{                                                                                           \
+    fn_vec_##S g0 = fn_ld_##S(g + o0), g1 = fn_ld_##S(g + o1);                              \
+    fn_vec_##S g2 = fn_ld_##S(g + o2), g3 = fn_ld_##S(g + o3);                              \
+    if (m == 4) g3 *= keep3; else if (m == 3) g2 *= keep3;                                  \
+    else if (m == 2) g1 *= keep3; else g0 *= keep3;                                         \
+    for (; p < e; p++) {                                                                    \
+        int j = indices[p];                                                                 \
+        if ((uint32_t)j >= D) { if (bad) (*bad)++; continue; }                              \
+        T v = VAL(p);                                                                       \
+        T *w = W + (long long)j * H;                                                        \
+        fn_vec_##S w0 = fn_ld_##S(w + o0), w1 = {0}, w2 = {0}, w3 = {0};                    \
+        if (m > 1) w1 = fn_ld_##S(w + o1);                                                  \
+        if (m > 2) w2 = fn_ld_##S(w + o2);                                                  \
+        if (m > 3) w3 = fn_ld_##S(w + o3);                                                  \
+        if (m > 3) fn_st_##S(w + o3, w3 + v * g3);                                          \
+        if (m > 2) fn_st_##S(w + o2, w2 + v * g2);                                          \
+        if (m > 1) fn_st_##S(w + o1, w1 + v * g1);                                          \
+        fn_st_##S(w + o0, w0 + v * g0);                                                     \
     }                                                                                       \
 }                                                                                           \
                                                                                             \
 FN_SPARSE_CLONES static void fn_sparse_scatter_##S(                                         \
     const long long *indptr, const int *indices, const VT *data, const T *lut,            \
-    const long long *rows, long long n, const T *__restrict G, T *__restrict W,                 \
+    const long long *rows, long long n, const T *__restrict G, T *__restrict W,           \
     long long D, long long H, int jlo, int jhi, long long *bad)                           \
 {                                                                                           \
-    for (long long i = 0; i < n; i++) {                                                       \
-        long long r = rows[i];                                                                \
+    const long long L = 64 / sizeof(T), nfull = H / L, nv = nfull + (H % L != 0);           \
+    fn_vec_##S ones, keep;                                                                  \
+    for (long long l = 0; l < L; l++) {                                                     \
+        ones[l] = 1;                                                                        \
+        keep[l] = (H % L != 0 && H - L + l < nfull * L) ? 0 : 1;                            \
+    }                                                                                       \
+    for (long long i = 0; i < n; i++) {                                                     \
+        long long r = rows[i];                                                              \
         if (i + 1 < n) fn_prefetch_row(indptr, indices, data, rows[i + 1], sizeof(VT));     \
-        long long p = indptr[r], e = indptr[r + 1];                                           \
+        long long p = indptr[r], e = indptr[r + 1];                                         \
         if (jlo > 0) p = fn_lower_bound(indices, p, e, jlo);                                \
         if (jhi < D) e = fn_lower_bound(indices, p, e, jhi);                                \
         const T *__restrict g = G + i * H;                                                  \
-        for (; p < e; p++) {                                                                \
-            int j = indices[p];                                                         \
-            if ((uint32_t)j >= D) { (*bad)++; continue; }                                   \
-            T v = VAL(p);                                                                   \
-            T *__restrict w = W + j * H;                                                    \
-            for (long long k = 0; k < H; k++) w[k] += v * g[k];                               \
+        if (H < L) {                                                                        \
+            for (; p < e; p++) {                                                            \
+                int j = indices[p];                                                         \
+                if ((uint32_t)j >= D) { (*bad)++; continue; }                               \
+                T v = VAL(p);                                                               \
+                T *__restrict w = W + j * H;                                                \
+                for (long long k = 0; k < H; k++) w[k] += v * g[k];                         \
+            }                                                                               \
+            continue;                                                                       \
+        }                                                                                   \
+        for (long long v0 = 0; v0 < nv; v0 += 4) {                                          \
+            int m = nv - v0 < 4 ? (int)(nv - v0) : 4;                                       \
+            long long o0 = fn_vec_offset(v0, nfull, H, L);                                  \
+            long long o1 = m > 1 ? fn_vec_offset(v0 + 1, nfull, H, L) : o0;                 \
+            long long o2 = m > 2 ? fn_vec_offset(v0 + 2, nfull, H, L) : o0;                 \
+            long long o3 = m > 3 ? fn_vec_offset(v0 + 3, nfull, H, L) : o0;                 \
+            /* only the last group holds the overlapping vector, as its last vector */      \
+            fn_vec_##S k3 = v0 + m == nv ? keep : ones;                                     \
+            long long *b = v0 == 0 ? bad : NULL;                                            \
+            switch (m) {                                                                    \
+            case 4: fn_scatter_row_vec_##S(indices, data, lut, p, e, g, W, D, H,            \
+                                           o0, o1, o2, o3, k3, 4, b); break;                \
+            case 3: fn_scatter_row_vec_##S(indices, data, lut, p, e, g, W, D, H,            \
+                                           o0, o1, o2, o3, k3, 3, b); break;                \
+            case 2: fn_scatter_row_vec_##S(indices, data, lut, p, e, g, W, D, H,            \
+                                           o0, o1, o2, o3, k3, 2, b); break;                \
+            default: fn_scatter_row_vec_##S(indices, data, lut, p, e, g, W, D, H,           \
+                                            o0, o1, o2, o3, k3, 1, b); break;               \
+            }                                                                               \
         }                                                                                   \
     }                                                                                       \
 }

@@ -294,24 +294,28 @@ def test_sparse_rows_parity(backend_name, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("pixels", [True, False])
 @pytest.mark.parametrize("act", [0, 1, 2])
-def test_sparse_affine_parity(backend_name, dtype, pixels, act):
+# hidden sizes for the vector loops: under one vector, a vector and a bit (the last one
+# overlaps), whole vectors, and more than four vectors (two passes over each row)
+@pytest.mark.parametrize("H", [7, 19, 32, 50, 100])
+def test_sparse_affine_parity(backend_name, dtype, pixels, act, H):
     ref, got = backend.load("numpy"), backend.load(backend_name)
-    X, _, _, (W, b, _, _), _ = _sparse_case(dtype, 1, 37, 19, 3, N=5000, pixels=pixels)
+    X, _, _, (W, b, _, _), _ = _sparse_case(dtype, 1, 37, H, 3, N=5000, pixels=pixels)
     csr = ref.sparse_rows(X)
     for row0, n in ((0, 5000), (13, 1), (4990, 10)):
-        expected = ref.sparse_affine(*csr, row0, W, b, act, np.empty((n, 19), dtype))
-        out = got.sparse_affine(*csr, row0, W, b, act, np.full((n, 19), np.nan, dtype))
+        expected = ref.sparse_affine(*csr, row0, W, b, act, np.empty((n, H), dtype))
+        out = got.sparse_affine(*csr, row0, W, b, act, np.full((n, H), np.nan, dtype))
         terms = float((np.abs(expected) + 1).max()) * 37
         _close(out, expected, dtype, f"{backend_name} rows {row0}+{n}", terms=terms)
     with pytest.raises(IndexError):
-        got.sparse_affine(*csr, 4999, W, b, act, np.empty((2, 19), dtype))
+        got.sparse_affine(*csr, 4999, W, b, act, np.empty((2, H), dtype))
 
 
 @pytest.mark.parametrize("backend_name", COMPILED)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("act", [1, 2])
 @pytest.mark.parametrize("pixels", [True, False])
-@pytest.mark.parametrize("sizes", [(100, 784, 50, 10), (1, 5, 3, 2), (7, 13, 9, 4), (300, 200, 30, 10)])
+@pytest.mark.parametrize("sizes", [(100, 784, 50, 10), (1, 5, 3, 2), (7, 13, 9, 4), (300, 200, 30, 10),
+                                   (9, 20, 16, 3), (5, 30, 17, 4), (12, 40, 64, 5), (33, 60, 100, 10)])
 def test_sparse_step_parity(backend_name, dtype, act, pixels, sizes):
     """The sparse step against the reference, and against the dense step of the same
     backend on the same rows (the sizes include batches big enough for threads)."""
