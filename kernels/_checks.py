@@ -89,10 +89,22 @@ def csr(indptr, indices, data, dtype, who: str):
         raise ValueError(f"{who}: data has {data.shape[0]} entries but indices {indices.shape[0]}")
 
 
-def train_step_2layer(X, T, idx, W1, b1, W2, b2, act, work, rows=None):
+def train_step_2layer(X, T, idx, W1, b1, W2, b2, act, work, rows=None, losses=None, lr=None):
     """Check every array of a fused two-layer step; returns ``work`` as a tuple.  With
     ``X`` None (the sparse step) the batch comes from ``rows`` CSR rows and ``xb`` is
-    not used."""
+    not used.  With ``losses`` (the multi-step kernels) ``idx`` is (steps, batch) and
+    ``lr`` must be positive."""
+    if losses is not None:
+        if not lr > 0:
+            raise ValueError(f"these kernels run SGD steps: lr must be > 0, got {lr}")
+        if type(idx) is not np.ndarray or idx.dtype != np.int64 or idx.ndim != 2 or idx.size == 0 \
+                or not idx.flags.c_contiguous:
+            raise TypeError("idx must be a non-empty C-contiguous 2-D int64 array (steps, batch)")
+        if (type(losses) is not np.ndarray or losses.dtype != np.float64 or losses.shape != (idx.shape[0],)
+                or not losses.flags.c_contiguous or not losses.flags.writeable):
+            raise ValueError(f"losses must be a writeable C-contiguous float64 array of shape ({idx.shape[0]},)")
+        train_step_2layer(X, T, idx[0], W1, b1, W2, b2, act, work, rows)
+        return tuple(work)
     if len(work) != 8:
         raise ValueError(f"work must hold 8 buffers (xb, h, s, dh, dW1, db1, dW2, db2), got {len(work)}")
     if act not in (1, 2):

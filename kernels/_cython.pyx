@@ -636,7 +636,23 @@ cdef double _train_step_2layer(real* X, unsigned char* U, long long* T, long lon
     return loss
 
 
-def train_step_2layer(X, T, idx, W1, b1, W2, b2, double lr, int act, work):
+cdef struct _Net2:
+    # the checked arguments of a fused two-layer step (_net2_args)
+    int tn, S, B, D, H, C
+    long long* idx
+    long long* T
+    void* p[12]  # W1, b1, W2, b2, xb, h, s, dh, dW1, db1, dW2, db2
+    double* losses
+
+
+cdef list _net2_args(str who, object X, Py_ssize_t n_rows, object T, object idx, object W1,
+                     object b1, object W2, object b2, int act, object work, object losses,
+                     _Net2* a):
+    """Check the arguments of a fused two-layer step and fill ``a``.  ``X`` is None for
+    CSR rows (``n_rows`` of them; xb is then not used).  ``losses`` None: one step,
+    ``idx`` 1-D; else several steps, ``idx`` (S, B) and ``losses`` float64 (S,).  Every
+    batch index and its label is checked here, before any step runs.  Returns the arrays
+    that must stay alive while the pointers are used."""
     if act != 1 and act != 2:
         raise ValueError(f"act must be 1 (relu) or 2 (sigmoid), got {act}")
     if len(work) != 8:
@@ -648,61 +664,119 @@ def train_step_2layer(X, T, idx, W1, b1, W2, b2, double lr, int act, work):
     cdef int C = W2a.shape[1]
     cdef cnp.ndarray b1a = _vec(b1, tn, "b1", H, True)
     cdef cnp.ndarray b2a = _vec(b2, tn, "b2", C, True)
+    cdef cnp.ndarray Ta = _labels(T, n_rows)
+    cdef cnp.ndarray ia = np.ascontiguousarray(idx, dtype=np.int64)
+    cdef int want = 1 if losses is None else 2
+    if cnp.PyArray_NDIM(ia) != want or ia.size < 1:
+        raise ValueError("idx must be a non-empty 1-D array of row numbers" if want == 1 else
+                         "idx must be a non-empty 2-D array (steps, batch) of row numbers")
+    cdef int S = 1 if want == 1 else ia.shape[0]
+    cdef int B = ia.shape[want - 1]
+    cdef cnp.ndarray la = None
+    if losses is not None:
+        if not (cnp.PyArray_Check(losses) and cnp.PyArray_TYPE(<cnp.ndarray>losses) == cnp.NPY_FLOAT64
+                and cnp.PyArray_NDIM(<cnp.ndarray>losses) == 1 and losses.shape[0] == S
+                and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>losses)
+                and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>losses)):
+            raise ValueError(f"losses must be a writeable C-contiguous float64 array of shape ({S},)")
+        la = <cnp.ndarray>losses
+    xb, h, s, dh, dW1, db1, dW2, db2 = work
+    cdef list keep = [W1a, W2a, b1a, b2a, Ta, ia, la,
+                      _out2(xb, tn, "xb", B, D) if X is not None else None,
+                      _out2(h, tn, "h", B, H), _out2(s, tn, "s", B, C), _out2(dh, tn, "dh", B, H),
+                      _out2(dW1, tn, "dW1", D, H), _vec(db1, tn, "db1", H, True),
+                      _out2(dW2, tn, "dW2", H, C), _vec(db2, tn, "db2", C, True)]
+    cdef long long* pi = <long long*>_p(ia)
+    cdef long long* pt = <long long*>_p(Ta)
+    cdef Py_ssize_t i
+    for i in range(<Py_ssize_t>S * B):
+        if pi[i] < 0 or pi[i] >= n_rows:
+            raise IndexError(f"{who}: batch index {pi[i]} is out of range for {n_rows} rows")
+        if pt[pi[i]] < 0 or pt[pi[i]] >= C:
+            raise ValueError(f"{who}: label {pt[pi[i]]} of row {pi[i]} is out of range for {C} classes")
+    a.tn, a.S, a.B, a.D, a.H, a.C = tn, S, B, D, H, C
+    a.idx, a.T = pi, pt
+    a.losses = <double*>_p(la) if la is not None else NULL
+    for i in range(12):  # keep[7:] is xb .. db2, in the order of a.p[4:]
+        if i < 4:
+            a.p[i] = _p(keep[(0, 2, 1, 3)[i]])
+        else:
+            a.p[i] = _p(keep[i + 3]) if keep[i + 3] is not None else NULL
+    return keep
+
+
+cdef object _dense_X(object X, int D):
+    """X of a dense step: uint8 pixels or floats (type checked by the caller), 2-D, D columns."""
     cdef cnp.ndarray Xa
-    cdef bint pixels = cnp.PyArray_Check(X) and cnp.PyArray_TYPE(<cnp.ndarray>X) == cnp.NPY_UINT8
-    if pixels:
+    if cnp.PyArray_Check(X) and cnp.PyArray_TYPE(<cnp.ndarray>X) == cnp.NPY_UINT8:
         Xa = np.ascontiguousarray(X)
         if cnp.PyArray_NDIM(Xa) != 2:
             raise ValueError(f"X must be 2-D, got shape {X.shape}")
     else:
-        Xa = _in2(X, tn, "X")
+        Xa = _in2(X, _typenum(X, "X"), "X")
     if Xa.shape[1] != D:
-        raise ValueError(f"X has shape {X.shape} but W1 has shape {W1.shape}")
-    cdef Py_ssize_t n_rows = Xa.shape[0]
-    cdef cnp.ndarray Ta = _labels(T, n_rows)
-    cdef cnp.ndarray ia = np.ascontiguousarray(idx, dtype=np.int64)
-    if cnp.PyArray_NDIM(ia) != 1 or ia.shape[0] < 1:
-        raise ValueError("idx must be a non-empty 1-D array of row numbers")
-    cdef int B = ia.shape[0]
-    xb, h, s, dh, dW1, db1, dW2, db2 = work
-    cdef cnp.ndarray xba = _out2(xb, tn, "xb", B, D)
-    cdef cnp.ndarray ha = _out2(h, tn, "h", B, H)
-    cdef cnp.ndarray sa = _out2(s, tn, "s", B, C)
-    cdef cnp.ndarray dha = _out2(dh, tn, "dh", B, H)
-    cdef cnp.ndarray dW1a = _out2(dW1, tn, "dW1", D, H)
-    cdef cnp.ndarray db1a = _vec(db1, tn, "db1", H, True)
-    cdef cnp.ndarray dW2a = _out2(dW2, tn, "dW2", H, C)
-    cdef cnp.ndarray db2a = _vec(db2, tn, "db2", C, True)
-    cdef long long* pi = <long long*>_p(ia)
-    cdef long long* pt = <long long*>_p(Ta)
-    cdef Py_ssize_t i
-    for i in range(B):
-        if pi[i] < 0 or pi[i] >= n_rows:
-            raise IndexError(f"batch index {pi[i]} is out of range for X with {n_rows} rows")
-        if pt[pi[i]] < 0 or pt[pi[i]] >= C:
-            raise ValueError(f"label {pt[pi[i]]} of row {pi[i]} is out of range for {C} classes")
+        raise ValueError(f"X has shape {X.shape} but W1 has {D} rows")
+    return Xa
+
+
+cdef Py_ssize_t _rows_of_W1(object W1) except -1:
+    _typenum(W1, "W1")
+    if W1.ndim != 2:
+        raise ValueError(f"W1 must be 2-D, got shape {W1.shape}")
+    return W1.shape[0]
+
+
+cdef int _dense_steps(cnp.ndarray Xa, _Net2* a, double lr, int act) except -1:
+    """Run a.S steps of the dense fused step (a.S == 1 and no a.losses: one step, its
+    loss in a.losses[0] only when given).  Stops after a step whose loss is not finite.
+    Returns the number of steps run."""
+    cdef bint pixels = cnp.PyArray_TYPE(Xa) == cnp.NPY_UINT8
+    if not pixels and cnp.PyArray_TYPE(Xa) != a.tn:
+        raise TypeError(f"X is {Xa.dtype}; the weights are {'float32' if a.tn == cnp.NPY_FLOAT32 else 'float64'}")
+    cdef unsigned char* pu = <unsigned char*>_p(Xa) if pixels else NULL
+    cdef void* px = NULL if pixels else _p(Xa)
+    cdef int k, done = 0
     cdef double loss
-    cdef void* p[15]
-    cdef unsigned char* pu = NULL
-    cdef void* px = NULL
-    if pixels:
-        pu = <unsigned char*>_p(Xa)
-    else:
-        px = _p(Xa)
-    p[:] = [px, _p(W1a), _p(b1a), _p(W2a), _p(b2a), _p(xba), _p(ha), _p(sa), _p(dha),
-            _p(dW1a), _p(db1a), _p(dW2a), _p(db2a), NULL, NULL]
+    cdef long long* idx
     with nogil:
-        if tn == cnp.NPY_FLOAT32:
-            loss = _train_step_2layer(<float*>p[0], pu, pt, pi, <float*>p[1], <float*>p[2],
-                                      <float*>p[3], <float*>p[4], lr, act, <float*>p[5],
-                                      <float*>p[6], <float*>p[7], <float*>p[8], <float*>p[9],
-                                      <float*>p[10], <float*>p[11], <float*>p[12], B, D, H, C)
-        else:
-            loss = _train_step_2layer(<double*>p[0], pu, pt, pi, <double*>p[1], <double*>p[2],
-                                      <double*>p[3], <double*>p[4], lr, act, <double*>p[5],
-                                      <double*>p[6], <double*>p[7], <double*>p[8], <double*>p[9],
-                                      <double*>p[10], <double*>p[11], <double*>p[12], B, D, H, C)
+        for k in range(a.S):
+            idx = a.idx + <Py_ssize_t>k * a.B
+            if a.tn == cnp.NPY_FLOAT32:
+                loss = _train_step_2layer(<float*>px, pu, a.T, idx, <float*>a.p[0], <float*>a.p[1],
+                                          <float*>a.p[2], <float*>a.p[3], lr, act, <float*>a.p[4],
+                                          <float*>a.p[5], <float*>a.p[6], <float*>a.p[7], <float*>a.p[8],
+                                          <float*>a.p[9], <float*>a.p[10], <float*>a.p[11],
+                                          a.B, a.D, a.H, a.C)
+            else:
+                loss = _train_step_2layer(<double*>px, pu, a.T, idx, <double*>a.p[0], <double*>a.p[1],
+                                          <double*>a.p[2], <double*>a.p[3], lr, act, <double*>a.p[4],
+                                          <double*>a.p[5], <double*>a.p[6], <double*>a.p[7], <double*>a.p[8],
+                                          <double*>a.p[9], <double*>a.p[10], <double*>a.p[11],
+                                          a.B, a.D, a.H, a.C)
+            a.losses[k] = loss
+            done += 1
+            if not (loss - loss == 0):  # NaN or inf: stop here
+                break
+    return done
+
+
+def train_step_2layer(X, T, idx, W1, b1, W2, b2, double lr, int act, work):
+    cdef _Net2 a
+    cdef double loss
+    Xa = _dense_X(X, _rows_of_W1(W1))
+    keep = _net2_args("train_step_2layer", Xa, Xa.shape[0], T, idx, W1, b1, W2, b2, act, work, None, &a)
+    a.losses = &loss
+    _dense_steps(Xa, &a, lr, act)
     return loss
+
+
+def train_steps_2layer(X, T, idx, W1, b1, W2, b2, double lr, int act, work, losses):
+    if not lr > 0:
+        raise ValueError(f"train_steps_2layer runs SGD steps: lr must be > 0, got {lr}")
+    cdef _Net2 a
+    Xa = _dense_X(X, _rows_of_W1(W1))
+    keep = _net2_args("train_steps_2layer", Xa, Xa.shape[0], T, idx, W1, b1, W2, b2, act, work, losses, &a)
+    return _dense_steps(Xa, &a, lr, act)
 
 
 # ---------------------------------------------------------------- sparse first layer
@@ -884,64 +958,64 @@ cdef int _csr_rows_ok(long long* indptr, long long n_rows, long long nnz, long l
     return 0
 
 
-def train_step_2layer_sparse(indptr, indices, data, T, idx, W1, b1, W2, b2, double lr, int act, work):
-    if act != 1 and act != 2:
-        raise ValueError(f"act must be 1 (relu) or 2 (sigmoid), got {act}")
-    if len(work) != 8:
-        raise ValueError(f"work must hold 8 buffers (xb, h, s, dh, dW1, db1, dW2, db2), got {len(work)}")
-    cdef int tn = _typenum(W1, "W1")
-    cdef bint pixels = _csr(indptr, indices, data, tn, "train_step_2layer_sparse")
-    cdef cnp.ndarray W1a = _out2(W1, tn, "W1", W1.shape[0], W1.shape[1])
-    cdef int D = W1a.shape[0], H = W1a.shape[1]
-    cdef cnp.ndarray W2a = _out2(W2, tn, "W2", H, W2.shape[1] if W2.ndim == 2 else -1)
-    cdef int C = W2a.shape[1]
-    cdef cnp.ndarray b1a = _vec(b1, tn, "b1", H, True)
-    cdef cnp.ndarray b2a = _vec(b2, tn, "b2", C, True)
+cdef int _sparse_steps(object indptr, object indices, object data, bint pixels, _Net2* a,
+                       double lr, int act) except -1:
+    """Run a.S steps of the sparse fused step (see _dense_steps); the CSR arrays are
+    checked by _csr, ``pixels`` says whether data holds uint8 pixels."""
     cdef cnp.ndarray pa = <cnp.ndarray>indptr
-    cdef Py_ssize_t n_rows = pa.shape[0] - 1
-    cdef cnp.ndarray Ta = _labels(T, n_rows)
-    cdef cnp.ndarray ia = np.ascontiguousarray(idx, dtype=np.int64)
-    if cnp.PyArray_NDIM(ia) != 1 or ia.shape[0] < 1:
-        raise ValueError("idx must be a non-empty 1-D array of row numbers")
-    cdef int B = ia.shape[0]
-    xb, h, s, dh, dW1, db1, dW2, db2 = work  # xb is not used: no dense batch is formed
-    cdef cnp.ndarray ha = _out2(h, tn, "h", B, H)
-    cdef cnp.ndarray sa = _out2(s, tn, "s", B, C)
-    cdef cnp.ndarray dha = _out2(dh, tn, "dh", B, H)
-    cdef cnp.ndarray dW1a = _out2(dW1, tn, "dW1", D, H)
-    cdef cnp.ndarray db1a = _vec(db1, tn, "db1", H, True)
-    cdef cnp.ndarray dW2a = _out2(dW2, tn, "dW2", H, C)
-    cdef cnp.ndarray db2a = _vec(db2, tn, "db2", C, True)
     cdef long long* pp = <long long*>_p(pa)
-    cdef long long* pi = <long long*>_p(ia)
-    cdef long long* pt = <long long*>_p(Ta)
-    cdef Py_ssize_t i
-    _csr_rows_ok(pp, n_rows, indices.shape[0], pi, 0, B)
-    for i in range(B):
-        if pt[pi[i]] < 0 or pt[pi[i]] >= C:
-            raise ValueError(f"label {pt[pi[i]]} of row {pi[i]} is out of range for {C} classes")
-    cdef double loss
-    cdef long long bad = 0
+    _csr_rows_ok(pp, pa.shape[0] - 1, indices.shape[0], a.idx, 0, <long long>a.S * a.B)
     cdef int* pj = <int*>_p(<cnp.ndarray>indices)
     cdef void* pd = _p(<cnp.ndarray>data)
-    cdef void* p[12]
-    p[:] = [_p(W1a), _p(b1a), _p(W2a), _p(b2a), _p(ha), _p(sa), _p(dha),
-            _p(dW1a), _p(db1a), _p(dW2a), _p(db2a), NULL]
+    cdef long long bad = 0
+    cdef int k, done = 0
+    cdef double loss
+    cdef long long* idx
     with nogil:
-        if tn == cnp.NPY_FLOAT32:
-            loss = _train_step_2layer_sparse(pp, pj, pd, pixels, pt, pi, <float*>p[0], <float*>p[1],
-                                             <float*>p[2], <float*>p[3], lr, act, <float*>p[4],
-                                             <float*>p[5], <float*>p[6], <float*>p[7], <float*>p[8],
-                                             <float*>p[9], <float*>p[10], B, D, H, C, &bad)
-        else:
-            loss = _train_step_2layer_sparse(pp, pj, pd, pixels, pt, pi, <double*>p[0], <double*>p[1],
-                                             <double*>p[2], <double*>p[3], lr, act, <double*>p[4],
-                                             <double*>p[5], <double*>p[6], <double*>p[7], <double*>p[8],
-                                             <double*>p[9], <double*>p[10], B, D, H, C, &bad)
+        for k in range(a.S):
+            idx = a.idx + <Py_ssize_t>k * a.B
+            if a.tn == cnp.NPY_FLOAT32:
+                loss = _train_step_2layer_sparse(pp, pj, pd, pixels, a.T, idx, <float*>a.p[0],
+                                                 <float*>a.p[1], <float*>a.p[2], <float*>a.p[3], lr,
+                                                 act, <float*>a.p[5], <float*>a.p[6], <float*>a.p[7],
+                                                 <float*>a.p[8], <float*>a.p[9], <float*>a.p[10],
+                                                 <float*>a.p[11], a.B, a.D, a.H, a.C, &bad)
+            else:
+                loss = _train_step_2layer_sparse(pp, pj, pd, pixels, a.T, idx, <double*>a.p[0],
+                                                 <double*>a.p[1], <double*>a.p[2], <double*>a.p[3], lr,
+                                                 act, <double*>a.p[5], <double*>a.p[6], <double*>a.p[7],
+                                                 <double*>a.p[8], <double*>a.p[9], <double*>a.p[10],
+                                                 <double*>a.p[11], a.B, a.D, a.H, a.C, &bad)
+            a.losses[k] = loss
+            done += 1
+            if bad or not (loss - loss == 0):  # a bad column, NaN or inf: stop here
+                break
     if bad:
-        raise ValueError(f"train_step_2layer_sparse: {bad} column indices are outside [0, {D}) "
+        raise ValueError(f"train_step_2layer_sparse: {bad} column indices are outside [0, {a.D}) "
                          "(the weights may be partly updated)")
+    return done
+
+
+def train_step_2layer_sparse(indptr, indices, data, T, idx, W1, b1, W2, b2, double lr, int act, work):
+    cdef _Net2 a
+    cdef double loss
+    cdef bint pixels = _csr(indptr, indices, data, _typenum(W1, "W1"), "train_step_2layer_sparse")
+    keep = _net2_args("train_step_2layer_sparse", None, indptr.shape[0] - 1, T, idx, W1, b1, W2, b2,
+                      act, work, None, &a)
+    a.losses = &loss
+    _sparse_steps(indptr, indices, data, pixels, &a, lr, act)
     return loss
+
+
+def train_steps_2layer_sparse(indptr, indices, data, T, idx, W1, b1, W2, b2, double lr, int act,
+                              work, losses):
+    if not lr > 0:
+        raise ValueError(f"train_steps_2layer_sparse runs SGD steps: lr must be > 0, got {lr}")
+    cdef _Net2 a
+    cdef bint pixels = _csr(indptr, indices, data, _typenum(W1, "W1"), "train_steps_2layer_sparse")
+    keep = _net2_args("train_steps_2layer_sparse", None, indptr.shape[0] - 1, T, idx, W1, b1, W2,
+                      b2, act, work, losses, &a)
+    return _sparse_steps(indptr, indices, data, pixels, &a, lr, act)
 
 
 def sparse_affine(indptr, indices, data, long long row0, W, b, int act, out):

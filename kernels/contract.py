@@ -93,6 +93,18 @@ KERNELS: dict[str, tuple[str, str]] = {
         "the first layer's product and the W1 update (or dW1) run over the non-zeros only; "
         "work[0] (xb) is not used",
     ),
+    # many SGD steps in one call: no Python between steps (the Trainer's fast path)
+    "train_steps_2layer": (
+        "(X, T, idx, W1, b1, W2, b2, lr, act, work, losses) -> int",
+        "train_step_2layer with lr > 0 for each row of idx (S, B), in order: step k trains on "
+        "rows idx[k] and writes its loss to losses[k] (float64, length S). Every index and label "
+        "is checked before the first step; stops after the first step whose loss is not finite. "
+        "Returns the number of steps run",
+    ),
+    "train_steps_2layer_sparse": (
+        "(indptr, indices, data, T, idx, W1, b1, W2, b2, lr, act, work, losses) -> int",
+        "train_steps_2layer with X given as CSR rows (as train_step_2layer_sparse)",
+    ),
     # the numerical gradient of the same net, by central differences, for every parameter
     "numerical_gradient_2layer": (
         "(x, t, W1, b1, W2, b2, act, h, gW1, gb1, gW2, gb2) -> None",

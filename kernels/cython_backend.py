@@ -27,6 +27,8 @@ from ._cython import (  # noqa: F401  (the kernel table)
     step,
     train_step_2layer,
     train_step_2layer_sparse,
+    train_steps_2layer,
+    train_steps_2layer_sparse,
     sum_squared_error,
 )
 

@@ -365,6 +365,17 @@ def _train_step_2layer(X, T, idx, W1, b1, W2, b2, lr, act, div, xb, h, s, dh, dW
     return loss
 
 
+@jit
+def _train_steps_2layer(X, T, idx, W1, b1, W2, b2, lr, act, div, xb, h, s, dh, dW1, db1, dW2, db2, losses):
+    _check_batch(T, idx.reshape(-1), X.shape[0], s.shape[1])
+    for k in range(idx.shape[0]):
+        losses[k] = _train_step_2layer(X, T, idx[k], W1, b1, W2, b2, lr, act, div, xb, h, s, dh, dW1, db1,
+                                       dW2, db2)
+        if not np.isfinite(losses[k]):
+            return k + 1
+    return idx.shape[0]
+
+
 # ------------------------------------------------------------------ sparse first layer
 # The loops of _sparse.h (the Cython side), written the same way: the forward keeps
 # four non-zeros per pass over out[i, :], the update scatters X^T G into W by column
@@ -575,6 +586,20 @@ def _train_step_2layer_sparse(indptr, indices, data, lut, T, idx, W1, b1, W2, b2
     else:
         bad += _sp_scatter_par(indptr, indices, data, lut, idx, dh, dW1, cut.size - 1, True)
     return loss, bad
+
+
+@jit
+def _train_steps_2layer_sparse(indptr, indices, data, lut, T, idx, W1, b1, W2, b2, lr, act, nt,
+                               h, s, dh, dW1, db1, dW2, db2, losses):
+    flat = idx.reshape(-1)
+    _check_rows(indptr, indices.size, flat, 0, flat.size)
+    _check_batch(T, flat, indptr.size - 1, s.shape[1])
+    for k in range(idx.shape[0]):
+        losses[k], bad = _train_step_2layer_sparse(indptr, indices, data, lut, T, idx[k], W1, b1, W2, b2,
+                                                   lr, act, nt, h, s, dh, dW1, db1, dW2, db2)
+        if bad or not np.isfinite(losses[k]):
+            return k + 1, bad
+    return idx.shape[0], 0
 
 
 @jit
@@ -883,6 +908,12 @@ def train_step_2layer(X, T, idx, W1, b1, W2, b2, lr, act, work):
     return float(_train_step_2layer(X, T, idx, W1, b1, W2, b2, float(lr), int(act), div, *work))
 
 
+def train_steps_2layer(X, T, idx, W1, b1, W2, b2, lr, act, work, losses):
+    work = chk.train_step_2layer(X, T, idx, W1, b1, W2, b2, act, work, losses=losses, lr=lr)
+    div = W1.dtype.type(255.0 if X.dtype == np.uint8 else 1.0)
+    return int(_train_steps_2layer(X, T, idx, W1, b1, W2, b2, float(lr), int(act), div, *work, losses))
+
+
 def _pixel_table(dtype):
     """lut[u] = u / 255 in the working dtype (what load_mnist(normalize=True) computes)."""
     return np.arange(256, dtype=dtype) / dtype.type(255)
@@ -939,6 +970,19 @@ def train_step_2layer_sparse(indptr, indices, data, T, idx, W1, b1, W2, b2, lr, 
         raise ValueError(f"train_step_2layer_sparse: column indices outside [0, {W1.shape[0]}) "
                          "(the weights may be partly updated)")
     return float(loss)
+
+
+def train_steps_2layer_sparse(indptr, indices, data, T, idx, W1, b1, W2, b2, lr, act, work, losses):
+    dt = chk.dtype_of(W1, "W1")
+    chk.csr(indptr, indices, data, dt, "train_steps_2layer_sparse")
+    work = chk.train_step_2layer(None, T, idx, W1, b1, W2, b2, act, work, rows=indptr.shape[0] - 1,
+                                 losses=losses, lr=lr)
+    done, bad = _train_steps_2layer_sparse(indptr, indices, data, _LUTS[dt], T, idx, W1, b1, W2, b2,
+                                           float(lr), int(act), _threads(), *work[1:], losses)
+    if bad:
+        raise ValueError(f"train_steps_2layer_sparse: column indices outside [0, {W1.shape[0]}) "
+                         "(the weights may be partly updated)")
+    return int(done)
 
 
 def numerical_gradient_2layer(x, t, W1, b1, W2, b2, act, h, gW1, gb1, gW2, gb2):
@@ -998,4 +1042,9 @@ def warmup(dtypes=(np.float32, np.float64)):
                 train_step_2layer_sparse(*csr, T, idx, W1, b1, W2, b2, 0.0, act, work)
                 train_step_2layer_sparse(*csr, T, idx, W1, b1, W2, b2, 0.1, act, work)
             sparse_affine(*csr, 0, W1, b1, 1, o2)
+            for act in (1, 2):
+                train_steps_2layer_sparse(*csr, T, idx[None], W1, b1, W2, b2, 0.1, act, work, np.empty(1))
+        for act in (1, 2):
+            train_steps_2layer(X, T, idx[None], W1, b1, W2, b2, 0.1, act, work, np.empty(1))
+            train_steps_2layer(X.astype(np.uint8), T, idx[None], W1, b1, W2, b2, 0.1, act, work, np.empty(1))
     return time.perf_counter() - start

@@ -157,6 +157,38 @@ def train_step_2layer_sparse(indptr, indices, data, T, idx, W1, b1, W2, b2, lr, 
     return train_step_2layer(X, T[idx], np.arange(len(idx)), W1, b1, W2, b2, lr, act, work)
 
 
+def _steps(step, rows, T, idx, W1, b1, W2, b2, lr, act, work, losses):
+    """Run ``step`` for each row of idx (S, B) after checking every index and label."""
+    idx = np.asarray(idx)
+    if idx.ndim != 2 or idx.size == 0:
+        raise ValueError("idx must be a non-empty 2-D array (steps, batch) of row numbers")
+    if not lr > 0:
+        raise ValueError(f"these kernels run SGD steps: lr must be > 0, got {lr}")
+    if losses.shape != (idx.shape[0],) or losses.dtype != np.float64:
+        raise ValueError(f"losses must be a float64 array of shape ({idx.shape[0]},)")
+    if idx.min() < 0 or idx.max() >= rows:
+        raise IndexError(f"a batch index is out of range for {rows} rows")
+    labels = T[idx]
+    if labels.min() < 0 or labels.max() >= W2.shape[1]:
+        raise ValueError(f"a label is out of range for {W2.shape[1]} classes")
+    for k in range(idx.shape[0]):
+        losses[k] = step(idx[k])
+        if not np.isfinite(losses[k]):
+            return k + 1
+    return idx.shape[0]
+
+
+def train_steps_2layer(X, T, idx, W1, b1, W2, b2, lr, act, work, losses):
+    return _steps(lambda rows: train_step_2layer(X, T, rows, W1, b1, W2, b2, lr, act, work),
+                  X.shape[0], T, idx, W1, b1, W2, b2, lr, act, work, losses)
+
+
+def train_steps_2layer_sparse(indptr, indices, data, T, idx, W1, b1, W2, b2, lr, act, work, losses):
+    return _steps(lambda rows: train_step_2layer_sparse(indptr, indices, data, T, rows, W1, b1, W2, b2,
+                                                        lr, act, work),
+                  indptr.shape[0] - 1, T, idx, W1, b1, W2, b2, lr, act, work, losses)
+
+
 def _loss_2layer(x, t, W1, b1, W2, b2, act):
     a = np.dot(x, W1) + b1
     if act == 1:

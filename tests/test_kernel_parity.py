@@ -33,9 +33,9 @@ def _close(got, expected, dtype, msg, terms=0.0):
     np.testing.assert_allclose(got, expected, rtol=tol["rtol"], atol=tol["atol"] * scale, err_msg=msg)
 COMPILED = ("numba", "cython")
 #: whole-net kernels with parity tests of their own (below, and test_numerical_gradient.py)
-WHOLE_NET = {"train_step_2layer", "numerical_gradient_2layer"}
+WHOLE_NET = {"train_step_2layer", "train_steps_2layer", "numerical_gradient_2layer"}
 #: kernels over CSR rows, with parity tests of their own (below)
-SPARSE = {"sparse_rows", "sparse_affine", "train_step_2layer_sparse"}
+SPARSE = {"sparse_rows", "sparse_affine", "train_step_2layer_sparse", "train_steps_2layer_sparse"}
 ELEMENTARY = [k for k in contract.KERNELS if k not in WHOLE_NET | SPARSE]
 DTYPES = (np.float32, np.float64)
 
@@ -365,11 +365,78 @@ def test_sparse_step_bad_input(backend_name):
         k.train_step_2layer_sparse(indptr, indices, data, T, idx, *params, 0.1, 1, work)
 
 
+# ---------------------------------------------------------------- many steps per call
+def _many_steps_case(dtype, sparse, S=5, B=30, D=40, H=50, C=7):
+    X, T, _, params, work = _sparse_case(dtype, B, D, H, C, N=200, pixels=True, seed=4)
+    idx = np.random.default_rng(9).integers(0, X.shape[0], (S, B))
+    x = backend.load("numpy").sparse_rows(X) if sparse else (X,)
+    return x, T, idx, params, work
+
+
+@pytest.mark.parametrize("backend_name", ("numpy",) + COMPILED)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+@pytest.mark.parametrize("act", [1, 2])
+def test_many_steps_equal_single_steps(backend_name, dtype, sparse, act):
+    """train_steps_2layer[_sparse] over idx (S, B) gives what S calls of the single step
+    give on the same backend (the same code per step: identical), and what the
+    reference gives (within tolerance)."""
+    k, ref = backend.load(backend_name), backend.load("numpy")
+    one = k.train_step_2layer_sparse if sparse else k.train_step_2layer
+    many = k.train_steps_2layer_sparse if sparse else k.train_steps_2layer
+    x, T, idx, params, work = _many_steps_case(dtype, sparse)
+    single = [p.copy() for p in params]
+    expected = [one(*x, T, idx[s], *single, 0.2, act, work) for s in range(len(idx))]
+    ref_params = [p.copy() for p in params]
+    ref_losses = np.empty(len(idx))
+    ref_many = ref.train_steps_2layer_sparse if sparse else ref.train_steps_2layer
+    assert ref_many(*x, T, idx, *ref_params, 0.2, act, tuple(w.copy() for w in work), ref_losses) == len(idx)
+    losses = np.full(len(idx), np.nan)
+    assert many(*x, T, idx, *params, 0.2, act, work, losses) == len(idx)
+    np.testing.assert_array_equal(losses, expected)
+    for a, b, c in zip(params, single, ref_params):
+        np.testing.assert_array_equal(a, b)
+        _close(a, c, dtype, f"{backend_name} after {len(idx)} steps", terms=10.0)
+    _close(losses, ref_losses, dtype, "losses against the reference")
+
+
+@pytest.mark.parametrize("backend_name", ("numpy",) + COMPILED)
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_many_steps_bad_input_and_divergence(backend_name, sparse):
+    k = backend.load(backend_name)
+    many = k.train_steps_2layer_sparse if sparse else k.train_steps_2layer
+    x, T, idx, params, work = _many_steps_case(np.float64, sparse)
+    before = [p.copy() for p in params]
+    losses = np.empty(len(idx))
+    late = idx.copy()
+    late[-1, -1] = 10**6  # a bad row in the last step: refused before the first step
+    with pytest.raises(IndexError):
+        many(*x, T, late, *params, 0.1, 1, work, losses)
+    T_bad = T.copy()
+    T_bad[idx[-1, 0]] = 99
+    with pytest.raises(ValueError, match="out of range"):
+        many(*x, T_bad, idx, *params, 0.1, 1, work, losses)
+    for a, b in zip(params, before):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="lr"):
+        many(*x, T, idx, *params, 0.0, 1, work, losses)
+    with pytest.raises((TypeError, ValueError)):
+        many(*x, T, idx[0], *params, 0.1, 1, work, losses)  # 1-D idx
+    with pytest.raises(ValueError, match="losses"):
+        many(*x, T, idx, *params, 0.1, 1, work, np.empty(len(idx) + 1))
+    params[2][0, 0] = np.inf  # the first loss is not finite: stop after one step
+    with np.errstate(invalid="ignore", over="ignore"):
+        assert many(*x, T, idx, *params, 0.1, 1, work, losses) == 1
+    assert not np.isfinite(losses[0])
+
+
 def test_every_kernel_has_a_parity_test():
     """A kernel added to the contract must get a parity test: list it here when it does."""
     tested_elsewhere = {"train_step_2layer": "test_train_step_parity",
                         "numerical_gradient_2layer": "test_numerical_gradient.py",
                         "sparse_rows": "test_sparse_rows_parity",
                         "sparse_affine": "test_sparse_affine_parity",
-                        "train_step_2layer_sparse": "test_sparse_step_parity"}
+                        "train_step_2layer_sparse": "test_sparse_step_parity",
+                        "train_steps_2layer": "test_many_steps_equal_single_steps",
+                        "train_steps_2layer_sparse": "test_many_steps_equal_single_steps"}
     assert set(contract.KERNELS) == set(ELEMENTARY) | set(tested_elsewhere)
