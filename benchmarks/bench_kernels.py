@@ -6,7 +6,8 @@ from .common import BACKENDS, DTYPES, kernel_args, require_backend
 
 #: the whole-net kernels have suites of their own (bench_training, bench_numgrad)
 ELEMENTARY = [k for k in contract.KERNELS
-              if k not in ("train_step_2layer", "train_step_2layer_sparse", "numerical_gradient_2layer")]
+              if k not in ("train_step_2layer", "train_step_2layer_sparse", "train_steps_2layer",
+                            "train_steps_2layer_sparse", "numerical_gradient_2layer")]
 
 
 class Kernels:

@@ -103,11 +103,18 @@ def torch_net(torch, seed=0, dtype="float32", hidden=50):
 
 class FusedStep:
     """One call of a backend's ``train_step_2layer`` on MNIST rows (uint8 pixels), or of
-    ``train_step_2layer_sparse`` on the same rows as CSR when ``sparse``."""
+    ``train_step_2layer_sparse`` on the same rows as CSR when ``sparse``.  With
+    ``steps`` > 1, one call runs that many steps through ``train_steps_2layer[_sparse]``
+    (as ``fastnet train`` does with plain SGD); time per step = time per call / steps."""
 
-    def __init__(self, name, dtype, x, t, batch_size=100, hidden=50, seed=0, sparse=False):
+    def __init__(self, name, dtype, x, t, batch_size=100, hidden=50, seed=0, sparse=False, steps=1):
         self.k = require_backend(name)
-        self.step = self.k.train_step_2layer_sparse if sparse else self.k.train_step_2layer
+        self.steps = int(steps)
+        if self.steps > 1:
+            self.step = self.k.train_steps_2layer_sparse if sparse else self.k.train_steps_2layer
+            self.losses = np.empty(self.steps)
+        else:
+            self.step = self.k.train_step_2layer_sparse if sparse else self.k.train_step_2layer
         self.rows = self.k.sparse_rows(x) if sparse else (x,)
         self.net = fastnet.nets.TwoLayerNet(784, hidden, 10, seed=seed, dtype=dtype)
         p = self.net.params
@@ -119,6 +126,9 @@ class FusedStep:
         self.batch_size = batch_size
 
     def __call__(self):
+        if self.steps > 1:
+            idx = self.rng.integers(0, len(self.x), (self.steps, self.batch_size))
+            return self.step(*self.rows, self.t, idx, *self.params, 0.1, 1, self.work, self.losses)
         idx = self.rng.integers(0, len(self.x), self.batch_size)
         return self.step(*self.rows, self.t, idx, *self.params, 0.1, 1, self.work)
 
@@ -215,6 +225,11 @@ def kernel_args(name, dtype, n=100, d=784, m=50, seed=0):
         W = [(0.01 * rng.standard_normal(s)).astype(dt) for s in ((d, m), (m,), (m, c), (c,))]
         work = tuple(np.empty(s, dt) for s in ((n, d), (n, m), (n, c), (n, m), (d, m), (m,), (m, c), (c,)))
         return (*mnist_csr(d), T, rng.integers(0, len(X), n), *W, 0.1, 1, work)
+    if name in ("train_steps_2layer", "train_steps_2layer_sparse"):  # 5 steps of the single step
+        single = kernel_args(name.replace("steps", "step"), dtype, n, d, m, seed)
+        # single: (*rows, T, idx, W1, b1, W2, b2, lr, act, work)
+        T = single[-9]
+        return (*single[:-9], T, rng.integers(0, len(T), (5, n)), *single[-7:], np.empty(5))
     if name == "sparse_affine":
         indptr = mnist_csr(d)[0]
         row0 = int(rng.integers(0, len(indptr) - 1 - n))

@@ -40,3 +40,5 @@ def test_step_helpers_run():
     loss = common.FusedStep("cython", "float32", x, t)()
     assert np.isfinite(loss)
     common.BookStep("numpy", "float64", x, t)()
+    losses = common.FusedStep("cython", "float32", x, t, sparse=True, steps=3)
+    assert losses() == 3 and np.isfinite(losses.losses).all()
