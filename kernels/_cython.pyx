@@ -681,11 +681,11 @@ cdef list _net2_args(str who, object X, Py_ssize_t n_rows, object T, object idx,
             raise ValueError(f"losses must be a writeable C-contiguous float64 array of shape ({S},)")
         la = <cnp.ndarray>losses
     xb, h, s, dh, dW1, db1, dW2, db2 = work
-    cdef list keep = [W1a, W2a, b1a, b2a, Ta, ia, la,
-                      _out2(xb, tn, "xb", B, D) if X is not None else None,
+    # in the order of a.p, then what else the pointers point into
+    cdef list keep = [W1a, b1a, W2a, b2a, _out2(xb, tn, "xb", B, D) if X is not None else None,
                       _out2(h, tn, "h", B, H), _out2(s, tn, "s", B, C), _out2(dh, tn, "dh", B, H),
                       _out2(dW1, tn, "dW1", D, H), _vec(db1, tn, "db1", H, True),
-                      _out2(dW2, tn, "dW2", H, C), _vec(db2, tn, "db2", C, True)]
+                      _out2(dW2, tn, "dW2", H, C), _vec(db2, tn, "db2", C, True), Ta, ia, la]
     cdef long long* pi = <long long*>_p(ia)
     cdef long long* pt = <long long*>_p(Ta)
     cdef Py_ssize_t i
@@ -697,11 +697,8 @@ cdef list _net2_args(str who, object X, Py_ssize_t n_rows, object T, object idx,
     a.tn, a.S, a.B, a.D, a.H, a.C = tn, S, B, D, H, C
     a.idx, a.T = pi, pt
     a.losses = <double*>_p(la) if la is not None else NULL
-    for i in range(12):  # keep[7:] is xb .. db2, in the order of a.p[4:]
-        if i < 4:
-            a.p[i] = _p(keep[(0, 2, 1, 3)[i]])
-        else:
-            a.p[i] = _p(keep[i + 3]) if keep[i + 3] is not None else NULL
+    for i in range(12):
+        a.p[i] = _p(keep[i]) if keep[i] is not None else NULL
     return keep
 
 
@@ -727,9 +724,9 @@ cdef Py_ssize_t _rows_of_W1(object W1) except -1:
 
 
 cdef int _dense_steps(cnp.ndarray Xa, _Net2* a, double lr, int act) except -1:
-    """Run a.S steps of the dense fused step (a.S == 1 and no a.losses: one step, its
-    loss in a.losses[0] only when given).  Stops after a step whose loss is not finite.
-    Returns the number of steps run."""
+    """Run a.S steps of the dense fused step on the batches a.idx[k * a.B : (k + 1) * a.B];
+    a.losses[k] receives the loss of step k.  Stops after a step whose loss is not
+    finite.  Returns the number of steps run."""
     cdef bint pixels = cnp.PyArray_TYPE(Xa) == cnp.NPY_UINT8
     if not pixels and cnp.PyArray_TYPE(Xa) != a.tn:
         raise TypeError(f"X is {Xa.dtype}; the weights are {'float32' if a.tn == cnp.NPY_FLOAT32 else 'float64'}")
