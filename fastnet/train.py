@@ -396,13 +396,18 @@ class Trainer:
                 if many:
                     k = min(self.iters - done, per_epoch - done % per_epoch, STEPS_PER_CALL)
                     losses = self._steps_fused(self.rng.integers(0, n, (k, B)))
-                    h.loss.extend(losses.tolist())
                     loss = float(losses[-1])
-                    if not math.isfinite(loss):
-                        self._diverged(loss, done + len(losses) - 1)
-                    done += len(losses)
+                    good = len(losses) if math.isfinite(loss) else len(losses) - 1
+                    h.loss.extend(losses[:good].tolist())  # as one step at a time: finite losses only
+                    done += good
+                    if good < len(losses):
+                        h.iterations = done
+                        self._diverged(loss, done)
                 else:
-                    loss = step(self.rng.integers(0, n, B))
+                    try:
+                        loss = step(self.rng.integers(0, n, B))
+                    except FloatingPointError as exc:  # the layers found the loss not finite
+                        raise FloatingPointError(f"training diverged at iteration {done + 1}: {exc}") from None
                     if not math.isfinite(loss):
                         self._diverged(loss, done)
                     h.loss.append(loss)

@@ -198,6 +198,20 @@ def test_divergence_is_reported():
         Trainer(net, x.astype(np.float64) * 1e300, t, iters=5).fit()
 
 
+@pytest.mark.parametrize("fused, optimizer", [(True, "sgd"), (True, "adam"), (False, "sgd")])
+def test_divergence_keeps_a_consistent_history(fused, optimizer):
+    """Whether the steps run one per call or many per call, the history holds the finite
+    losses only, one per iteration counted, and the error names the failing iteration."""
+    x, t = _data()
+    net = TwoLayerNet(64, 10, 10, seed=0, dtype=np.float64)
+    trainer = Trainer(net, x.astype(np.float64), t, iters=50, fused=fused, optimizer=optimizer, lr=1e300)
+    with np.errstate(all="ignore"), pytest.raises(FloatingPointError, match="diverged") as err:
+        trainer.fit()
+    h = trainer.history
+    assert len(h.loss) == h.iterations < 50 and all(np.isfinite(h.loss))
+    assert f"iteration {h.iterations + 1}:" in str(err.value)
+
+
 def test_chapter5_mnist_accuracy(mnist_dir):
     """The book's chapter-5 run, shortened to 3 epochs: test accuracy already past 0.93."""
     (x, t), (xt, tt) = load_mnist(normalize=False, data_dir=mnist_dir.parent, download=False)
