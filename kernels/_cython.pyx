@@ -16,34 +16,20 @@ from scipy.linalg.cython_blas cimport sgemm, dgemm
 
 cdef extern from "_sparse.h" nogil:
     # the first layer over CSR rows (see _sparse.h)
-    void fn_sparse_forward_f(const long long* indptr, const int* indices, const float* data,
+    void fn_sparse_forward_f(const long long* indptr, const int* indices, const void* data, int pix,
                              const float* lut, const long long* rows, long long row0, long long n,
                              const float* W, const float* b, float* out, long long D, long long H,
                              long long* bad)
-    void fn_sparse_forward_d(const long long* indptr, const int* indices, const double* data,
+    void fn_sparse_forward_d(const long long* indptr, const int* indices, const void* data, int pix,
                              const double* lut, const long long* rows, long long row0, long long n,
                              const double* W, const double* b, double* out, long long D, long long H,
                              long long* bad)
-    void fn_sparse_forward_fu(const long long* indptr, const int* indices, const unsigned char* data,
-                              const float* lut, const long long* rows, long long row0, long long n,
-                              const float* W, const float* b, float* out, long long D, long long H,
-                              long long* bad)
-    void fn_sparse_forward_du(const long long* indptr, const int* indices, const unsigned char* data,
-                              const double* lut, const long long* rows, long long row0, long long n,
-                              const double* W, const double* b, double* out, long long D, long long H,
-                              long long* bad)
-    void fn_sparse_scatter_f(const long long* indptr, const int* indices, const float* data,
+    void fn_sparse_scatter_f(const long long* indptr, const int* indices, const void* data, int pix,
                              const float* lut, const long long* rows, long long n, const float* G,
                              float* W, long long D, long long H, int jlo, int jhi, long long* bad)
-    void fn_sparse_scatter_d(const long long* indptr, const int* indices, const double* data,
+    void fn_sparse_scatter_d(const long long* indptr, const int* indices, const void* data, int pix,
                              const double* lut, const long long* rows, long long n, const double* G,
                              double* W, long long D, long long H, int jlo, int jhi, long long* bad)
-    void fn_sparse_scatter_fu(const long long* indptr, const int* indices, const unsigned char* data,
-                              const float* lut, const long long* rows, long long n, const float* G,
-                              float* W, long long D, long long H, int jlo, int jhi, long long* bad)
-    void fn_sparse_scatter_du(const long long* indptr, const int* indices, const unsigned char* data,
-                              const double* lut, const long long* rows, long long n, const double* G,
-                              double* W, long long D, long long H, int jlo, int jhi, long long* bad)
     int fn_max_threads()
 
 cdef extern from "_vmath.h" nogil:
@@ -791,30 +777,18 @@ cdef inline void _sp_forward(long long* indptr, int* indices, void* data, bint p
                              long long* rows, long long row0, long long n, real* W, real* b,
                              real* out, long long D, long long H, long long* bad) noexcept nogil:
     if real is float:
-        if pix:
-            fn_sparse_forward_fu(indptr, indices, <unsigned char*>data, lut, rows, row0, n, W, b, out, D, H, bad)
-        else:
-            fn_sparse_forward_f(indptr, indices, <float*>data, lut, rows, row0, n, W, b, out, D, H, bad)
+        fn_sparse_forward_f(indptr, indices, data, pix, lut, rows, row0, n, W, b, out, D, H, bad)
     else:
-        if pix:
-            fn_sparse_forward_du(indptr, indices, <unsigned char*>data, lut, rows, row0, n, W, b, out, D, H, bad)
-        else:
-            fn_sparse_forward_d(indptr, indices, <double*>data, lut, rows, row0, n, W, b, out, D, H, bad)
+        fn_sparse_forward_d(indptr, indices, data, pix, lut, rows, row0, n, W, b, out, D, H, bad)
 
 
 cdef inline void _sp_scatter(long long* indptr, int* indices, void* data, bint pix, real* lut,
                              long long* rows, long long n, real* G, real* W, long long D,
                              long long H, int jlo, int jhi, long long* bad) noexcept nogil:
     if real is float:
-        if pix:
-            fn_sparse_scatter_fu(indptr, indices, <unsigned char*>data, lut, rows, n, G, W, D, H, jlo, jhi, bad)
-        else:
-            fn_sparse_scatter_f(indptr, indices, <float*>data, lut, rows, n, G, W, D, H, jlo, jhi, bad)
+        fn_sparse_scatter_f(indptr, indices, data, pix, lut, rows, n, G, W, D, H, jlo, jhi, bad)
     else:
-        if pix:
-            fn_sparse_scatter_du(indptr, indices, <unsigned char*>data, lut, rows, n, G, W, D, H, jlo, jhi, bad)
-        else:
-            fn_sparse_scatter_d(indptr, indices, <double*>data, lut, rows, n, G, W, D, H, jlo, jhi, bad)
+        fn_sparse_scatter_d(indptr, indices, data, pix, lut, rows, n, G, W, D, H, jlo, jhi, bad)
 
 
 cdef inline void _pixel_table(real* lut) noexcept nogil:

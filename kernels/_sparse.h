@@ -74,19 +74,36 @@ static inline long long fn_lower_bound(const int *indices, long long lo, long lo
  * doubles) held in registers: the vectors start at 0, L, 2L, ... and, when L does not
  * divide H, one more at H - L that overlaps the one before it.  Up to four vectors are
  * done per pass over a row's non-zeros (a net with H <= 4L, like the book's 50 hidden
- * floats, makes one pass).  Nets with H < L use the plain loops.  Measured on MNIST
- * batches (C benchmark of these loops, batch 100, one thread): the forward and the
- * update take about 20% less time than the same loops with a run-time trip count.
+ * floats, makes one pass).  Nets with H < L use the plain loops, whose trip count over
+ * H is only known at run time.  The step rows of benchmarks/report.py time the result.
  *
  * The forward keeps two sets of accumulators (even and odd non-zeros) so that the adds
  * do not wait on each other.  The overlapping vector computes the same sums for its
  * shared lanes as the vector it overlaps (same operations, same order): they store the
  * same values.  In the update, the overlapping vector's shared lanes add zero, and all
  * vectors of a row of W are loaded before any is stored. */
-static inline long long fn_vec_offset(long long v, long long nfull, long long H, long long L)
+/* The vectors v0 .. v0 + m - 1 of a row, m <= 4: their offsets off[0 .. m - 1] (the
+ * unused entries repeat off[0]).  Returns m. */
+static inline int fn_vec_group(long long v0, long long nv, long long nfull, long long H,
+                               long long L, long long off[4])
 {
-    return v < nfull ? v * L : H - L;
+    int m = nv - v0 < 4 ? (int)(nv - v0) : 4;
+    for (int k = 0; k < 4; k++) {
+        long long v = v0 + (k < m ? k : 0);
+        off[k] = v < nfull ? v * L : H - L;
+    }
+    return m;
 }
+
+/* fn(m, ...) with m a constant: one instance per vector count, so that each keeps its
+ * vectors in registers */
+#define FN_FOR_M(m, fn, ...)                                                                \
+    switch (m) {                                                                            \
+    case 4: fn(4, __VA_ARGS__); break;                                                      \
+    case 3: fn(3, __VA_ARGS__); break;                                                      \
+    case 2: fn(2, __VA_ARGS__); break;                                                      \
+    default: fn(1, __VA_ARGS__); break;                                                     \
+    }
 
 #define FN_SPARSE_LOOPS(T, S, VT, VAL)                                                      \
 typedef T fn_vec_##S __attribute__((vector_size(64), aligned(sizeof(T))));                  \
@@ -120,10 +137,10 @@ FN_INLINE void fn_forward_row_plain_##S(const int *indices, const VT *data,     
 }                                                                                           \
                                                                                             \
 /* vectors v0 .. v0 + m - 1 (m <= 4) of one output row */                                  \
-FN_INLINE void fn_forward_row_vec_##S(const int *indices, const VT *data,              \
+FN_INLINE void fn_forward_row_vec_##S(int m, const int *indices, const VT *data,       \
     const T *lut, long long p, long long e, const T *W, const T *b, T *__restrict o,      \
     long long D, long long H, long long o0, long long o1, long long o2, long long o3,      \
-    int m, int count_bad, long long *bad)                                                   \
+    int count_bad, long long *bad)                                                          \
 {                                                                                           \
     fn_vec_##S a0 = fn_ld_##S(b + o0), a1 = fn_ld_##S(b + o1);                              \
     fn_vec_##S a2 = fn_ld_##S(b + o2), a3 = fn_ld_##S(b + o3);                              \
@@ -177,32 +194,20 @@ FN_SPARSE_CLONES static void fn_sparse_forward_##S(                             
             continue;                                                                       \
         }                                                                                   \
         for (long long v0 = 0; v0 < nv; v0 += 4) {                                          \
-            int m = nv - v0 < 4 ? (int)(nv - v0) : 4;                                       \
-            long long o0 = fn_vec_offset(v0, nfull, H, L);                                  \
-            long long o1 = m > 1 ? fn_vec_offset(v0 + 1, nfull, H, L) : o0;                 \
-            long long o2 = m > 2 ? fn_vec_offset(v0 + 2, nfull, H, L) : o0;                 \
-            long long o3 = m > 3 ? fn_vec_offset(v0 + 3, nfull, H, L) : o0;                 \
-            /* one instance per m, so that each has its vectors in registers */             \
-            switch (m) {                                                                    \
-            case 4: fn_forward_row_vec_##S(indices, data, lut, p, e, W, b, o, D, H,         \
-                                           o0, o1, o2, o3, 4, v0 == 0, bad); break;         \
-            case 3: fn_forward_row_vec_##S(indices, data, lut, p, e, W, b, o, D, H,         \
-                                           o0, o1, o2, o3, 3, v0 == 0, bad); break;         \
-            case 2: fn_forward_row_vec_##S(indices, data, lut, p, e, W, b, o, D, H,         \
-                                           o0, o1, o2, o3, 2, v0 == 0, bad); break;         \
-            default: fn_forward_row_vec_##S(indices, data, lut, p, e, W, b, o, D, H,        \
-                                            o0, o1, o2, o3, 1, v0 == 0, bad); break;        \
-            }                                                                               \
+            long long off[4];                                                               \
+            int m = fn_vec_group(v0, nv, nfull, H, L, off);                                 \
+            FN_FOR_M(m, fn_forward_row_vec_##S, indices, data, lut, p, e, W, b, o, D, H,    \
+                     off[0], off[1], off[2], off[3], v0 == 0, bad)                          \
         }                                                                                   \
     }                                                                                       \
 }                                                                                           \
                                                                                             \
 /* W[j] += v G[i] over columns [p, e) of one row, vectors v0 .. v0 + m - 1; lanes of the */ \
 /* overlapping vector that the vector before it covers add zero (keep[] is 0 there) */      \
-FN_INLINE void fn_scatter_row_vec_##S(const int *indices, const VT *data,              \
+FN_INLINE void fn_scatter_row_vec_##S(int m, const int *indices, const VT *data,       \
     const T *lut, long long p, long long e, const T *__restrict g, T *__restrict W,       \
     long long D, long long H, long long o0, long long o1, long long o2, long long o3,      \
-    fn_vec_##S keep3, int m, long long *bad)                                              \
+    fn_vec_##S keep3, long long *bad)                                                     \
 {                                                                                           \
     fn_vec_##S g0 = fn_ld_##S(g + o0), g1 = fn_ld_##S(g + o1);                              \
     fn_vec_##S g2 = fn_ld_##S(g + o2), g3 = fn_ld_##S(g + o3);                              \
@@ -253,24 +258,12 @@ FN_SPARSE_CLONES static void fn_sparse_scatter_##S(                             
             continue;                                                                       \
         }                                                                                   \
         for (long long v0 = 0; v0 < nv; v0 += 4) {                                          \
-            int m = nv - v0 < 4 ? (int)(nv - v0) : 4;                                       \
-            long long o0 = fn_vec_offset(v0, nfull, H, L);                                  \
-            long long o1 = m > 1 ? fn_vec_offset(v0 + 1, nfull, H, L) : o0;                 \
-            long long o2 = m > 2 ? fn_vec_offset(v0 + 2, nfull, H, L) : o0;                 \
-            long long o3 = m > 3 ? fn_vec_offset(v0 + 3, nfull, H, L) : o0;                 \
+            long long off[4];                                                               \
+            int m = fn_vec_group(v0, nv, nfull, H, L, off);                                 \
             /* only the last group holds the overlapping vector, as its last vector */      \
-            fn_vec_##S k3 = v0 + m == nv ? keep : ones;                                     \
-            long long *b = v0 == 0 ? bad : NULL;                                            \
-            switch (m) {                                                                    \
-            case 4: fn_scatter_row_vec_##S(indices, data, lut, p, e, g, W, D, H,            \
-                                           o0, o1, o2, o3, k3, 4, b); break;                \
-            case 3: fn_scatter_row_vec_##S(indices, data, lut, p, e, g, W, D, H,            \
-                                           o0, o1, o2, o3, k3, 3, b); break;                \
-            case 2: fn_scatter_row_vec_##S(indices, data, lut, p, e, g, W, D, H,            \
-                                           o0, o1, o2, o3, k3, 2, b); break;                \
-            default: fn_scatter_row_vec_##S(indices, data, lut, p, e, g, W, D, H,           \
-                                            o0, o1, o2, o3, k3, 1, b); break;               \
-            }                                                                               \
+            FN_FOR_M(m, fn_scatter_row_vec_##S, indices, data, lut, p, e, g, W, D, H,       \
+                     off[0], off[1], off[2], off[3], v0 + m == nv ? keep : ones,            \
+                     v0 == 0 ? bad : NULL)                                                  \
         }                                                                                   \
     }                                                                                       \
 }
@@ -278,10 +271,41 @@ FN_SPARSE_CLONES static void fn_sparse_scatter_##S(                             
 #define FN_VAL_DATA(p) (data[(p)])
 #define FN_VAL_PIXEL(p) (lut[data[(p)]])
 
-FN_SPARSE_LOOPS(float, f, float, FN_VAL_DATA)
-FN_SPARSE_LOOPS(double, d, double, FN_VAL_DATA)
+FN_SPARSE_LOOPS(float, fv, float, FN_VAL_DATA)
+FN_SPARSE_LOOPS(double, dv, double, FN_VAL_DATA)
 FN_SPARSE_LOOPS(float, fu, uint8_t, FN_VAL_PIXEL)
 FN_SPARSE_LOOPS(double, du, uint8_t, FN_VAL_PIXEL)
+
+/* The entry points, one per working dtype: data holds uint8 pixels (pix != 0, looked up
+ * in lut) or values of the working dtype. */
+#define FN_SPARSE_ENTRIES(T, S)                                                             \
+static void fn_sparse_forward_##S(                                                          \
+    const long long *indptr, const int *indices, const void *data, int pix, const T *lut, \
+    const long long *rows, long long row0, long long n, const T *W, const T *b, T *out,   \
+    long long D, long long H, long long *bad)                                             \
+{                                                                                           \
+    if (pix)                                                                                \
+        fn_sparse_forward_##S##u(indptr, indices, (const uint8_t *)data, lut, rows, row0, n, \
+                                 W, b, out, D, H, bad);                                     \
+    else                                                                                    \
+        fn_sparse_forward_##S##v(indptr, indices, (const T *)data, lut, rows, row0, n,      \
+                                 W, b, out, D, H, bad);                                     \
+}                                                                                           \
+static void fn_sparse_scatter_##S(                                                          \
+    const long long *indptr, const int *indices, const void *data, int pix, const T *lut, \
+    const long long *rows, long long n, const T *G, T *W, long long D, long long H,       \
+    int jlo, int jhi, long long *bad)                                                     \
+{                                                                                           \
+    if (pix)                                                                                \
+        fn_sparse_scatter_##S##u(indptr, indices, (const uint8_t *)data, lut, rows, n, G, W, \
+                                 D, H, jlo, jhi, bad);                                      \
+    else                                                                                    \
+        fn_sparse_scatter_##S##v(indptr, indices, (const T *)data, lut, rows, n, G, W,      \
+                                 D, H, jlo, jhi, bad);                                      \
+}
+
+FN_SPARSE_ENTRIES(float, f)
+FN_SPARSE_ENTRIES(double, d)
 
 /* threads a parallel region may use (1 when built without OpenMP) */
 #ifdef _OPENMP

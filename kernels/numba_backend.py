@@ -348,9 +348,9 @@ def _sgd(params, grads, lr):
 
 @jit
 def _train_step_2layer(X, T, idx, W1, b1, W2, b2, lr, act, div, xb, h, s, dh, dW1, db1, dW2, db2):
+    """One step on rows idx (checked by the caller, _train_steps_2layer)."""
     B, C = s.shape
-    n_rows, D = X.shape
-    _check_batch(T, idx, n_rows, C)
+    D = X.shape[1]
     for i in range(B):
         r = idx[i]
         for j in range(D):
@@ -367,6 +367,8 @@ def _train_step_2layer(X, T, idx, W1, b1, W2, b2, lr, act, div, xb, h, s, dh, dW
 
 @jit
 def _train_steps_2layer(X, T, idx, W1, b1, W2, b2, lr, act, div, xb, h, s, dh, dW1, db1, dW2, db2, losses):
+    """The steps on the rows of idx (S, B): every index and label checked first; stops
+    after a loss that is not finite.  One step is S = 1."""
     _check_batch(T, idx.reshape(-1), X.shape[0], s.shape[1])
     for k in range(idx.shape[0]):
         losses[k] = _train_step_2layer(X, T, idx[k], W1, b1, W2, b2, lr, act, div, xb, h, s, dh, dW1, db1,
@@ -569,9 +571,9 @@ def _check_rows(indptr, nnz, rows, row0, n):
 @jit
 def _train_step_2layer_sparse(indptr, indices, data, lut, T, idx, W1, b1, W2, b2, lr, act, nt,
                               h, s, dh, dW1, db1, dW2, db2):
-    B, C = s.shape
-    _check_rows(indptr, indices.size, idx, 0, B)
-    _check_batch(T, idx, indptr.size - 1, C)
+    """One step on rows idx (checked by the caller, _train_steps_2layer_sparse);
+    returns (loss, number of column indices outside W1)."""
+    B = s.shape[0]
     cut = _split_rows(indptr, idx, 0, B, nt)
     bad = _sp_forward_par(indptr, indices, data, lut, idx, 0, W1, b1, h, act, cut)
     loss = _step_top(h, T, idx, W2, b2, act, s, dh, db1, dW2, db2)
@@ -591,6 +593,7 @@ def _train_step_2layer_sparse(indptr, indices, data, lut, T, idx, W1, b1, W2, b2
 @jit
 def _train_steps_2layer_sparse(indptr, indices, data, lut, T, idx, W1, b1, W2, b2, lr, act, nt,
                                h, s, dh, dW1, db1, dW2, db2, losses):
+    """As _train_steps_2layer, over CSR rows; returns (steps run, bad column indices)."""
     flat = idx.reshape(-1)
     _check_rows(indptr, indices.size, flat, 0, flat.size)
     _check_batch(T, flat, indptr.size - 1, s.shape[1])
@@ -905,7 +908,9 @@ def softmax_loss_backward_onehot(y, t, dout, dx):
 def train_step_2layer(X, T, idx, W1, b1, W2, b2, lr, act, work):
     work = chk.train_step_2layer(X, T, idx, W1, b1, W2, b2, act, work)
     div = W1.dtype.type(255.0 if X.dtype == np.uint8 else 1.0)
-    return float(_train_step_2layer(X, T, idx, W1, b1, W2, b2, float(lr), int(act), div, *work))
+    loss = np.empty(1)
+    _train_steps_2layer(X, T, idx.reshape(1, -1), W1, b1, W2, b2, float(lr), int(act), div, *work, loss)
+    return float(loss[0])
 
 
 def train_steps_2layer(X, T, idx, W1, b1, W2, b2, lr, act, work, losses):
@@ -964,12 +969,13 @@ def train_step_2layer_sparse(indptr, indices, data, T, idx, W1, b1, W2, b2, lr, 
     dt = chk.dtype_of(W1, "W1")
     chk.csr(indptr, indices, data, dt, "train_step_2layer_sparse")
     work = chk.train_step_2layer(None, T, idx, W1, b1, W2, b2, act, work, rows=indptr.shape[0] - 1)
-    loss, bad = _train_step_2layer_sparse(indptr, indices, data, _LUTS[dt], T, idx, W1, b1, W2, b2,
-                                          float(lr), int(act), _threads(), *work[1:])
+    loss = np.empty(1)
+    _, bad = _train_steps_2layer_sparse(indptr, indices, data, _LUTS[dt], T, idx.reshape(1, -1), W1, b1,
+                                        W2, b2, float(lr), int(act), _threads(), *work[1:], loss)
     if bad:
         raise ValueError(f"train_step_2layer_sparse: column indices outside [0, {W1.shape[0]}) "
                          "(the weights may be partly updated)")
-    return float(loss)
+    return float(loss[0])
 
 
 def train_steps_2layer_sparse(indptr, indices, data, T, idx, W1, b1, W2, b2, lr, act, work, losses):
