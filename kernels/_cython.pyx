@@ -15,21 +15,26 @@ from cython.parallel cimport prange
 from scipy.linalg.cython_blas cimport sgemm, dgemm
 
 cdef extern from "_sparse.h" nogil:
-    # the first layer over CSR rows (see _sparse.h)
+    # the first layer over CSR rows (see _sparse.h); W, b and G in the padded layout
     void fn_sparse_forward_f(const long long* indptr, const int* indices, const void* data, int pix,
                              const float* lut, const long long* rows, long long row0, long long n,
                              const float* W, const float* b, float* out, long long D, long long H,
-                             long long* bad)
+                             long long HP, long long* bad)
     void fn_sparse_forward_d(const long long* indptr, const int* indices, const void* data, int pix,
                              const double* lut, const long long* rows, long long row0, long long n,
                              const double* W, const double* b, double* out, long long D, long long H,
-                             long long* bad)
+                             long long HP, long long* bad)
     void fn_sparse_scatter_f(const long long* indptr, const int* indices, const void* data, int pix,
                              const float* lut, const long long* rows, long long n, const float* G,
-                             float* W, long long D, long long H, int jlo, int jhi, long long* bad)
+                             float* W, long long D, long long HP, int jlo, int jhi, long long* bad)
     void fn_sparse_scatter_d(const long long* indptr, const int* indices, const void* data, int pix,
                              const double* lut, const long long* rows, long long n, const double* G,
-                             double* W, long long D, long long H, int jlo, int jhi, long long* bad)
+                             double* W, long long D, long long HP, int jlo, int jhi, long long* bad)
+    long long fn_padded(long long H, long long tsize)
+    void fn_pad_rows(const void* src, long long n, long long w, void* dst, long long wp, long long tsize)
+    void fn_unpad_rows(const void* src, long long n, long long wp, void* dst, long long w, long long tsize)
+    void* fn_scratch_take(size_t nbytes)
+    void fn_scratch_give(void* p)
     int fn_max_threads()
 
 cdef extern from "_vmath.h" nogil:
@@ -775,20 +780,53 @@ DEF PARALLEL_NNZ = 4096
 
 cdef inline void _sp_forward(long long* indptr, int* indices, void* data, bint pix, real* lut,
                              long long* rows, long long row0, long long n, real* W, real* b,
-                             real* out, long long D, long long H, long long* bad) noexcept nogil:
+                             real* out, long long D, long long H, long long HP,
+                             long long* bad) noexcept nogil:
     if real is float:
-        fn_sparse_forward_f(indptr, indices, data, pix, lut, rows, row0, n, W, b, out, D, H, bad)
+        fn_sparse_forward_f(indptr, indices, data, pix, lut, rows, row0, n, W, b, out, D, H, HP, bad)
     else:
-        fn_sparse_forward_d(indptr, indices, data, pix, lut, rows, row0, n, W, b, out, D, H, bad)
+        fn_sparse_forward_d(indptr, indices, data, pix, lut, rows, row0, n, W, b, out, D, H, HP, bad)
 
 
 cdef inline void _sp_scatter(long long* indptr, int* indices, void* data, bint pix, real* lut,
                              long long* rows, long long n, real* G, real* W, long long D,
-                             long long H, int jlo, int jhi, long long* bad) noexcept nogil:
+                             long long HP, int jlo, int jhi, long long* bad) noexcept nogil:
     if real is float:
-        fn_sparse_scatter_f(indptr, indices, data, pix, lut, rows, n, G, W, D, H, jlo, jhi, bad)
+        fn_sparse_scatter_f(indptr, indices, data, pix, lut, rows, n, G, W, D, HP, jlo, jhi, bad)
     else:
-        fn_sparse_scatter_d(indptr, indices, data, pix, lut, rows, n, G, W, D, H, jlo, jhi, bad)
+        fn_sparse_scatter_d(indptr, indices, data, pix, lut, rows, n, G, W, D, HP, jlo, jhi, bad)
+
+
+cdef struct _Padded:
+    # scratch for the padded layout of _sparse.h (one block from fn_scratch_take):
+    # W (D x HP), b (HP), G (B x HP) and, for gradients, dW (D x HP)
+    void* block
+    void* W
+    void* b
+    void* G
+    void* dW
+    long long HP
+
+
+cdef int _padded_take(_Padded* s, void* W, long long D, long long H, long long B, bint grads,
+                      long long tsize) except -1:
+    """Take the scratch and copy W (D x H) into it; b and G start at zero (their padding
+    lanes must read 0; W's are zeroed by fn_pad_rows).  Give it back with
+    fn_scratch_give(s.block)."""
+    cdef long long HP = fn_padded(H, tsize)
+    cdef size_t w = <size_t>(D * HP * tsize), g = <size_t>(B * HP * tsize)
+    cdef size_t bb = <size_t>(HP * tsize), total = w + bb + g + (w if grads else 0)
+    s.block = fn_scratch_take(total)
+    if s.block == NULL:
+        raise MemoryError(f"no memory for the {total} bytes of padded weights")
+    fn_pad_rows(W, D, H, s.block, HP, tsize)
+    memset(<char*>s.block + w, 0, bb + g)
+    s.HP = HP
+    s.W = s.block
+    s.b = <char*>s.block + w
+    s.G = <char*>s.block + w + bb
+    s.dW = (<char*>s.block + w + bb + g) if grads else NULL
+    return 0
 
 
 cdef inline void _pixel_table(real* lut) noexcept nogil:
@@ -829,10 +867,11 @@ cdef int _split_rows(long long* indptr, long long* rows, long long row0, long lo
 
 cdef void _sp_forward_par(long long* indptr, int* indices, void* data, bint pix, real* lut,
                           long long* rows, long long row0, real* W, real* b, real* out,
-                          long long D, long long H, int act, long long* cut, int nt,
+                          long long D, long long H, long long HP, int act, long long* cut, int nt,
                           long long* bad) noexcept nogil:
-    """out = act(X[rows] @ W + b) (rows[i], or row0 + i when rows is NULL), run t of the
-    rows (cut[t]:cut[t + 1], from _split_rows) on thread t."""
+    """out = act(X[rows] @ W + b) (rows[i], or row0 + i when rows is NULL; W and b
+    padded, out not), run t of the rows (cut[t]:cut[t + 1], from _split_rows) on
+    thread t."""
     cdef long long bads[MAX_THREADS]
     cdef int t
     cdef real* o
@@ -840,7 +879,7 @@ cdef void _sp_forward_par(long long* indptr, int* indices, void* data, bint pix,
         bads[t] = 0
         o = out + cut[t] * H
         _sp_forward(indptr, indices, data, pix, lut, (rows + cut[t]) if rows != NULL else NULL,
-                    row0 + cut[t], cut[t + 1] - cut[t], W, b, o, D, H, &bads[t])
+                    row0 + cut[t], cut[t + 1] - cut[t], W, b, o, D, H, HP, &bads[t])
         if act == 1:
             _map_relu(o, o, (cut[t + 1] - cut[t]) * H)
         elif act == 2:
@@ -851,47 +890,54 @@ cdef void _sp_forward_par(long long* indptr, int* indices, void* data, bint pix,
 
 cdef void _sp_scatter_par(long long* indptr, int* indices, void* data, bint pix, real* lut,
                           long long* rows, long long n, real* G, real* W, long long D,
-                          long long H, int nt, bint zero, long long* bad) noexcept nogil:
-    """W += X[rows].T @ G without forming it (W = X[rows].T @ G when zero), by column
-    ranges: thread t owns the rows [D t / nt, D (t + 1) / nt) of W."""
+                          long long HP, int nt, long long* bad) noexcept nogil:
+    """W += X[rows].T @ G without forming it (W and G padded), by column ranges: thread
+    t owns the rows [D t / nt, D (t + 1) / nt) of W."""
     cdef long long bads[MAX_THREADS]
     cdef int t, jlo, jhi
     for t in prange(nt, num_threads=nt, schedule="static", chunksize=1):
         bads[t] = 0
         jlo = <int>(D * t // nt)
         jhi = <int>(D * (t + 1) // nt)
-        if zero:
-            memset(W + jlo * H, 0, (jhi - jlo) * H * sizeof(real))
-        _sp_scatter(indptr, indices, data, pix, lut, rows, n, G, W, D, H, jlo, jhi, &bads[t])
+        _sp_scatter(indptr, indices, data, pix, lut, rows, n, G, W, D, HP, jlo, jhi, &bads[t])
     for t in range(nt):
         bad[0] += bads[t]
 
 
 cdef double _train_step_2layer_sparse(long long* indptr, int* indices, void* data, bint pix,
-                                      long long* T, long long* idx, real* W1, real* b1, real* W2,
+                                      long long* T, long long* idx, _Padded* pad, real* b1, real* W2,
                                       real* b2, double lr, int act, real* h, real* s, real* dh,
                                       real* dW1, real* db1, real* dW2, real* db2, int B, int D,
                                       int H, int C, long long* bad) noexcept nogil:
-    """The step of _train_step_2layer with the first layer over CSR rows: forward by
-    rows, the W1 update (or dW1) scattered by columns; everything above it shared."""
+    """The step of _train_step_2layer with the first layer over CSR rows and W1 in the
+    padded layout (pad.W): forward by rows, the W1 update (or dW1) scattered by
+    columns; everything above it shared."""
     cdef real lut[256]
     cdef long long cut[MAX_THREADS + 1]
     cdef Py_ssize_t i, j
+    cdef long long HP = pad.HP
     cdef double loss
     cdef int nt
-    cdef real mlr = <real>(-lr)
+    cdef real mlr = <real>(-lr) if lr != 0 else <real>1
+    cdef real* Wp = <real*>pad.W
+    cdef real* G = <real*>pad.G
     _pixel_table(lut)
+    memcpy(pad.b, b1, H * sizeof(real))
     nt = _split_rows(indptr, idx, 0, B, cut)
-    _sp_forward_par(indptr, indices, data, pix, lut, idx, 0, W1, b1, h, D, H, act, cut, nt, bad)
+    _sp_forward_par(indptr, indices, data, pix, lut, idx, 0, Wp, <real*>pad.b, h, D, H, HP, act,
+                    cut, nt, bad)
     loss = _step_top(h, T, idx, W2, b2, lr, act, s, dh, db1, dW2, db2, B, H, C)
+    for i in range(B):
+        for j in range(H):
+            G[i * HP + j] = dh[i * H + j] * mlr
     if lr != 0:
-        for i in range(<Py_ssize_t>B * H):
-            dh[i] = dh[i] * mlr
-        _sp_scatter_par(indptr, indices, data, pix, lut, idx, B, dh, W1, D, H, nt, False, bad)
+        _sp_scatter_par(indptr, indices, data, pix, lut, idx, B, G, Wp, D, HP, nt, bad)
         for j in range(H):
             b1[j] -= <real>lr * db1[j]
     else:
-        _sp_scatter_par(indptr, indices, data, pix, lut, idx, B, dh, dW1, D, H, nt, True, bad)
+        memset(pad.dW, 0, D * HP * sizeof(real))
+        _sp_scatter_par(indptr, indices, data, pix, lut, idx, B, G, <real*>pad.dW, D, HP, nt, bad)
+        fn_unpad_rows(pad.dW, D, HP, dW1, H, sizeof(real))
     return loss
 
 
@@ -942,25 +988,31 @@ cdef int _sparse_steps(object indptr, object indices, object data, bint pixels, 
     cdef int k, done = 0
     cdef double loss
     cdef long long* idx
+    cdef _Padded pad
+    cdef long long ts = 4 if a.tn == cnp.NPY_FLOAT32 else 8
+    _padded_take(&pad, a.p[0], a.D, a.H, a.B, lr == 0, ts)
     with nogil:
         for k in range(a.S):
             idx = a.idx + <Py_ssize_t>k * a.B
             if a.tn == cnp.NPY_FLOAT32:
-                loss = _train_step_2layer_sparse(pp, pj, pd, pixels, a.T, idx, <float*>a.p[0],
-                                                 <float*>a.p[1], <float*>a.p[2], <float*>a.p[3], lr,
-                                                 act, <float*>a.p[5], <float*>a.p[6], <float*>a.p[7],
+                loss = _train_step_2layer_sparse(pp, pj, pd, pixels, a.T, idx, &pad, <float*>a.p[1],
+                                                 <float*>a.p[2], <float*>a.p[3], lr, act,
+                                                 <float*>a.p[5], <float*>a.p[6], <float*>a.p[7],
                                                  <float*>a.p[8], <float*>a.p[9], <float*>a.p[10],
                                                  <float*>a.p[11], a.B, a.D, a.H, a.C, &bad)
             else:
-                loss = _train_step_2layer_sparse(pp, pj, pd, pixels, a.T, idx, <double*>a.p[0],
-                                                 <double*>a.p[1], <double*>a.p[2], <double*>a.p[3], lr,
-                                                 act, <double*>a.p[5], <double*>a.p[6], <double*>a.p[7],
+                loss = _train_step_2layer_sparse(pp, pj, pd, pixels, a.T, idx, &pad, <double*>a.p[1],
+                                                 <double*>a.p[2], <double*>a.p[3], lr, act,
+                                                 <double*>a.p[5], <double*>a.p[6], <double*>a.p[7],
                                                  <double*>a.p[8], <double*>a.p[9], <double*>a.p[10],
                                                  <double*>a.p[11], a.B, a.D, a.H, a.C, &bad)
             a.losses[k] = loss
             done += 1
             if bad or not (loss - loss == 0):  # a bad column, NaN or inf: stop here
                 break
+        if lr != 0:
+            fn_unpad_rows(pad.W, a.D, pad.HP, a.p[0], a.H, ts)
+        fn_scratch_give(pad.block)
     if bad:
         raise ValueError(f"train_step_2layer_sparse: {bad} column indices are outside [0, {a.D}) "
                          "(the weights may be partly updated)")
@@ -1007,23 +1059,26 @@ def sparse_affine(indptr, indices, data, long long row0, W, b, int act, out):
     cdef long long bad = 0
     cdef int* pj = <int*>_p(<cnp.ndarray>indices)
     cdef void* pd = _p(<cnp.ndarray>data)
-    cdef void* pw = _p(Wa)
-    cdef void* pb = _p(ba)
     cdef void* po = _p(oa)
     cdef float lutf[256]
     cdef double lutd[256]
     cdef long long cut[MAX_THREADS + 1]
     cdef int nt
+    cdef _Padded pad
+    cdef long long ts = 4 if tn == cnp.NPY_FLOAT32 else 8
+    _padded_take(&pad, _p(Wa), D, H, 0, False, ts)
+    memcpy(pad.b, _p(ba), H * ts)
     with nogil:
         nt = _split_rows(pp, NULL, row0, n, cut)
         if tn == cnp.NPY_FLOAT32:
             _pixel_table(lutf)
-            _sp_forward_par(pp, pj, pd, pixels, lutf, NULL, row0, <float*>pw, <float*>pb,
-                            <float*>po, D, H, act, cut, nt, &bad)
+            _sp_forward_par(pp, pj, pd, pixels, lutf, NULL, row0, <float*>pad.W, <float*>pad.b,
+                            <float*>po, D, H, pad.HP, act, cut, nt, &bad)
         else:
             _pixel_table(lutd)
-            _sp_forward_par(pp, pj, pd, pixels, lutd, NULL, row0, <double*>pw, <double*>pb,
-                            <double*>po, D, H, act, cut, nt, &bad)
+            _sp_forward_par(pp, pj, pd, pixels, lutd, NULL, row0, <double*>pad.W, <double*>pad.b,
+                            <double*>po, D, H, pad.HP, act, cut, nt, &bad)
+        fn_scratch_give(pad.block)
     if bad:
         raise ValueError(f"sparse_affine: {bad} column indices are outside [0, {D})")
     return out

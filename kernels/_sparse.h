@@ -5,17 +5,19 @@
  * about 15,000 row operations of 50 wide.  Two loops do all of it:
  *
  *   fn_sparse_forward_*  out[i, :] = b + sum_p v_p * W[j_p, :]  over the non-zeros of
- *                        row rows[i] (or row0 + i).  Four non-zeros per pass share one
- *                        load/store of out[i, :], so the accumulation is not serialised
- *                        through memory on every non-zero.
+ *                        row rows[i] (or row0 + i).  The output row is held in registers
+ *                        over all of the row's non-zeros and stored once.
  *   fn_sparse_scatter_*  W[j_p, :] += v_p * G[i, :]  over the non-zeros of rows[i] whose
  *                        column lies in [jlo, jhi): the weight update X^T G without
  *                        forming X^T G.  Each column is touched by one thread only
  *                        (threads own column ranges) and in image order, so the result
  *                        does not depend on the number of threads.
  *
- * Column indices must be sorted within each row (fastnet.sparse.SparseRows guarantees
- * it; the scatter finds [jlo, jhi) by binary search).  A column outside [0, D) is not
+ * W, b and G are read in a padded layout (rows of a whole number of 64-byte vectors,
+ * aligned; see fn_padded below); the wrappers in _cython.pyx copy into it.
+ *
+ * Column indices must be sorted within each row (the sparse_rows kernel builds them so;
+ * the scatter finds [jlo, jhi) by binary search).  A column outside [0, D) is not
  * touched: the loops count it in *bad and the wrapper raises.
  *
  * Values are either the stored floats or uint8 pixels looked up in a 256-entry table
@@ -60,6 +62,16 @@ static inline void fn_prefetch_row(const long long *indptr, const int *indices,
 #endif
 }
 
+/* The row pointers of a random batch miss the cache too, and fn_prefetch_row must read
+ * them before it can prefetch: fetch them this many rows ahead (a C micro-benchmark of
+ * forward + update, one thread: 121 -> 113 us a step). */
+#define FN_PREFETCH_INDPTR 3
+#if defined(__GNUC__)
+#define FN_PREFETCH(p) __builtin_prefetch(p)
+#else
+#define FN_PREFETCH(p) ((void)(p))
+#endif
+
 /* first position in indices[lo:hi) whose column is >= j */
 static inline long long fn_lower_bound(const int *indices, long long lo, long long hi, int j)
 {
@@ -70,30 +82,78 @@ static inline long long fn_lower_bound(const int *indices, long long lo, long lo
     return lo;
 }
 
-/* One hidden row is worked on as NV vectors of L lanes (64 bytes each: 16 floats or 8
- * doubles) held in registers: the vectors start at 0, L, 2L, ... and, when L does not
- * divide H, one more at H - L that overlaps the one before it.  Up to four vectors are
- * done per pass over a row's non-zeros (a net with H <= 4L, like the book's 50 hidden
- * floats, makes one pass).  Nets with H < L use the plain loops, whose trip count over
- * H is only known at run time.  The step rows of benchmarks/report.py time the result.
- *
- * The forward keeps two sets of accumulators (even and odd non-zeros) so that the adds
- * do not wait on each other.  The overlapping vector computes the same sums for its
- * shared lanes as the vector it overlaps (same operations, same order): they store the
- * same values.  In the update, the overlapping vector's shared lanes add zero, and all
- * vectors of a row of W are loaded before any is stored. */
-/* The vectors v0 .. v0 + m - 1 of a row, m <= 4: their offsets off[0 .. m - 1] (the
- * unused entries repeat off[0]).  Returns m. */
-static inline int fn_vec_group(long long v0, long long nv, long long nfull, long long H,
-                               long long L, long long off[4])
+/* The padded layout.  The loops read W, b and G with rows of HP = ceil(H / L) * L
+ * entries (L = 64 bytes of lanes: 16 floats or 8 doubles), each row 64-byte aligned, the
+ * lanes past H zero.  Every vector load and store of W is then whole and aligned: rows of
+ * the book's 50 floats (200 bytes) would otherwise start anywhere in a cache line, and
+ * a 64-byte load across two lines costs two.  Measured in a C micro-benchmark on this
+ * 2-core EPYC, one thread, batches of 100 MNIST rows: forward 40 -> 30 us, update
+ * 59 -> 43 us.  The wrappers copy W into the layout once per call (fn_pad_rows) and
+ * back after it; a call of many training steps pays that once.  The forward writes
+ * its output unpadded (rows of H). */
+static long long fn_padded(long long H, long long tsize)
 {
-    int m = nv - v0 < 4 ? (int)(nv - v0) : 4;
-    for (int k = 0; k < 4; k++) {
-        long long v = v0 + (k < m ? k : 0);
-        off[k] = v < nfull ? v * L : H - L;
-    }
-    return m;
+    long long L = 64 / tsize;
+    return (H + L - 1) / L * L;
 }
+
+/* n rows of w entries (tsize bytes each) into rows of wp entries, zero past w */
+static void fn_pad_rows(const void *src, long long n, long long w, void *dst, long long wp,
+                        long long tsize)
+{
+    for (long long i = 0; i < n; i++) {
+        memcpy((char *)dst + i * wp * tsize, (const char *)src + i * w * tsize, w * tsize);
+        memset((char *)dst + (i * wp + w) * tsize, 0, (wp - w) * tsize);
+    }
+}
+
+/* the first w entries of n rows of wp entries, into rows of w entries */
+static void fn_unpad_rows(const void *src, long long n, long long wp, void *dst, long long w,
+                          long long tsize)
+{
+    for (long long i = 0; i < n; i++)
+        memcpy((char *)dst + i * w * tsize, (const char *)src + i * wp * tsize, w * tsize);
+}
+
+/* Scratch memory for the padded copies, 64-byte aligned.  One block is kept between
+ * calls (grown when a call needs more) so that a step at a time does not map and fault
+ * in fresh pages on every call; a call that finds it in use (another thread) gets a block
+ * of its own.  fn_scratch_take returns NULL when out of memory. */
+#include <stdlib.h>
+static void *fn_scratch_block;
+static size_t fn_scratch_bytes;
+static int fn_scratch_busy;
+
+static void *fn_scratch_take(size_t bytes)
+{
+    bytes = (bytes + 63) / 64 * 64;
+    if (bytes == 0) bytes = 64;
+    if (!__atomic_exchange_n(&fn_scratch_busy, 1, __ATOMIC_ACQUIRE)) {
+        if (fn_scratch_bytes < bytes) {
+            free(fn_scratch_block);
+            fn_scratch_block = aligned_alloc(64, bytes);
+            fn_scratch_bytes = fn_scratch_block ? bytes : 0;
+        }
+        if (fn_scratch_block) return fn_scratch_block;
+        __atomic_store_n(&fn_scratch_busy, 0, __ATOMIC_RELEASE);
+        return NULL;
+    }
+    return aligned_alloc(64, bytes);
+}
+
+static void fn_scratch_give(void *p)
+{
+    if (p != NULL && p == fn_scratch_block)
+        __atomic_store_n(&fn_scratch_busy, 0, __ATOMIC_RELEASE);
+    else
+        free(p);
+}
+
+/* A row is worked on as its NV = HP / L vectors, held in registers, up to four per
+ * pass over the row's non-zeros (the book's 50 hidden floats: one pass of four).
+ * The forward keeps two sets of accumulators (even and odd non-zeros) so that the adds
+ * do not wait on each other; the update loads all vectors of a row of W before it
+ * stores any.  The step rows of benchmarks/report.py time the result. */
 
 /* fn(m, ...) with m a constant: one instance per vector count, so that each keeps its
  * vectors in registers */
@@ -106,45 +166,29 @@ static inline int fn_vec_group(long long v0, long long nv, long long nfull, long
     }
 
 #define FN_SPARSE_LOOPS(T, S, VT, VAL)                                                      \
-typedef T fn_vec_##S __attribute__((vector_size(64), aligned(sizeof(T))));                  \
-FN_INLINE fn_vec_##S fn_ld_##S(const T *p)                                              \
-{ fn_vec_##S v; memcpy(&v, p, sizeof v); return v; }                                        \
-FN_INLINE void fn_st_##S(T *p, fn_vec_##S v) { memcpy(p, &v, sizeof v); }              \
+typedef T fn_vec_##S __attribute__((vector_size(64)));                                      \
+typedef T fn_uvec_##S __attribute__((vector_size(64), aligned(sizeof(T))));                 \
                                                                                             \
-/* plain loops: any H */                                                                    \
-FN_INLINE void fn_forward_row_plain_##S(const int *indices, const VT *data,            \
-    const T *lut, long long p, long long e, const T *W, const T *b, T *__restrict o,      \
-    long long D, long long H, long long *bad)                                             \
+/* vector k of an unpadded output row of H entries, lanes [off, off + L): whole, or the */  \
+/* lanes below H */                                                                         \
+FN_INLINE void fn_put_##S(T *o, long long off, long long H, fn_vec_##S a)                  \
 {                                                                                           \
-    for (long long k = 0; k < H; k++) o[k] = b[k];                                          \
-    for (; p + 4 <= e; p += 4) {                                                            \
-        int j0 = indices[p], j1 = indices[p + 1];                                           \
-        int j2 = indices[p + 2], j3 = indices[p + 3];                                       \
-        if ((uint32_t)j0 >= D || (uint32_t)j1 >= D || (uint32_t)j2 >= D                     \
-            || (uint32_t)j3 >= D) { (*bad)++; continue; }                                   \
-        T v0 = VAL(p), v1 = VAL(p + 1), v2 = VAL(p + 2), v3 = VAL(p + 3);                   \
-        const T *w0 = W + j0 * H, *w1 = W + j1 * H, *w2 = W + j2 * H, *w3 = W + j3 * H;     \
-        for (long long k = 0; k < H; k++)                                                   \
-            o[k] += (v0 * w0[k] + v1 * w1[k]) + (v2 * w2[k] + v3 * w3[k]);                  \
-    }                                                                                       \
-    for (; p < e; p++) {                                                                    \
-        int j = indices[p];                                                                 \
-        if ((uint32_t)j >= D) { (*bad)++; continue; }                                       \
-        T v = VAL(p);                                                                       \
-        const T *w = W + j * H;                                                             \
-        for (long long k = 0; k < H; k++) o[k] += v * w[k];                                 \
-    }                                                                                       \
+    const long long L = 64 / sizeof(T);                                                     \
+    if (off + L <= H) { fn_uvec_##S u = a; memcpy(o + off, &u, sizeof u); }                 \
+    else { T t[64 / sizeof(T)]; memcpy(t, &a, sizeof a); memcpy(o + off, t, (H - off) * sizeof(T)); } \
 }                                                                                           \
                                                                                             \
-/* vectors v0 .. v0 + m - 1 (m <= 4) of one output row */                                  \
-FN_INLINE void fn_forward_row_vec_##S(int m, const int *indices, const VT *data,       \
+/* vectors v0 .. v0 + m - 1 (m <= 4) of one output row; W, b at vector v0 */                \
+FN_INLINE void fn_forward_row_##S(int m, const int *indices, const VT *data,            \
     const T *lut, long long p, long long e, const T *W, const T *b, T *__restrict o,      \
-    long long D, long long H, long long o0, long long o1, long long o2, long long o3,      \
-    int count_bad, long long *bad)                                                          \
+    long long off, long long D, long long H, long long HP, int count_bad, long long *bad) \
 {                                                                                           \
-    fn_vec_##S a0 = fn_ld_##S(b + o0), a1 = fn_ld_##S(b + o1);                              \
-    fn_vec_##S a2 = fn_ld_##S(b + o2), a3 = fn_ld_##S(b + o3);                              \
+    const fn_vec_##S *bv = (const fn_vec_##S *)b;                                           \
+    fn_vec_##S a0 = bv[0], a1 = {0}, a2 = {0}, a3 = {0};                                    \
     fn_vec_##S c0 = {0}, c1 = {0}, c2 = {0}, c3 = {0};                                      \
+    if (m > 1) a1 = bv[1];                                                                  \
+    if (m > 2) a2 = bv[2];                                                                  \
+    if (m > 3) a3 = bv[3];                                                                  \
     for (; p + 2 <= e; p += 2) {                                                            \
         int j = indices[p], k = indices[p + 1];                                             \
         T v = VAL(p), u = VAL(p + 1);                                                       \
@@ -153,117 +197,98 @@ FN_INLINE void fn_forward_row_vec_##S(int m, const int *indices, const VT *data,
             if ((uint32_t)j >= D) { j = 0; v = 0; }                                         \
             if ((uint32_t)k >= D) { k = 0; u = 0; }                                         \
         }                                                                                   \
-        const T *w = W + (long long)j * H, *x = W + (long long)k * H;                       \
-        a0 += v * fn_ld_##S(w + o0); c0 += u * fn_ld_##S(x + o0);                           \
-        if (m > 1) { a1 += v * fn_ld_##S(w + o1); c1 += u * fn_ld_##S(x + o1); }            \
-        if (m > 2) { a2 += v * fn_ld_##S(w + o2); c2 += u * fn_ld_##S(x + o2); }            \
-        if (m > 3) { a3 += v * fn_ld_##S(w + o3); c3 += u * fn_ld_##S(x + o3); }            \
+        const fn_vec_##S *w = (const fn_vec_##S *)(W + (long long)j * HP);                  \
+        const fn_vec_##S *x = (const fn_vec_##S *)(W + (long long)k * HP);                  \
+        a0 += v * w[0]; c0 += u * x[0];                                                     \
+        if (m > 1) { a1 += v * w[1]; c1 += u * x[1]; }                                      \
+        if (m > 2) { a2 += v * w[2]; c2 += u * x[2]; }                                      \
+        if (m > 3) { a3 += v * w[3]; c3 += u * x[3]; }                                      \
     }                                                                                       \
     if (p < e) {                                                                            \
         int j = indices[p];                                                                 \
         if ((uint32_t)j >= D) { if (count_bad) (*bad)++; }                                  \
         else {                                                                              \
             T v = VAL(p);                                                                   \
-            const T *w = W + (long long)j * H;                                              \
-            a0 += v * fn_ld_##S(w + o0);                                                    \
-            if (m > 1) a1 += v * fn_ld_##S(w + o1);                                         \
-            if (m > 2) a2 += v * fn_ld_##S(w + o2);                                         \
-            if (m > 3) a3 += v * fn_ld_##S(w + o3);                                         \
+            const fn_vec_##S *w = (const fn_vec_##S *)(W + (long long)j * HP);              \
+            a0 += v * w[0];                                                                 \
+            if (m > 1) a1 += v * w[1];                                                      \
+            if (m > 2) a2 += v * w[2];                                                      \
+            if (m > 3) a3 += v * w[3];                                                      \
         }                                                                                   \
     }                                                                                       \
-    if (m > 3) fn_st_##S(o + o3, a3 + c3);                                                  \
-    if (m > 2) fn_st_##S(o + o2, a2 + c2);                                                  \
-    if (m > 1) fn_st_##S(o + o1, a1 + c1);                                                  \
-    fn_st_##S(o + o0, a0 + c0);                                                             \
+    const long long L = 64 / sizeof(T);                                                     \
+    if (m > 3) fn_put_##S(o, off + 3 * L, H, a3 + c3);                                      \
+    if (m > 2) fn_put_##S(o, off + 2 * L, H, a2 + c2);                                      \
+    if (m > 1) fn_put_##S(o, off + L, H, a1 + c1);                                          \
+    fn_put_##S(o, off, H, a0 + c0);                                                         \
 }                                                                                           \
                                                                                             \
+/* out[i, :H] = b + sum_p v_p W[j_p, :] over the non-zeros of row rows[i] (or row0 + i); */ \
+/* W and b padded (rows of HP), out unpadded (rows of H) */                                 \
 FN_SPARSE_CLONES static void fn_sparse_forward_##S(                                         \
     const long long *indptr, const int *indices, const VT *data, const T *lut,            \
     const long long *rows, long long row0, long long n, const T *W, const T *b,           \
-    T *__restrict out, long long D, long long H, long long *bad)                          \
+    T *__restrict out, long long D, long long H, long long HP, long long *bad)            \
 {                                                                                           \
-    const long long L = 64 / sizeof(T), nfull = H / L, nv = nfull + (H % L != 0);           \
+    const long long L = 64 / sizeof(T), nv = HP / L;                                        \
     for (long long i = 0; i < n; i++) {                                                     \
         long long r = rows ? rows[i] : row0 + i;                                            \
+        if (rows && i + FN_PREFETCH_INDPTR < n) FN_PREFETCH(indptr + rows[i + FN_PREFETCH_INDPTR]);  \
         if (i + 1 < n)                                                                      \
             fn_prefetch_row(indptr, indices, data, rows ? rows[i + 1] : r + 1, sizeof(VT)); \
         long long p = indptr[r], e = indptr[r + 1];                                         \
-        T *__restrict o = out + i * H;                                                      \
-        if (H < L) {                                                                        \
-            fn_forward_row_plain_##S(indices, data, lut, p, e, W, b, o, D, H, bad);         \
-            continue;                                                                       \
-        }                                                                                   \
         for (long long v0 = 0; v0 < nv; v0 += 4) {                                          \
-            long long off[4];                                                               \
-            int m = fn_vec_group(v0, nv, nfull, H, L, off);                                 \
-            FN_FOR_M(m, fn_forward_row_vec_##S, indices, data, lut, p, e, W, b, o, D, H,    \
-                     off[0], off[1], off[2], off[3], v0 == 0, bad)                          \
+            int m = nv - v0 < 4 ? (int)(nv - v0) : 4;                                       \
+            FN_FOR_M(m, fn_forward_row_##S, indices, data, lut, p, e, W + v0 * L,           \
+                     b + v0 * L, out + i * H, v0 * L, D, H, HP, v0 == 0, bad)               \
         }                                                                                   \
     }                                                                                       \
 }                                                                                           \
                                                                                             \
-/* W[j] += v G[i] over columns [p, e) of one row, vectors v0 .. v0 + m - 1; lanes of the */ \
-/* overlapping vector that the vector before it covers add zero (keep[] is 0 there) */      \
-FN_INLINE void fn_scatter_row_vec_##S(int m, const int *indices, const VT *data,       \
+/* W[j] += v G[i] over columns [p, e) of one row, vectors v0 .. v0 + m - 1 (W, g at v0) */  \
+FN_INLINE void fn_scatter_row_##S(int m, const int *indices, const VT *data,            \
     const T *lut, long long p, long long e, const T *__restrict g, T *__restrict W,       \
-    long long D, long long H, long long o0, long long o1, long long o2, long long o3,      \
-    fn_vec_##S keep3, long long *bad)                                                     \
+    long long D, long long HP, long long *bad)                                            \
 {                                                                                           \
-    fn_vec_##S g0 = fn_ld_##S(g + o0), g1 = fn_ld_##S(g + o1);                              \
-    fn_vec_##S g2 = fn_ld_##S(g + o2), g3 = fn_ld_##S(g + o3);                              \
-    if (m == 4) g3 *= keep3; else if (m == 3) g2 *= keep3;                                  \
-    else if (m == 2) g1 *= keep3; else g0 *= keep3;                                         \
+    const fn_vec_##S *gv = (const fn_vec_##S *)g;                                           \
+    fn_vec_##S g0 = gv[0], g1 = {0}, g2 = {0}, g3 = {0};                                    \
+    if (m > 1) g1 = gv[1];                                                                  \
+    if (m > 2) g2 = gv[2];                                                                  \
+    if (m > 3) g3 = gv[3];                                                                  \
     for (; p < e; p++) {                                                                    \
         int j = indices[p];                                                                 \
         if ((uint32_t)j >= D) { if (bad) (*bad)++; continue; }                              \
         T v = VAL(p);                                                                       \
-        T *w = W + (long long)j * H;                                                        \
-        fn_vec_##S w0 = fn_ld_##S(w + o0), w1 = {0}, w2 = {0}, w3 = {0};                    \
-        if (m > 1) w1 = fn_ld_##S(w + o1);                                                  \
-        if (m > 2) w2 = fn_ld_##S(w + o2);                                                  \
-        if (m > 3) w3 = fn_ld_##S(w + o3);                                                  \
-        if (m > 3) fn_st_##S(w + o3, w3 + v * g3);                                          \
-        if (m > 2) fn_st_##S(w + o2, w2 + v * g2);                                          \
-        if (m > 1) fn_st_##S(w + o1, w1 + v * g1);                                          \
-        fn_st_##S(w + o0, w0 + v * g0);                                                     \
+        fn_vec_##S *w = (fn_vec_##S *)(W + (long long)j * HP);                              \
+        fn_vec_##S w0 = w[0], w1 = {0}, w2 = {0}, w3 = {0};                                 \
+        if (m > 1) w1 = w[1];                                                               \
+        if (m > 2) w2 = w[2];                                                               \
+        if (m > 3) w3 = w[3];                                                               \
+        if (m > 3) w[3] = w3 + v * g3;                                                      \
+        if (m > 2) w[2] = w2 + v * g2;                                                      \
+        if (m > 1) w[1] = w1 + v * g1;                                                      \
+        w[0] = w0 + v * g0;                                                                 \
     }                                                                                       \
 }                                                                                           \
                                                                                             \
+/* W[j, :] += v G[i, :] over the non-zeros (i, j, v) of rows rows[0 .. n) with j in */      \
+/* [jlo, jhi); W and G padded (rows of HP) */                                               \
 FN_SPARSE_CLONES static void fn_sparse_scatter_##S(                                         \
     const long long *indptr, const int *indices, const VT *data, const T *lut,            \
     const long long *rows, long long n, const T *__restrict G, T *__restrict W,           \
-    long long D, long long H, int jlo, int jhi, long long *bad)                           \
+    long long D, long long HP, int jlo, int jhi, long long *bad)                          \
 {                                                                                           \
-    const long long L = 64 / sizeof(T), nfull = H / L, nv = nfull + (H % L != 0);           \
-    fn_vec_##S ones, keep;                                                                  \
-    for (long long l = 0; l < L; l++) {                                                     \
-        ones[l] = 1;                                                                        \
-        keep[l] = (H % L != 0 && H - L + l < nfull * L) ? 0 : 1;                            \
-    }                                                                                       \
+    const long long L = 64 / sizeof(T), nv = HP / L;                                        \
     for (long long i = 0; i < n; i++) {                                                     \
         long long r = rows[i];                                                              \
         if (i + 1 < n) fn_prefetch_row(indptr, indices, data, rows[i + 1], sizeof(VT));     \
         long long p = indptr[r], e = indptr[r + 1];                                         \
         if (jlo > 0) p = fn_lower_bound(indices, p, e, jlo);                                \
         if (jhi < D) e = fn_lower_bound(indices, p, e, jhi);                                \
-        const T *__restrict g = G + i * H;                                                  \
-        if (H < L) {                                                                        \
-            for (; p < e; p++) {                                                            \
-                int j = indices[p];                                                         \
-                if ((uint32_t)j >= D) { (*bad)++; continue; }                               \
-                T v = VAL(p);                                                               \
-                T *__restrict w = W + j * H;                                                \
-                for (long long k = 0; k < H; k++) w[k] += v * g[k];                         \
-            }                                                                               \
-            continue;                                                                       \
-        }                                                                                   \
         for (long long v0 = 0; v0 < nv; v0 += 4) {                                          \
-            long long off[4];                                                               \
-            int m = fn_vec_group(v0, nv, nfull, H, L, off);                                 \
-            /* only the last group holds the overlapping vector, as its last vector */      \
-            FN_FOR_M(m, fn_scatter_row_vec_##S, indices, data, lut, p, e, g, W, D, H,       \
-                     off[0], off[1], off[2], off[3], v0 + m == nv ? keep : ones,            \
-                     v0 == 0 ? bad : NULL)                                                  \
+            int m = nv - v0 < 4 ? (int)(nv - v0) : 4;                                       \
+            FN_FOR_M(m, fn_scatter_row_##S, indices, data, lut, p, e, G + i * HP + v0 * L,  \
+                     W + v0 * L, D, HP, v0 == 0 ? bad : NULL)                               \
         }                                                                                   \
     }                                                                                       \
 }
@@ -282,26 +307,26 @@ FN_SPARSE_LOOPS(double, du, uint8_t, FN_VAL_PIXEL)
 static void fn_sparse_forward_##S(                                                          \
     const long long *indptr, const int *indices, const void *data, int pix, const T *lut, \
     const long long *rows, long long row0, long long n, const T *W, const T *b, T *out,   \
-    long long D, long long H, long long *bad)                                             \
+    long long D, long long H, long long HP, long long *bad)                               \
 {                                                                                           \
     if (pix)                                                                                \
         fn_sparse_forward_##S##u(indptr, indices, (const uint8_t *)data, lut, rows, row0, n, \
-                                 W, b, out, D, H, bad);                                     \
+                                 W, b, out, D, H, HP, bad);                                 \
     else                                                                                    \
         fn_sparse_forward_##S##v(indptr, indices, (const T *)data, lut, rows, row0, n,      \
-                                 W, b, out, D, H, bad);                                     \
+                                 W, b, out, D, H, HP, bad);                                 \
 }                                                                                           \
 static void fn_sparse_scatter_##S(                                                          \
     const long long *indptr, const int *indices, const void *data, int pix, const T *lut, \
-    const long long *rows, long long n, const T *G, T *W, long long D, long long H,       \
+    const long long *rows, long long n, const T *G, T *W, long long D, long long HP,      \
     int jlo, int jhi, long long *bad)                                                     \
 {                                                                                           \
     if (pix)                                                                                \
         fn_sparse_scatter_##S##u(indptr, indices, (const uint8_t *)data, lut, rows, n, G, W, \
-                                 D, H, jlo, jhi, bad);                                      \
+                                 D, HP, jlo, jhi, bad);                                     \
     else                                                                                    \
         fn_sparse_scatter_##S##v(indptr, indices, (const T *)data, lut, rows, n, G, W,      \
-                                 D, H, jlo, jhi, bad);                                      \
+                                 D, HP, jlo, jhi, bad);                                     \
 }
 
 FN_SPARSE_ENTRIES(float, f)

@@ -294,8 +294,8 @@ def test_sparse_rows_parity(backend_name, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("pixels", [True, False])
 @pytest.mark.parametrize("act", [0, 1, 2])
-# hidden sizes for the vector loops: under one vector, a vector and a bit (the last one
-# overlaps), whole vectors, and more than four vectors (two passes over each row)
+# hidden sizes for the vector loops: under one vector, a vector and a bit (a padded last
+# vector), whole vectors, and more than four vectors (two passes over each row)
 @pytest.mark.parametrize("H", [7, 19, 32, 50, 100])
 def test_sparse_affine_parity(backend_name, dtype, pixels, act, H):
     ref, got = backend.load("numpy"), backend.load(backend_name)
@@ -338,6 +338,36 @@ def test_sparse_step_parity(backend_name, dtype, act, pixels, sizes):
     got.train_step_2layer_sparse(*csr, T, idx, *params, 0.5, act, work)
     for name, a, b in zip(("W1", "b1", "W2", "b2"), params, ref_params):
         _close(a, b, dtype, f"{backend_name} updated {name}")
+
+
+@pytest.mark.parametrize("backend_name", COMPILED)
+def test_sparse_kernels_from_several_threads(backend_name):
+    """The sparse kernels release the GIL and share one block of scratch memory between
+    calls (the Cython loops read W in a padded copy): calls from several Python threads
+    at once must give what the same calls give one after another."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    k = backend.load(backend_name)
+    cases = [_sparse_case(np.float32, 20, 60, H, 5, N=400, seed=s) for s, H in enumerate((50, 17, 64, 9))]
+
+    def run(case):
+        X, T, _, params, work = case
+        csr = k.sparse_rows(X)
+        params = [p.copy() for p in params]
+        idx = np.random.default_rng(1).integers(0, X.shape[0], (8, 20))
+        losses = np.empty(8)
+        out = np.empty((X.shape[0], params[0].shape[1]), np.float32)
+        for _ in range(5):
+            k.train_steps_2layer_sparse(*csr, T, idx, *params, 0.1, 1, tuple(w.copy() for w in work), losses)
+            k.sparse_affine(*csr, 0, params[0], params[1], 1, out)
+        return [out, losses] + params
+
+    serial = [run(c) for c in cases]
+    with ThreadPoolExecutor(4) as pool:
+        threaded = list(pool.map(run, cases * 3))
+    for i, got in enumerate(threaded):
+        for a, b in zip(got, serial[i % len(cases)]):
+            np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("backend_name", COMPILED)
