@@ -3,7 +3,7 @@
 # Layout follows scikit-learn's sklearn/_loss: small ``cdef inline ... nogil`` element
 # functions over a fused float type, loops over raw pointers, and a thin ``def`` layer
 # that validates dtypes, shapes and contiguity once per call and then releases the GIL.
-# Matrix products go to BLAS through scipy.linalg.cython_blas (sgemm/dgemm).
+# Matrix products go to BLAS through scipy.linalg.cython_blas (sgemm/dgemm; see _load_blas).
 # Compiler directives are set once in setup.py (FASTNET_CYTHON_DEBUG=1 turns bounds
 # checking back on).
 
@@ -12,7 +12,7 @@ from libc.math cimport log
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 from cython.parallel cimport prange
-from scipy.linalg.cython_blas cimport sgemm, dgemm
+from cpython.pycapsule cimport PyCapsule_GetName, PyCapsule_GetPointer
 
 cdef extern from "_sparse.h" nogil:
     # the first layer over CSR rows (see _sparse.h); W, b and G in the padded layout
@@ -69,6 +69,68 @@ cdef inline void _exp_inplace(real* y, Py_ssize_t n) noexcept nogil:
 cdef inline real _relu(real v) noexcept nogil:
     # NaN stays NaN (v > 0 is false for NaN, so test the other way round)
     return 0 if v <= 0 else v
+
+
+ctypedef void (*_sgemm_t)(char* ta, char* tb, int* m, int* n, int* k, float* alpha, float* a,
+                          int* lda, float* b, int* ldb, float* beta, float* c, int* ldc) noexcept nogil
+ctypedef void (*_dgemm_t)(char* ta, char* tb, int* m, int* n, int* k, double* alpha, double* a,
+                          int* lda, double* b, int* ldb, double* beta, double* c, int* ldc) noexcept nogil
+cdef _sgemm_t sgemm = NULL
+cdef _dgemm_t dgemm = NULL
+
+
+def _cython_blas():
+    """The module scipy.linalg.cython_blas.
+
+    ``from scipy.linalg cimport cython_blas`` would import it at start-up through the
+    package scipy.linalg, whose __init__ imports all of scipy.linalg: 0.13 s here, more
+    than a tenth of the chapter-5 experiment's training on this backend.  The module
+    itself loads in 0.02 s, so it is loaded from its file, under its own name (a later
+    ``import scipy.linalg`` then finds it in sys.modules instead of loading it again).
+    Anything unexpected about the file (another scipy layout): the plain import."""
+    import sys
+
+    name = "scipy.linalg.cython_blas"
+    if name in sys.modules:
+        return sys.modules[name]
+    try:
+        import importlib.machinery
+        import importlib.util
+        import os
+
+        scipy = importlib.util.find_spec("scipy")
+        folder = os.path.join(os.path.dirname(scipy.origin), "linalg")
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+            path = os.path.join(folder, "cython_blas" + suffix)
+            if os.path.isfile(path):
+                break
+        else:
+            raise ImportError(f"no cython_blas extension in {folder}")
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        if sys.modules.get(name) is module:
+            # loading an extension may register it; a later `import scipy.linalg.cython_blas`
+            # must go the normal way, which also binds it in the package scipy.linalg
+            del sys.modules[name]
+        return module
+    except Exception:
+        from scipy.linalg import cython_blas
+
+        return cython_blas
+
+
+cdef int _load_blas() except -1:
+    """sgemm and dgemm from the C-API capsules of scipy.linalg.cython_blas (what a
+    cimport of them would read)."""
+    global sgemm, dgemm
+    capi = _cython_blas().__pyx_capi__
+    dgemm = <_dgemm_t>PyCapsule_GetPointer(capi["dgemm"], PyCapsule_GetName(capi["dgemm"]))
+    sgemm = <_sgemm_t>PyCapsule_GetPointer(capi["sgemm"], PyCapsule_GetName(capi["sgemm"]))
+    return 0
+
+
+_load_blas()
 
 
 cdef void _gemm(bint ta, bint tb, int M, int N, int K, real alpha, real* A, int lda,

@@ -84,3 +84,32 @@ def test_import_is_fast_and_lazy():
     seconds, numba_loaded, cython_loaded = out.stdout.split()
     assert numba_loaded == "False" and cython_loaded == "False"
     assert float(seconds) < 1.0
+
+
+@pytest.mark.skipif("cython" not in backend.available_backends(), reason="the Cython extension is not built")
+@pytest.mark.parametrize("scipy_first", [False, True], ids=["fastnet first", "scipy.linalg first"])
+def test_cython_blas_without_scipy_linalg(scipy_first):
+    """The Cython backend takes sgemm/dgemm from scipy.linalg.cython_blas without importing
+    the package scipy.linalg (0.13 s of start-up); scipy.linalg imported before or after
+    it still works, and the products are BLAS's."""
+    code = "\n".join([
+        "import sys, numpy as np",
+        "import scipy.linalg" if scipy_first else "",
+        "from fastnet.kernels import _cython as k",
+        "print('scipy.linalg' in sys.modules)",
+        "import scipy.linalg.cython_blas as cb, scipy.linalg",
+        "assert 'sgemm' in cb.__pyx_capi__",
+        "assert np.allclose(scipy.linalg.solve(2 * np.eye(3), np.ones(3)), 0.5)",
+        "x, w = np.random.default_rng(0).random((2, 70, 70))",
+        "out = np.empty((70, 70))",
+        "k.affine(x, w, np.zeros(70), out)",
+        "assert np.allclose(out, x @ w), 'dgemm'",
+        "o32 = np.empty((70, 70), np.float32)",
+        "k.affine(x.astype(np.float32), w.astype(np.float32), np.zeros(70, np.float32), o32)",
+        "assert np.allclose(o32, x @ w, rtol=1e-4), 'sgemm'",
+        "print('ok')",
+    ])
+    out = _run(code)
+    assert out.returncode == 0, out.stderr
+    loaded, ok = out.stdout.split()
+    assert ok == "ok" and loaded == str(scipy_first)
