@@ -11,7 +11,7 @@ cimport numpy as cnp
 from libc.math cimport log
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
-from cython.parallel cimport prange
+from cython.parallel cimport parallel, prange
 from cpython.pycapsule cimport PyCapsule_GetName, PyCapsule_GetPointer
 
 cdef extern from "_sparse.h" nogil:
@@ -624,31 +624,38 @@ cdef void _gather_rows(real* X, unsigned char* U, long long* idx, real* xb, int 
                 out[j] = (<real>row[j]) / <real>255
 
 
-cdef double _step_top(real* h, long long* T, long long* idx, real* W2, real* b2, double lr,
-                      int act, real* s, real* dh, real* db1, real* dW2, real* db2,
-                      int B, int H, int C) noexcept nogil:
-    """Everything of a two-layer step above the first layer's product: given the hidden
-    activations h, the second Affine, softmax-with-loss, dh (with the old W2) and db1;
-    then SGD on W2, b2, b1 when lr != 0 (b1 from db1), else dW2 and db2.  Returns the
-    batch loss."""
+cdef double _top_rows(real* h, long long* T, long long* idx, real* W2, real* b2, int act,
+                      real* s, real* dh, int n, int B, int H, int C) noexcept nogil:
+    """Rows [0, n) of a batch of B, above the first layer: given their hidden activations
+    h, s = softmax(h @ W2 + b2), then ds = (s - onehot(t)) / B in place of s, and
+    dh = act'(ds @ W2.T).  Each row depends on its own inputs only, so blocks of rows
+    may run on different threads.  Returns the sum of the rows' losses, in row order."""
     cdef Py_ssize_t i, j
     cdef long long t
-    cdef double loss = 0, scale = 1.0 / B
-    cdef real rs = <real>scale
-    _affine(h, W2, b2, s, B, H, C, 0)
-    _softmax(s, s, B, C)
-    for i in range(B):
+    cdef double loss = 0
+    cdef real rs = <real>(1.0 / B)
+    _affine(h, W2, b2, s, n, H, C, 0)
+    _softmax(s, s, n, C)
+    for i in range(n):
         t = T[idx[i]]
         loss -= log(<double>(s[i * C + t] + <real>LOG_EPS))
         for j in range(C):
             s[i * C + j] = s[i * C + j] * rs
         s[i * C + t] = s[i * C + t] - rs
     # dh = ds @ W2.T (with the old W2), then the activation's derivative
-    _gemm(False, True, B, H, C, <real>1, s, C, W2, C, <real>0, dh, H)
+    _gemm(False, True, n, H, C, <real>1, s, C, W2, C, <real>0, dh, H)
     if act == 1:
-        _map_relu_backward(dh, h, dh, <Py_ssize_t>B * H)
+        _map_relu_backward(dh, h, dh, <Py_ssize_t>n * H)
     else:
-        _map_sigmoid_backward(dh, h, dh, <Py_ssize_t>B * H)
+        _map_sigmoid_backward(dh, h, dh, <Py_ssize_t>n * H)
+    return loss
+
+
+cdef void _top_reduce(real* h, real* W2, real* b2, double lr, real* s, real* dh, real* db1,
+                      real* dW2, real* db2, int B, int H, int C) noexcept nogil:
+    """The sums over the batch after _top_rows: db2, db1 and dW2 = h.T @ ds; then SGD on
+    W2 and b2 when lr != 0 (dW2 is folded into the product), else dW2 and db2 written."""
+    cdef Py_ssize_t i, j
     for j in range(C):
         db2[j] = 0
     for i in range(B):
@@ -665,6 +672,16 @@ cdef double _step_top(real* h, long long* T, long long* idx, real* W2, real* b2,
             b2[j] -= <real>lr * db2[j]
     else:
         _gemm(True, False, H, C, B, <real>1, h, H, s, C, <real>0, dW2, C)
+
+
+cdef double _step_top(real* h, long long* T, long long* idx, real* W2, real* b2, double lr,
+                      int act, real* s, real* dh, real* db1, real* dW2, real* db2,
+                      int B, int H, int C) noexcept nogil:
+    """Everything of a two-layer step above the first layer's product, on one thread:
+    _top_rows for the whole batch, then _top_reduce (b1 is updated by the caller, from
+    db1).  Returns the batch loss."""
+    cdef double loss = _top_rows(h, T, idx, W2, b2, act, s, dh, B, B, H, C)
+    _top_reduce(h, W2, b2, lr, s, dh, db1, dW2, db2, B, H, C)
     return loss / B
 
 
@@ -950,6 +967,53 @@ cdef void _sp_forward_par(long long* indptr, int* indices, void* data, bint pix,
         bad[0] += bads[t]
 
 
+# the rows of a sparse step's batch above the first layer run as this many blocks (on as
+# many threads when there are): a fixed number, so that the results do not depend on
+# the number of threads
+DEF TOP_BLOCKS = 2
+
+
+cdef double _sp_forward_top_par(long long* indptr, int* indices, void* data, bint pix, real* lut,
+                                long long* idx, real* W, real* b, real* h, long long D, long long H,
+                                long long HP, int act, long long* cut, int nt, long long* bad,
+                                long long* T, real* W2, real* b2, real* s, real* dh, real* G,
+                                real mlr, int B, int C) noexcept nogil:
+    """The row-wise part of a sparse step in one parallel region: h = act(X[idx] @ W + b)
+    by runs of rows (as _sp_forward_par), then _top_rows by TOP_BLOCKS blocks of rows,
+    each also writing its rows of G = mlr * dh (padded, for the scatter).  Returns the
+    sum of the rows' losses (block sums added in block order)."""
+    cdef long long bads[MAX_THREADS]
+    cdef double part[TOP_BLOCKS]
+    cdef int t, k, nb = TOP_BLOCKS if B >= TOP_BLOCKS else B
+    cdef long long r0, r1
+    cdef Py_ssize_t i, j
+    cdef real* o
+    cdef double loss = 0
+    with parallel(num_threads=nt):
+        for t in prange(nt, schedule="static", chunksize=1):
+            bads[t] = 0
+            o = h + cut[t] * H
+            _sp_forward(indptr, indices, data, pix, lut, idx + cut[t], 0, cut[t + 1] - cut[t], W, b,
+                        o, D, H, HP, &bads[t])
+            if act == 1:
+                _map_relu(o, o, (cut[t + 1] - cut[t]) * H)
+            elif act == 2:
+                _map_sigmoid(o, o, (cut[t + 1] - cut[t]) * H)
+        for k in prange(nb, schedule="static", chunksize=1):
+            r0 = B * k // nb
+            r1 = B * (k + 1) // nb
+            part[k] = _top_rows(h + r0 * H, T, idx + r0, W2, b2, act, s + r0 * C, dh + r0 * H,
+                                <int>(r1 - r0), B, <int>H, C)
+            for i in range(r0, r1):
+                for j in range(H):
+                    G[i * HP + j] = dh[i * H + j] * mlr
+    for t in range(nt):
+        bad[0] += bads[t]
+    for k in range(nb):
+        loss += part[k]
+    return loss
+
+
 cdef void _sp_scatter_par(long long* indptr, int* indices, void* data, bint pix, real* lut,
                           long long* rows, long long n, real* G, real* W, long long D,
                           long long HP, int nt, long long* bad) noexcept nogil:
@@ -972,11 +1036,12 @@ cdef double _train_step_2layer_sparse(long long* indptr, int* indices, void* dat
                                       real* dW1, real* db1, real* dW2, real* db2, int B, int D,
                                       int H, int C, long long* bad) noexcept nogil:
     """The step of _train_step_2layer with the first layer over CSR rows and W1 in the
-    padded layout (pad.W): forward by rows, the W1 update (or dW1) scattered by
-    columns; everything above it shared."""
+    padded layout (pad.W): forward and the row-wise part above it in one parallel region
+    (_sp_forward_top_par), the sums over the batch on one thread (_top_reduce), then the
+    W1 update (or dW1) scattered by columns."""
     cdef real lut[256]
     cdef long long cut[MAX_THREADS + 1]
-    cdef Py_ssize_t i, j
+    cdef Py_ssize_t j
     cdef long long HP = pad.HP
     cdef double loss
     cdef int nt
@@ -986,12 +1051,9 @@ cdef double _train_step_2layer_sparse(long long* indptr, int* indices, void* dat
     _pixel_table(lut)
     memcpy(pad.b, b1, H * sizeof(real))
     nt = _split_rows(indptr, idx, 0, B, cut)
-    _sp_forward_par(indptr, indices, data, pix, lut, idx, 0, Wp, <real*>pad.b, h, D, H, HP, act,
-                    cut, nt, bad)
-    loss = _step_top(h, T, idx, W2, b2, lr, act, s, dh, db1, dW2, db2, B, H, C)
-    for i in range(B):
-        for j in range(H):
-            G[i * HP + j] = dh[i * H + j] * mlr
+    loss = _sp_forward_top_par(indptr, indices, data, pix, lut, idx, Wp, <real*>pad.b, h, D, H, HP,
+                               act, cut, nt, bad, T, W2, b2, s, dh, G, mlr, B, C) / B
+    _top_reduce(h, W2, b2, lr, s, dh, db1, dW2, db2, B, H, C)
     if lr != 0:
         _sp_scatter_par(indptr, indices, data, pix, lut, idx, B, G, Wp, D, HP, nt, bad)
         for j in range(H):

@@ -370,6 +370,38 @@ def test_sparse_kernels_from_several_threads(backend_name):
             np.testing.assert_array_equal(a, b)
 
 
+_THREADS_SCRIPT = """
+import sys, numpy as np
+from fastnet import backend
+k = backend.load("cython")
+rng = np.random.default_rng(3)
+X = (rng.integers(1, 256, (400, 300)) * (rng.random((400, 300)) < 0.2)).astype(np.uint8)
+T = rng.integers(0, 10, 400)
+p = [(0.1 * rng.standard_normal(s)).astype(np.float32) for s in ((300, 50), (50,), (50, 10), (10,))]
+work = tuple(np.empty(s, np.float32) for s in ((100, 300), (100, 50), (100, 10), (100, 50), (300, 50), (50,), (50, 10), (10,)))
+losses = np.empty(20)
+k.train_steps_2layer_sparse(*k.sparse_rows(X), T, rng.integers(0, 400, (20, 100)), *p, 0.1, 1, work, losses)
+sys.stdout.write(np.concatenate([a.ravel() for a in p] + [losses]).tobytes().hex())
+"""
+
+
+@pytest.mark.skipif("cython" not in backend.available_backends(), reason="the Cython extension is not built")
+def test_sparse_steps_do_not_depend_on_the_thread_count():
+    """The Cython sparse step splits rows, blocks of rows and columns of W1 between threads
+    so that no sum changes order with their number: 1, 2 or 3 threads, the same bits."""
+    import os
+    import subprocess
+    import sys
+
+    outs = []
+    for threads in ("1", "2", "3"):
+        env = dict(os.environ, OMP_NUM_THREADS=threads)
+        run = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT], capture_output=True, text=True, env=env)
+        assert run.returncode == 0, run.stderr
+        outs.append(run.stdout)
+    assert outs[0] == outs[1] == outs[2] and len(outs[0]) > 1000
+
+
 @pytest.mark.parametrize("backend_name", COMPILED)
 def test_sparse_step_bad_input(backend_name):
     k = backend.load(backend_name)
