@@ -26,10 +26,12 @@ cdef extern from "_sparse.h" nogil:
                              long long HP, long long* bad)
     void fn_sparse_scatter_f(const long long* indptr, const int* indices, const void* data, int pix,
                              const float* lut, const long long* rows, long long n, const float* G,
-                             float* W, long long D, long long HP, int jlo, int jhi, long long* bad)
+                             float* W, long long D, long long H, long long HP, int jlo, int jhi,
+                             long long* bad)
     void fn_sparse_scatter_d(const long long* indptr, const int* indices, const void* data, int pix,
                              const double* lut, const long long* rows, long long n, const double* G,
-                             double* W, long long D, long long HP, int jlo, int jhi, long long* bad)
+                             double* W, long long D, long long H, long long HP, int jlo, int jhi,
+                             long long* bad)
     long long fn_padded(long long H, long long tsize)
     void fn_pad_rows(const void* src, long long n, long long w, void* dst, long long wp, long long tsize)
     void fn_unpad_rows(const void* src, long long n, long long wp, void* dst, long long w, long long tsize)
@@ -868,12 +870,12 @@ cdef inline void _sp_forward(long long* indptr, int* indices, void* data, bint p
 
 
 cdef inline void _sp_scatter(long long* indptr, int* indices, void* data, bint pix, real* lut,
-                             long long* rows, long long n, real* G, real* W, long long D,
+                             long long* rows, long long n, real* G, real* W, long long D, long long H,
                              long long HP, int jlo, int jhi, long long* bad) noexcept nogil:
     if real is float:
-        fn_sparse_scatter_f(indptr, indices, data, pix, lut, rows, n, G, W, D, HP, jlo, jhi, bad)
+        fn_sparse_scatter_f(indptr, indices, data, pix, lut, rows, n, G, W, D, H, HP, jlo, jhi, bad)
     else:
-        fn_sparse_scatter_d(indptr, indices, data, pix, lut, rows, n, G, W, D, HP, jlo, jhi, bad)
+        fn_sparse_scatter_d(indptr, indices, data, pix, lut, rows, n, G, W, D, H, HP, jlo, jhi, bad)
 
 
 cdef struct _Padded:
@@ -1016,7 +1018,7 @@ cdef double _sp_forward_top_par(long long* indptr, int* indices, void* data, bin
 
 cdef void _sp_scatter_par(long long* indptr, int* indices, void* data, bint pix, real* lut,
                           long long* rows, long long n, real* G, real* W, long long D,
-                          long long HP, int nt, long long* bad) noexcept nogil:
+                          long long H, long long HP, int nt, long long* bad) noexcept nogil:
     """W += X[rows].T @ G without forming it (W and G padded), by column ranges: thread
     t owns the rows [D t / nt, D (t + 1) / nt) of W."""
     cdef long long bads[MAX_THREADS]
@@ -1025,7 +1027,7 @@ cdef void _sp_scatter_par(long long* indptr, int* indices, void* data, bint pix,
         bads[t] = 0
         jlo = <int>(D * t // nt)
         jhi = <int>(D * (t + 1) // nt)
-        _sp_scatter(indptr, indices, data, pix, lut, rows, n, G, W, D, HP, jlo, jhi, &bads[t])
+        _sp_scatter(indptr, indices, data, pix, lut, rows, n, G, W, D, H, HP, jlo, jhi, &bads[t])
     for t in range(nt):
         bad[0] += bads[t]
 
@@ -1055,12 +1057,12 @@ cdef double _train_step_2layer_sparse(long long* indptr, int* indices, void* dat
                                act, cut, nt, bad, T, W2, b2, s, dh, G, mlr, B, C) / B
     _top_reduce(h, W2, b2, lr, s, dh, db1, dW2, db2, B, H, C)
     if lr != 0:
-        _sp_scatter_par(indptr, indices, data, pix, lut, idx, B, G, Wp, D, HP, nt, bad)
+        _sp_scatter_par(indptr, indices, data, pix, lut, idx, B, G, Wp, D, H, HP, nt, bad)
         for j in range(H):
             b1[j] -= <real>lr * db1[j]
     else:
         memset(pad.dW, 0, D * HP * sizeof(real))
-        _sp_scatter_par(indptr, indices, data, pix, lut, idx, B, G, <real*>pad.dW, D, HP, nt, bad)
+        _sp_scatter_par(indptr, indices, data, pix, lut, idx, B, G, <real*>pad.dW, D, H, HP, nt, bad)
         fn_unpad_rows(pad.dW, D, HP, dW1, H, sizeof(real))
     return loss
 
