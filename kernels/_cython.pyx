@@ -891,8 +891,8 @@ cdef struct _Padded:
 
 cdef int _padded_take(_Padded* s, void* W, long long D, long long H, long long B, bint grads,
                       long long tsize) except -1:
-    """Take the scratch and copy W (D x H) into it; b and G start at zero (their padding
-    lanes must read 0; W's are zeroed by fn_pad_rows).  Give it back with
+    """Take the scratch and copy W (D x H) into it (_pad_rows_par); b and G start at zero
+    (their padding lanes must read 0; W's are zeroed by fn_pad_rows).  Give it back with
     fn_scratch_give(s.block)."""
     cdef long long HP = fn_padded(H, tsize)
     cdef size_t w = <size_t>(D * HP * tsize), g = <size_t>(B * HP * tsize)
@@ -900,7 +900,8 @@ cdef int _padded_take(_Padded* s, void* W, long long D, long long H, long long B
     s.block = fn_scratch_take(total)
     if s.block == NULL:
         raise MemoryError(f"no memory for the {total} bytes of padded weights")
-    fn_pad_rows(W, D, H, s.block, HP, tsize)
+    with nogil:
+        _pad_rows_par(W, D, H, s.block, HP, tsize, False)
     memset(<char*>s.block + w, 0, bb + g)
     s.HP = HP
     s.W = s.block
@@ -1018,18 +1019,42 @@ cdef double _sp_forward_top_par(long long* indptr, int* indices, void* data, bin
 
 cdef void _sp_scatter_par(long long* indptr, int* indices, void* data, bint pix, real* lut,
                           long long* rows, long long n, real* G, real* W, long long D,
-                          long long H, long long HP, int nt, long long* bad) noexcept nogil:
+                          long long H, long long HP, int nt, real* out, long long* bad) noexcept nogil:
     """W += X[rows].T @ G without forming it (W and G padded), by column ranges: thread
-    t owns the rows [D t / nt, D (t + 1) / nt) of W."""
+    t owns the rows [D t / nt, D (t + 1) / nt) of W.  With ``out``: W = X[rows].T @ G
+    (W zeroed first), copied unpadded into out (D x H); each thread does its rows."""
     cdef long long bads[MAX_THREADS]
     cdef int t, jlo, jhi
     for t in prange(nt, num_threads=nt, schedule="static", chunksize=1):
         bads[t] = 0
         jlo = <int>(D * t // nt)
         jhi = <int>(D * (t + 1) // nt)
+        if out != NULL:
+            memset(W + jlo * HP, 0, (jhi - jlo) * HP * sizeof(real))
         _sp_scatter(indptr, indices, data, pix, lut, rows, n, G, W, D, H, HP, jlo, jhi, &bads[t])
+        if out != NULL:
+            fn_unpad_rows(W + jlo * HP, jhi - jlo, HP, out + jlo * H, H, sizeof(real))
     for t in range(nt):
         bad[0] += bads[t]
+
+
+cdef void _pad_rows_par(void* src, long long n, long long w, void* dst, long long wp,
+                        long long tsize, bint unpad) noexcept nogil:
+    """fn_pad_rows (fn_unpad_rows when ``unpad``) with the rows split between threads
+    (a call of a single step does it once at the start and once at the end)."""
+    cdef int t, nt = fn_max_threads()
+    cdef long long r0, r1
+    if nt > MAX_THREADS:
+        nt = MAX_THREADS
+    if n * w * tsize < 65536:
+        nt = 1
+    for t in prange(nt, num_threads=nt, schedule="static", chunksize=1):
+        r0 = n * t // nt
+        r1 = n * (t + 1) // nt
+        if unpad:
+            fn_unpad_rows(<char*>src + r0 * wp * tsize, r1 - r0, wp, <char*>dst + r0 * w * tsize, w, tsize)
+        else:
+            fn_pad_rows(<char*>src + r0 * w * tsize, r1 - r0, w, <char*>dst + r0 * wp * tsize, wp, tsize)
 
 
 cdef double _train_step_2layer_sparse(long long* indptr, int* indices, void* data, bint pix,
@@ -1057,13 +1082,12 @@ cdef double _train_step_2layer_sparse(long long* indptr, int* indices, void* dat
                                act, cut, nt, bad, T, W2, b2, s, dh, G, mlr, B, C) / B
     _top_reduce(h, W2, b2, lr, s, dh, db1, dW2, db2, B, H, C)
     if lr != 0:
-        _sp_scatter_par(indptr, indices, data, pix, lut, idx, B, G, Wp, D, H, HP, nt, bad)
+        _sp_scatter_par(indptr, indices, data, pix, lut, idx, B, G, Wp, D, H, HP, nt, NULL, bad)
         for j in range(H):
             b1[j] -= <real>lr * db1[j]
     else:
-        memset(pad.dW, 0, D * HP * sizeof(real))
-        _sp_scatter_par(indptr, indices, data, pix, lut, idx, B, G, <real*>pad.dW, D, H, HP, nt, bad)
-        fn_unpad_rows(pad.dW, D, HP, dW1, H, sizeof(real))
+        _sp_scatter_par(indptr, indices, data, pix, lut, idx, B, G, <real*>pad.dW, D, H, HP, nt, dW1,
+                        bad)
     return loss
 
 
@@ -1137,7 +1161,7 @@ cdef int _sparse_steps(object indptr, object indices, object data, bint pixels, 
             if bad or not (loss - loss == 0):  # a bad column, NaN or inf: stop here
                 break
         if lr != 0:
-            fn_unpad_rows(pad.W, a.D, pad.HP, a.p[0], a.H, ts)
+            _pad_rows_par(pad.W, a.D, a.H, a.p[0], pad.HP, ts, True)
         fn_scratch_give(pad.block)
     if bad:
         raise ValueError(f"train_step_2layer_sparse: {bad} column indices are outside [0, {a.D}) "
