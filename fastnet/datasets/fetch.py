@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import http.client
 import os
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Callable
 
@@ -63,6 +60,10 @@ def download(
     dropped connection, short transfer, checksum mismatch, Ctrl-C) the temporary file
     is removed.  When every mirror fails, :class:`DatasetError` lists each URL and why.
     """
+    import http.client  # here, not at import: loading data from disk needs no network code
+    import urllib.error
+    import urllib.request
+
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     failures = []
