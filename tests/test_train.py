@@ -219,3 +219,42 @@ def test_chapter5_mnist_accuracy(mnist_dir):
     h = Trainer(net, x, t, xt, tt, epochs=3, seed=0).fit()
     assert h.test_acc[-1] > 0.93
     assert h.train_acc == sorted(h.train_acc)
+
+
+def test_metrics_json_keeps_every_loss_through_appends_and_changes():
+    """History.dumps encodes only the losses appended since the last call; whatever
+    else happens to the list, the text is what encoding the whole list gives."""
+    import json
+
+    from fastnet.train import History
+
+    h = History()
+
+    def check():
+        text = h.dumps()
+        assert json.loads(text)["loss"] == list(h.loss)
+        assert f' "loss": {json.dumps([float(v) for v in h.loss])},' in text.splitlines()
+
+    check()
+    h.loss.append(2.5)
+    check()
+    h.loss.extend([0.1, 1e-300, float(np.float32(0.3)), 7])
+    check()
+    h.loss += [4.0]
+    check()
+    h.loss[1] = 9.0
+    check()
+    del h.loss[0]
+    h.loss.append(1.0)
+    check()
+    h.loss.sort()
+    check()
+    h.loss.pop()
+    check()
+    h.loss.clear()
+    check()
+    h.loss.extend([3.0, 2.0])
+    check()
+    h.loss = [1.5, 2.5]  # a plain list: encoded whole
+    check()
+    assert History(loss=[1.0]).loss.json() == "[1.0]"
