@@ -1269,11 +1269,11 @@ def sparse_rows(X):
     with nogil:
         for r in prange(N, schedule="static"):
             if xn == cnp.NPY_UINT8:
-                _fill_row(<unsigned char*>px + r * D, D, pj + pp[r], <unsigned char*>pd + pp[r])
+                _fill_row(<unsigned char*>px + r * D, D, pj + pp[r], <unsigned char*>pd + pp[r], pp[r + 1] - pp[r])
             elif xn == cnp.NPY_FLOAT32:
-                _fill_row(<float*>px + r * D, D, pj + pp[r], <float*>pd + pp[r])
+                _fill_row(<float*>px + r * D, D, pj + pp[r], <float*>pd + pp[r], pp[r + 1] - pp[r])
             else:
-                _fill_row(<double*>px + r * D, D, pj + pp[r], <double*>pd + pp[r])
+                _fill_row(<double*>px + r * D, D, pj + pp[r], <double*>pd + pp[r], pp[r + 1] - pp[r])
     return indptr, indices, data
 
 
@@ -1291,14 +1291,19 @@ cdef long long _count_nonzero(cell* x, Py_ssize_t n) noexcept nogil:
     return c
 
 
-cdef void _fill_row(cell* x, Py_ssize_t n, int* indices, cell* data) noexcept nogil:
+cdef void _fill_row(cell* x, Py_ssize_t n, int* indices, cell* data, long long count) noexcept nogil:
+    """The ``count`` non-zeros of x[:n] into indices/data, without a branch on each value
+    (a fifth of MNIST's pixels are non-zero, in no pattern a predictor can learn): every
+    column is written at the next free place, which moves on past non-zeros only; the
+    places are all within the row's ``count`` until the last non-zero is in."""
     cdef Py_ssize_t j
     cdef long long q = 0
     for j in range(n):
-        if x[j] != 0:
-            indices[q] = <int>j
-            data[q] = x[j]
-            q += 1
+        if q == count:
+            break
+        indices[q] = <int>j
+        data[q] = x[j]
+        q += x[j] != 0
 
 
 # ---------------------------------------------------------------- numerical gradient
