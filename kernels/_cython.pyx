@@ -84,12 +84,13 @@ cdef _dgemm_t dgemm = NULL
 def _cython_blas():
     """The module scipy.linalg.cython_blas.
 
-    ``from scipy.linalg cimport cython_blas`` would import it at start-up through the
-    package scipy.linalg, whose __init__ imports all of scipy.linalg: 0.13 s here, more
-    than a tenth of the chapter-5 experiment's training on this backend.  The module
-    itself loads in 0.02 s, so it is loaded from its file, under its own name (a later
-    ``import scipy.linalg`` then finds it in sys.modules instead of loading it again).
-    Anything unexpected about the file (another scipy layout): the plain import."""
+    ``from scipy.linalg.cython_blas cimport sgemm`` would import it at start-up through
+    the package scipy.linalg, whose __init__ imports all of scipy.linalg: 0.13 s here,
+    more than a tenth of the chapter-5 experiment's training on this backend.  The
+    module itself loads in 0.02 s, so it is loaded from its file and kept out of
+    sys.modules: a later ``import scipy.linalg.cython_blas`` takes the normal way (and
+    binds it in the package); tests/test_backend.py tries both orders.  Anything
+    unexpected about the file (another scipy layout): the plain import."""
     import sys
 
     name = "scipy.linalg.cython_blas"

@@ -129,12 +129,15 @@ static void *fn_scratch_take(size_t bytes)
     bytes = (bytes + 63) / 64 * 64;
     if (bytes == 0) bytes = 64;
     if (!__atomic_exchange_n(&fn_scratch_busy, 1, __ATOMIC_ACQUIRE)) {
+        void *block = fn_scratch_block;
         if (fn_scratch_bytes < bytes) {
-            free(fn_scratch_block);
-            fn_scratch_block = aligned_alloc(64, bytes);
-            fn_scratch_bytes = fn_scratch_block ? bytes : 0;
+            free(block);
+            block = aligned_alloc(64, bytes);
+            fn_scratch_bytes = block ? bytes : 0;
+            /* read without the flag by fn_scratch_give of other callers */
+            __atomic_store_n(&fn_scratch_block, block, __ATOMIC_RELAXED);
         }
-        if (fn_scratch_block) return fn_scratch_block;
+        if (block) return block;
         __atomic_store_n(&fn_scratch_busy, 0, __ATOMIC_RELEASE);
         return NULL;
     }
@@ -143,7 +146,8 @@ static void *fn_scratch_take(size_t bytes)
 
 static void fn_scratch_give(void *p)
 {
-    if (p != NULL && p == fn_scratch_block)
+    /* a block of one's own is never the kept one: both are live when compared */
+    if (p != NULL && p == __atomic_load_n(&fn_scratch_block, __ATOMIC_RELAXED))
         __atomic_store_n(&fn_scratch_busy, 0, __ATOMIC_RELEASE);
     else
         free(p);
