@@ -72,6 +72,28 @@ static inline void fn_prefetch_row(const long long *indptr, const int *indices,
 #define FN_PREFETCH(p) ((void)(p))
 #endif
 
+/* Read the CSR entries of rows[0 .. n) (one load per 64-byte line, the next rows
+ * prefetched) before the work on them starts.  The rows of a random batch come from
+ * memory; prefetching a row ahead inside the forward loop does not hide that, since
+ * there the loads of W keep the cache's miss buffers busy.  A pass of its own over the
+ * thread's rows, then the forward on cached rows: 121 -> 110 us a step of forward and
+ * update in a C micro-benchmark on this machine, 2 threads. */
+static inline void fn_touch_rows(const long long *indptr, const int *indices, const void *data,
+                                 const long long *rows, long long n, int value_size)
+{
+    unsigned sum = 0;
+    for (long long i = 0; i < n; i++) {
+        if (i + 2 < n) fn_prefetch_row(indptr, indices, data, rows[i + 2], value_size);
+        const volatile char *a = (const volatile char *)(indices + indptr[rows[i]]);
+        const volatile char *ae = (const volatile char *)(indices + indptr[rows[i] + 1]);
+        for (; a < ae; a += 64) sum += *a;
+        const volatile char *c = (const volatile char *)data + indptr[rows[i]] * value_size;
+        const volatile char *ce = (const volatile char *)data + indptr[rows[i] + 1] * value_size;
+        for (; c < ce; c += 64) sum += *c;
+    }
+    (void)sum;
+}
+
 /* first position in indices[lo:hi) whose column is >= j */
 static inline long long fn_lower_bound(const int *indices, long long lo, long long hi, int j)
 {
@@ -249,6 +271,7 @@ FN_SPARSE_CLONES static void fn_sparse_forward_##S(                             
     T *__restrict out, long long D, long long H, long long HP, long long *bad)            \
 {                                                                                           \
     const long long L = 64 / sizeof(T), nv = HP / L;                                        \
+    if (rows) fn_touch_rows(indptr, indices, data, rows, n, sizeof(VT));                    \
     for (long long i = 0; i < n; i++) {                                                     \
         long long r = rows ? rows[i] : row0 + i;                                            \
         if (rows && i + FN_PREFETCH_INDPTR < n) FN_PREFETCH(indptr + rows[i + FN_PREFETCH_INDPTR]);  \
