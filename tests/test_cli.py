@@ -117,3 +117,19 @@ def test_ctrl_c_saves_and_exits_130(tmp_path, mnist_dir):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["interrupted"] is True and metrics["iterations"] > 600
     assert np.load(out / "weights.npz")["W1"].shape == (784, 50)
+
+
+def test_command_exit_runs_exit_handlers_and_flushes(tmp_path):
+    """The command skips the interpreter's teardown (fastnet.cli.run): exit handlers still
+    run, piped output is complete, the exit status is main()'s."""
+    code = ("import atexit, sys; atexit.register(lambda: print('handler ran')); "
+            "sys.argv = ['fastnet'] + sys.argv[1:]; from fastnet.cli import run; run()")
+    ok = subprocess.run([sys.executable, "-c", code, "demo"], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert "[0.31682708 0.69627909]" in ok.stdout and ok.stdout.rstrip().endswith("handler ran")
+    bad = subprocess.run([sys.executable, "-c", code, "evaluate", "--weights", str(tmp_path / "no.npz")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "no weights file" in bad.stderr and "handler ran" in bad.stdout
+    head = subprocess.run(f"{sys.executable} -m fastnet demo | head -n 1", shell=True, capture_output=True,
+                          text=True, timeout=120)
+    assert head.stdout.count("\n") == 1 and "Traceback" not in head.stderr
