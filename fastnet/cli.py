@@ -356,8 +356,19 @@ def run() -> None:
     numpy, the backends and matplotlib load: 0.11 s here, a twentieth of ``fastnet
     train``.  So the exit handlers run (``atexit``: logging, temporary files, …), the
     standard streams are flushed, and the process ends without that teardown.  Where
-    ``atexit`` cannot run its handlers (another Python), the plain ``sys.exit``."""
-    code = main()
+    ``atexit`` cannot run its handlers (another Python), the plain ``sys.exit``.
+
+    A reader that goes away early (``fastnet demo | head``) ends the command quietly with
+    status 141, as a program killed by SIGPIPE would, instead of a traceback."""
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        try:  # nothing more can reach the reader; later flushes must not fail again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # pragma: no cover - stdout without a descriptor
+            pass
+        code = 141
     import atexit
 
     run_handlers = getattr(atexit, "_run_exitfuncs", None)

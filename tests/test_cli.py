@@ -130,6 +130,14 @@ def test_command_exit_runs_exit_handlers_and_flushes(tmp_path):
     bad = subprocess.run([sys.executable, "-c", code, "evaluate", "--weights", str(tmp_path / "no.npz")],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "no weights file" in bad.stderr and "handler ran" in bad.stdout
+    # a reader that stops early: no traceback, whether the pipe closes during main() or
+    # at the last flush
     head = subprocess.run(f"{sys.executable} -m fastnet demo | head -n 1", shell=True, capture_output=True,
                           text=True, timeout=120)
-    assert head.stdout.count("\n") == 1 and "Traceback" not in head.stderr
+    assert head.stdout.count("\n") == 1 and "Traceback" not in head.stderr, head.stderr
+    early = ("import os, sys; r, w = os.pipe(); os.close(r); os.dup2(w, 1); "
+             "sys.argv = ['fastnet', 'demo']; from fastnet.cli import run; run()")
+    for unbuffered in ([], ["-u"]):  # -u: the first print inside main() meets the closed pipe
+        closed = subprocess.run([sys.executable, *unbuffered, "-c", early], capture_output=True, text=True,
+                                timeout=120)
+        assert closed.returncode == 141 and "Traceback" not in closed.stderr, closed.stderr
