@@ -427,6 +427,24 @@ def _prefetch_row(indptr, indices, data, r):
 
 
 @inline
+def _touch_rows(indptr, indices, data, rows, lo, hi):
+    """Read the CSR entries of rows[lo:hi] (one load per 64-byte line, the rows after
+    next prefetched) before the work on them starts: as fn_touch_rows in _sparse.h.
+    Returns a number that is never INT64_MAX, which the caller tests so that the loads
+    are kept."""
+    total = 0
+    for i in range(lo, hi):
+        if i + 2 < hi:
+            _prefetch_row(indptr, indices, data, rows[i + 2])
+        p, e = indptr[rows[i]], indptr[rows[i] + 1]
+        for q in range(p, e, 16):
+            total += indices[q]
+        for q in range(p, e, 64 // data.itemsize):
+            total += np.int64(data[q] != 0)
+    return total
+
+
+@inline
 def _lower_bound(indices, lo, hi, j):
     while lo < hi:
         mid = lo + (hi - lo) // 2
@@ -468,6 +486,8 @@ def _sp_forward_rows(indptr, indices, data, lut, rows, row0, lo, hi, W, b, out, 
     empty); returns the number of column indices outside [0, D) (left out)."""
     D, H = W.shape
     nb = 0
+    if rows.size and _touch_rows(indptr, indices, data, rows, lo, hi) == 9223372036854775807:
+        nb += 1  # never: int32 columns of at most 2**31 entries cannot sum to that
     for i in range(lo, hi):
         r = rows[i] if rows.size else row0 + i
         if i + 1 < hi:
