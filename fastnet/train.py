@@ -73,8 +73,6 @@ class _Losses(list):
 
     def json(self) -> str:
         n = len(self)
-        if self._done > n:  # pragma: no cover - every shrinking method forgets
-            self._forget()
         if n > self._done:
             new = json.dumps([float(v) for v in self[self._done:]])[1:-1]
             self._text = f"{self._text}, {new}" if self._text else new
@@ -111,11 +109,16 @@ class History:
     interrupted: bool = False
     config: dict = field(default_factory=dict)
 
-    def to_json(self) -> dict:
-        """The fields as plain JSON values (a shallow copy: ``dataclasses.asdict`` would
-        deep-copy the 10,000 losses at every checkpoint)."""
+    def _fields(self) -> dict:
+        """The fields, shallow (``dataclasses.asdict`` would deep-copy the 10,000 losses
+        at every checkpoint)."""
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["config"] = dict(self.config)
+        return data
+
+    def to_json(self) -> dict:
+        """The fields as plain JSON values."""
+        data = self._fields()
         if any(type(v) is not float for v in self.loss):
             data["loss"] = [float(v) for v in self.loss]
         return data
@@ -128,12 +131,10 @@ class History:
         """metrics.json: one line per field.  json's C encoder runs only without
         ``indent``, so each field is encoded compactly and the lines are joined; the
         losses are encoded as they come (see _Losses)."""
-        data = self.to_json()
-        if isinstance(self.loss, _Losses):
-            data["loss"] = None  # replaced below by the kept text
-        lines = [f" {json.dumps(k)}: {json.dumps(v)}" for k, v in data.items()]
-        if isinstance(self.loss, _Losses):
-            lines[list(data).index("loss")] = f' "loss": {self.loss.json()}'
+        kept = isinstance(self.loss, _Losses)
+        data = self._fields() if kept else self.to_json()
+        lines = [f' "loss": {self.loss.json()}' if kept and k == "loss"
+                 else f" {json.dumps(k)}: {json.dumps(v)}" for k, v in data.items()]
         return "{\n" + ",\n".join(lines) + "\n}\n"
 
 

@@ -948,25 +948,34 @@ cdef int _split_rows(long long* indptr, long long* rows, long long row0, long lo
     return nt
 
 
+cdef inline void _sp_forward_run(long long* indptr, int* indices, void* data, bint pix, real* lut,
+                                 long long* rows, long long row0, real* W, real* b, real* out,
+                                 long long D, long long H, long long HP, int act, long long* cut,
+                                 int t, long long* bad) noexcept nogil:
+    """Run t of the rows (cut[t]:cut[t + 1], from _split_rows): out = act(X[rows] @ W + b)
+    (rows[i], or row0 + i when rows is NULL; W and b padded, out not); the thread's count
+    of bad columns in bad[0]."""
+    cdef long long c0 = cut[t], n = cut[t + 1] - cut[t]
+    cdef real* o = out + c0 * H
+    bad[0] = 0
+    _sp_forward(indptr, indices, data, pix, lut, (rows + c0) if rows != NULL else NULL, row0 + c0, n,
+                W, b, o, D, H, HP, bad)
+    if act == 1:
+        _map_relu(o, o, n * H)
+    elif act == 2:
+        _map_sigmoid(o, o, n * H)
+
+
 cdef void _sp_forward_par(long long* indptr, int* indices, void* data, bint pix, real* lut,
                           long long* rows, long long row0, real* W, real* b, real* out,
                           long long D, long long H, long long HP, int act, long long* cut, int nt,
                           long long* bad) noexcept nogil:
-    """out = act(X[rows] @ W + b) (rows[i], or row0 + i when rows is NULL; W and b
-    padded, out not), run t of the rows (cut[t]:cut[t + 1], from _split_rows) on
-    thread t."""
+    """out = act(X[rows] @ W + b), run t of the rows on thread t (_sp_forward_run)."""
     cdef long long bads[MAX_THREADS]
     cdef int t
-    cdef real* o
     for t in prange(nt, num_threads=nt, schedule="static", chunksize=1):
-        bads[t] = 0
-        o = out + cut[t] * H
-        _sp_forward(indptr, indices, data, pix, lut, (rows + cut[t]) if rows != NULL else NULL,
-                    row0 + cut[t], cut[t + 1] - cut[t], W, b, o, D, H, HP, &bads[t])
-        if act == 1:
-            _map_relu(o, o, (cut[t + 1] - cut[t]) * H)
-        elif act == 2:
-            _map_sigmoid(o, o, (cut[t + 1] - cut[t]) * H)
+        _sp_forward_run(indptr, indices, data, pix, lut, rows, row0, W, b, out, D, H, HP, act, cut, t,
+                        &bads[t])
     for t in range(nt):
         bad[0] += bads[t]
 
@@ -983,7 +992,7 @@ cdef double _sp_forward_top_par(long long* indptr, int* indices, void* data, bin
                                 long long* T, real* W2, real* b2, real* s, real* dh, real* G,
                                 real mlr, int B, int C) noexcept nogil:
     """The row-wise part of a sparse step in one parallel region: h = act(X[idx] @ W + b)
-    by runs of rows (as _sp_forward_par), then _top_rows by TOP_BLOCKS blocks of rows,
+    by runs of rows (_sp_forward_run), then _top_rows by TOP_BLOCKS blocks of rows,
     each also writing its rows of G = mlr * dh (padded, for the scatter).  Returns the
     sum of the rows' losses (block sums added in block order)."""
     cdef long long bads[MAX_THREADS]
@@ -991,18 +1000,11 @@ cdef double _sp_forward_top_par(long long* indptr, int* indices, void* data, bin
     cdef int t, k, nb = TOP_BLOCKS if B >= TOP_BLOCKS else B
     cdef long long r0, r1
     cdef Py_ssize_t i, j
-    cdef real* o
     cdef double loss = 0
     with parallel(num_threads=nt):
         for t in prange(nt, schedule="static", chunksize=1):
-            bads[t] = 0
-            o = h + cut[t] * H
-            _sp_forward(indptr, indices, data, pix, lut, idx + cut[t], 0, cut[t + 1] - cut[t], W, b,
-                        o, D, H, HP, &bads[t])
-            if act == 1:
-                _map_relu(o, o, (cut[t + 1] - cut[t]) * H)
-            elif act == 2:
-                _map_sigmoid(o, o, (cut[t + 1] - cut[t]) * H)
+            _sp_forward_run(indptr, indices, data, pix, lut, idx, 0, W, b, h, D, H, HP, act, cut, t,
+                            &bads[t])
         for k in prange(nb, schedule="static", chunksize=1):
             r0 = B * k // nb
             r1 = B * (k + 1) // nb
@@ -1059,15 +1061,14 @@ cdef void _pad_rows_par(void* src, long long n, long long w, void* dst, long lon
 
 
 cdef double _train_step_2layer_sparse(long long* indptr, int* indices, void* data, bint pix,
-                                      long long* T, long long* idx, _Padded* pad, real* b1, real* W2,
-                                      real* b2, double lr, int act, real* h, real* s, real* dh,
+                                      real* lut, long long* T, long long* idx, _Padded* pad, real* b1,
+                                      real* W2, real* b2, double lr, int act, real* h, real* s, real* dh,
                                       real* dW1, real* db1, real* dW2, real* db2, int B, int D,
                                       int H, int C, long long* bad) noexcept nogil:
     """The step of _train_step_2layer with the first layer over CSR rows and W1 in the
     padded layout (pad.W): forward and the row-wise part above it in one parallel region
     (_sp_forward_top_par), the sums over the batch on one thread (_top_reduce), then the
-    W1 update (or dW1) scattered by columns."""
-    cdef real lut[256]
+    W1 update (or dW1) scattered by columns.  ``lut``: the pixel table (_pixel_table)."""
     cdef long long cut[MAX_THREADS + 1]
     cdef Py_ssize_t j
     cdef long long HP = pad.HP
@@ -1076,7 +1077,6 @@ cdef double _train_step_2layer_sparse(long long* indptr, int* indices, void* dat
     cdef real mlr = <real>(-lr) if lr != 0 else <real>1
     cdef real* Wp = <real*>pad.W
     cdef real* G = <real*>pad.G
-    _pixel_table(lut)
     memcpy(pad.b, b1, H * sizeof(real))
     nt = _split_rows(indptr, idx, 0, B, cut)
     loss = _sp_forward_top_par(indptr, indices, data, pix, lut, idx, Wp, <real*>pad.b, h, D, H, HP,
@@ -1141,19 +1141,25 @@ cdef int _sparse_steps(object indptr, object indices, object data, bint pixels, 
     cdef long long* idx
     cdef _Padded pad
     cdef long long ts = 4 if a.tn == cnp.NPY_FLOAT32 else 8
+    cdef float lutf[256]
+    cdef double lutd[256]
     _padded_take(&pad, a.p[0], a.D, a.H, a.B, lr == 0, ts)
     with nogil:
+        if a.tn == cnp.NPY_FLOAT32:
+            _pixel_table(lutf)
+        else:
+            _pixel_table(lutd)
         for k in range(a.S):
             idx = a.idx + <Py_ssize_t>k * a.B
             if a.tn == cnp.NPY_FLOAT32:
-                loss = _train_step_2layer_sparse(pp, pj, pd, pixels, a.T, idx, &pad, <float*>a.p[1],
-                                                 <float*>a.p[2], <float*>a.p[3], lr, act,
+                loss = _train_step_2layer_sparse(pp, pj, pd, pixels, lutf, a.T, idx, &pad,
+                                                 <float*>a.p[1], <float*>a.p[2], <float*>a.p[3], lr, act,
                                                  <float*>a.p[5], <float*>a.p[6], <float*>a.p[7],
                                                  <float*>a.p[8], <float*>a.p[9], <float*>a.p[10],
                                                  <float*>a.p[11], a.B, a.D, a.H, a.C, &bad)
             else:
-                loss = _train_step_2layer_sparse(pp, pj, pd, pixels, a.T, idx, &pad, <double*>a.p[1],
-                                                 <double*>a.p[2], <double*>a.p[3], lr, act,
+                loss = _train_step_2layer_sparse(pp, pj, pd, pixels, lutd, a.T, idx, &pad,
+                                                 <double*>a.p[1], <double*>a.p[2], <double*>a.p[3], lr, act,
                                                  <double*>a.p[5], <double*>a.p[6], <double*>a.p[7],
                                                  <double*>a.p[8], <double*>a.p[9], <double*>a.p[10],
                                                  <double*>a.p[11], a.B, a.D, a.H, a.C, &bad)
@@ -1270,7 +1276,8 @@ def sparse_rows(X):
     with nogil:
         for r in prange(N, schedule="static"):
             if xn == cnp.NPY_UINT8:
-                _fill_row(<unsigned char*>px + r * D, D, pj + pp[r], <unsigned char*>pd + pp[r], pp[r + 1] - pp[r])
+                _fill_row(<unsigned char*>px + r * D, D, pj + pp[r], <unsigned char*>pd + pp[r],
+                          pp[r + 1] - pp[r])
             elif xn == cnp.NPY_FLOAT32:
                 _fill_row(<float*>px + r * D, D, pj + pp[r], <float*>pd + pp[r], pp[r + 1] - pp[r])
             else:

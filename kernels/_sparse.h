@@ -62,27 +62,22 @@ static inline void fn_prefetch_row(const long long *indptr, const int *indices,
 #endif
 }
 
-/* The row pointers of a random batch miss the cache too, and fn_prefetch_row must read
- * them before it can prefetch: fetch them this many rows ahead (a C micro-benchmark of
- * forward + update, one thread: 121 -> 113 us a step). */
-#define FN_PREFETCH_INDPTR 3
-#if defined(__GNUC__)
-#define FN_PREFETCH(p) __builtin_prefetch(p)
-#else
-#define FN_PREFETCH(p) ((void)(p))
-#endif
-
-/* Read the CSR entries of rows[0 .. n) (one load per 64-byte line, the next rows
- * prefetched) before the work on them starts.  The rows of a random batch come from
- * memory; prefetching a row ahead inside the forward loop does not hide that, since
- * there the loads of W keep the cache's miss buffers busy.  A pass of its own over the
- * thread's rows, then the forward on cached rows: 121 -> 110 us a step of forward and
- * update in a C micro-benchmark on this machine, 2 threads. */
+/* Read the CSR entries of rows[0 .. n) (one load per 64-byte line; the rows two ahead
+ * prefetched, and their row pointers, which miss the cache too, four ahead) before the
+ * work on them starts.  The rows of a random batch come from memory; prefetching a row
+ * ahead inside the forward loop does not hide that, since there the loads of W keep the
+ * cache's miss buffers busy.  A pass of its own over the thread's rows, then the
+ * forward on cached rows: 121 -> 110 us a step of forward and update in a C
+ * micro-benchmark on this machine, 2 threads (not committed).  The update that follows
+ * in the same step finds the rows in cache too. */
 static inline void fn_touch_rows(const long long *indptr, const int *indices, const void *data,
                                  const long long *rows, long long n, int value_size)
 {
     unsigned sum = 0;
     for (long long i = 0; i < n; i++) {
+#if defined(__GNUC__)
+        if (i + 4 < n) __builtin_prefetch(indptr + rows[i + 4]);
+#endif
         if (i + 2 < n) fn_prefetch_row(indptr, indices, data, rows[i + 2], value_size);
         const volatile char *a = (const volatile char *)(indices + indptr[rows[i]]);
         const volatile char *ae = (const volatile char *)(indices + indptr[rows[i] + 1]);
@@ -274,9 +269,8 @@ FN_SPARSE_CLONES static void fn_sparse_forward_##S(                             
     if (rows) fn_touch_rows(indptr, indices, data, rows, n, sizeof(VT));                    \
     for (long long i = 0; i < n; i++) {                                                     \
         long long r = rows ? rows[i] : row0 + i;                                            \
-        if (rows && i + FN_PREFETCH_INDPTR < n) FN_PREFETCH(indptr + rows[i + FN_PREFETCH_INDPTR]);  \
-        if (i + 1 < n)                                                                      \
-            fn_prefetch_row(indptr, indices, data, rows ? rows[i + 1] : r + 1, sizeof(VT)); \
+        if (!rows && i + 1 < n) /* consecutive rows; a batch's were read just above */      \
+            fn_prefetch_row(indptr, indices, data, r + 1, sizeof(VT));                      \
         long long p = indptr[r], e = indptr[r + 1];                                         \
         for (long long v0 = 0; v0 < nv; v0 += 4) {                                          \
             int m = nv - v0 < 4 ? (int)(nv - v0) : 4;                                       \
@@ -336,8 +330,7 @@ FN_SPARSE_CLONES static void fn_sparse_scatter_##S(                             
     const long long L = 64 / sizeof(T), nv = HP / L;                                        \
     const int half_last = H - (nv - 1) * L <= L / 2;                                        \
     for (long long i = 0; i < n; i++) {                                                     \
-        long long r = rows[i];                                                              \
-        if (i + 1 < n) fn_prefetch_row(indptr, indices, data, rows[i + 1], sizeof(VT));     \
+        long long r = rows[i]; /* read into cache by the step's forward (fn_touch_rows) */  \
         long long p = indptr[r], e = indptr[r + 1];                                         \
         if (jlo > 0) p = fn_lower_bound(indices, p, e, jlo);                                \
         if (jhi < D) e = fn_lower_bound(indices, p, e, jhi);                                \

@@ -379,10 +379,11 @@ def _train_steps_2layer(X, T, idx, W1, b1, W2, b2, lr, act, div, xb, h, s, dh, d
 
 
 # ------------------------------------------------------------------ sparse first layer
-# The loops of _sparse.h (the Cython side), written the same way: the forward keeps
-# four non-zeros per pass over out[i, :], the update scatters X^T G into W by column
-# ranges, one range per thread (each column in row order, so any thread count gives
-# the same result).  Threads only where there is work for them (PARALLEL_NNZ).
+# The algorithm of _sparse.h (the Cython side) without its padded vector layout: the
+# forward over a batch first reads the batch's rows into cache, then keeps four
+# non-zeros per pass over out[i, :]; the update scatters X^T G into W by column ranges,
+# one range per thread (each column in row order, so any thread count gives the same
+# result).  Threads only where there is work for them (PARALLEL_NNZ).
 PARALLEL_NNZ = 4096
 
 
@@ -490,8 +491,8 @@ def _sp_forward_rows(indptr, indices, data, lut, rows, row0, lo, hi, W, b, out, 
         nb += 1  # never: int32 columns of at most 2**31 entries cannot sum to that
     for i in range(lo, hi):
         r = rows[i] if rows.size else row0 + i
-        if i + 1 < hi:
-            _prefetch_row(indptr, indices, data, rows[i + 1] if rows.size else r + 1)
+        if not rows.size and i + 1 < hi:  # consecutive rows; a batch's were read just above
+            _prefetch_row(indptr, indices, data, r + 1)
         p, e = indptr[r], indptr[r + 1]
         o = out[i]
         for k in range(H):
@@ -535,9 +536,7 @@ def _sp_scatter_cols(indptr, indices, data, lut, rows, G, W, jlo, jhi, zero):
             for k in range(H):
                 W[j, k] = 0
     for i in range(rows.size):
-        r = rows[i]
-        if i + 1 < rows.size:
-            _prefetch_row(indptr, indices, data, rows[i + 1])
+        r = rows[i]  # read into cache by the step's forward (_touch_rows)
         p, e = indptr[r], indptr[r + 1]
         if jlo > 0:
             p = _lower_bound(indices, p, e, jlo)
