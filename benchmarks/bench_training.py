@@ -166,6 +166,27 @@ class Inference:
             self.net.accuracy(self.x, self.t)
 
 
+class EpochEvaluation:
+    """The Trainer's accuracy over the 60,000 training images, as after every epoch of
+    ``fastnet train`` (uint8 pixels; compiled backends: CSR rows, sparse_predict_2layer)."""
+
+    params = (BACKENDS,)
+    param_names = ["backend"]
+
+    def setup(self, backend):
+        require_backend(backend)
+        (x, t), _ = mnist_pixels()
+        self.backend = backend
+        with fastnet.use_backend(backend):
+            net = fastnet.nets.TwoLayerNet(784, 50, 10, seed=0, dtype=np.float32)
+            self.trainer = Trainer(net, x, t, iters=1)
+            self.trainer.accuracy(self.trainer.x_train, self.trainer.t_train)  # CSR built, compiled
+
+    def time_train_set(self, backend):
+        with fastnet.use_backend(self.backend):
+            self.trainer.accuracy(self.trainer.x_train, self.trainer.t_train)
+
+
 class Threads:
     """The thread counts every result was measured with."""
 

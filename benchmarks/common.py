@@ -234,6 +234,11 @@ def kernel_args(name, dtype, n=100, d=784, m=50, seed=0):
         indptr = mnist_csr(d)[0]
         row0 = int(rng.integers(0, len(indptr) - 1 - n))
         return (*mnist_csr(d), row0, arr(d, m), arr(m), 1, np.empty((n, m), dt))
+    if name == "sparse_predict_2layer":  # the labels of one evaluation chunk of rows
+        indptr = mnist_csr(d)[0]
+        row0 = int(rng.integers(0, len(indptr) - 1 - n))
+        W = [(0.1 * rng.standard_normal(s)).astype(dt) for s in ((d, m), (m,), (m, c), (c,))]
+        return (*mnist_csr(d), row0, *W, 1, np.empty(n, np.int64))
     if name == "sparse_rows":
         return (mnist_pixels()[0][0][: 10 * n, :d],)
     if name == "numerical_gradient_2layer":

@@ -388,12 +388,14 @@ class Trainer:
         return losses[:ran]
 
     def accuracy(self, x, t, chunk: int = 2000) -> float:
-        """Accuracy of the net on all rows of ``x`` (floats or uint8 pixels), in chunks.
+        """Accuracy of the net on all rows of ``x`` (floats or uint8 pixels).
 
-        Pixels are normalised chunk by chunk into one reused buffer (one pass, no new
-        pages), exactly as ``load_mnist(normalize=True)`` would have done."""
+        Over CSR rows (the sparse path) one kernel call labels every row.  Otherwise in
+        chunks of ``chunk`` rows: pixels are normalised chunk by chunk into one reused
+        buffer (one pass, no new pages), exactly as ``load_mnist(normalize=True)`` would
+        have done."""
         if self._sparse if self._sparse is not None else self.use_sparse():
-            return self._accuracy_sparse(x, t, chunk)
+            return self._accuracy_sparse(x, t)
         correct = 0
         buf = None
         for start in range(0, x.shape[0], chunk):
@@ -404,22 +406,15 @@ class Trainer:
             correct += int(np.count_nonzero(np.argmax(y, axis=1) == t[start : start + chunk]))
         return correct / x.shape[0]
 
-    def _accuracy_sparse(self, x, t, chunk):
-        """accuracy() of a two-layer net with the first layer over CSR rows."""
-        k, net = kernels(), self.net
-        p = net.params
-        indptr, indices, data = self._rows_csr(x)
-        H, C = net.sizes[1], net.sizes[2]
-        h = np.empty((chunk, H), net.dtype)
-        s = np.empty((chunk, C), net.dtype)
-        act = 1 if net.activation == "relu" else 2
-        correct = 0
-        for start in range(0, x.shape[0], chunk):
-            m = min(chunk, x.shape[0] - start)
-            k.sparse_affine(indptr, indices, data, start, p["W1"], p["b1"], act, h[:m])
-            k.affine(h[:m], p["W2"], p["b2"], s[:m])
-            correct += int(np.count_nonzero(np.argmax(s[:m], axis=1) == t[start : start + m]))
-        return correct / x.shape[0]
+    def _accuracy_sparse(self, x, t):
+        """accuracy() of a two-layer net with the first layer over CSR rows: the labels of
+        all rows from one kernel call (``sparse_predict_2layer``, which keeps each block
+        of rows in cache between the two layers)."""
+        p, net = self.net.params, self.net
+        labels = np.empty(x.shape[0], np.int64)
+        kernels().sparse_predict_2layer(*self._rows_csr(x), 0, p["W1"], p["b1"], p["W2"], p["b2"],
+                                        1 if net.activation == "relu" else 2, labels)
+        return int(np.count_nonzero(labels == t)) / x.shape[0]
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> History:

@@ -32,6 +32,10 @@ cdef extern from "_sparse.h" nogil:
                              const double* lut, const long long* rows, long long n, const double* G,
                              double* W, long long D, long long H, long long HP, int jlo, int jhi,
                              long long* bad)
+    void fn_top_argmax_f(const float* h, long long n, long long H, const float* W2, const float* b2,
+                         long long C, const float* wp, float* s, long long* labels)
+    void fn_top_argmax_d(const double* h, long long n, long long H, const double* W2, const double* b2,
+                         long long C, const double* wp, double* s, long long* labels)
     long long fn_padded(long long H, long long tsize)
     void fn_pad_rows(const void* src, long long n, long long w, void* dst, long long wp, long long tsize)
     void fn_unpad_rows(const void* src, long long n, long long wp, void* dst, long long w, long long tsize)
@@ -1238,6 +1242,122 @@ def sparse_affine(indptr, indices, data, long long row0, W, b, int act, out):
         fn_scratch_give(pad.block)
     if bad:
         raise ValueError(f"sparse_affine: {bad} column indices are outside [0, {D})")
+    return out
+
+
+# rows of a thread's run worked on at a time by sparse_predict_2layer: their hidden
+# values (64 x H) stay in the core's cache between the two layers
+DEF PREDICT_BLOCK = 64
+
+
+cdef void _predict_run(long long* indptr, int* indices, void* data, bint pix, real* lut,
+                       long long row0, real* W, real* b, real* W2, real* b2, real* wp, long long D,
+                       long long H, long long HP, long long C, int act, long long* cut, int t,
+                       real* h, real* s, long long* labels, long long* bad) noexcept nogil:
+    """Run t of the rows (cut[t]:cut[t + 1]): labels of rows row0 + i, PREDICT_BLOCK at
+    a time through h (PREDICT_BLOCK x H) and s (C): the first layer (_sp_forward, W and b
+    padded), the activation, then fn_top_argmax."""
+    cdef long long i, m
+    bad[0] = 0
+    i = cut[t]
+    while i < cut[t + 1]:
+        m = cut[t + 1] - i
+        if m > PREDICT_BLOCK:
+            m = PREDICT_BLOCK
+        _sp_forward(indptr, indices, data, pix, lut, NULL, row0 + i, m, W, b, h, D, H, HP, bad)
+        if act == 1:
+            _map_relu(h, h, m * H)
+        elif act == 2:
+            _map_sigmoid(h, h, m * H)
+        if real is float:
+            fn_top_argmax_f(h, m, H, W2, b2, C, wp, s, labels + i)
+        else:
+            fn_top_argmax_d(h, m, H, W2, b2, C, wp, s, labels + i)
+        i += m
+
+
+def sparse_predict_2layer(indptr, indices, data, long long row0, W1, b1, W2, b2, int act, out):
+    if act < 0 or act > 2:
+        raise ValueError(f"act must be 0 (identity), 1 (relu) or 2 (sigmoid), got {act}")
+    cdef int tn = _typenum(W1, "W1")
+    cdef bint pixels = _csr(indptr, indices, data, tn, "sparse_predict_2layer")
+    cdef cnp.ndarray Wa = _in2(W1, tn, "W1")
+    cdef long long D = Wa.shape[0], H = Wa.shape[1]
+    cdef cnp.ndarray ba = _vec(b1, tn, "b1", H, False)
+    cdef cnp.ndarray W2a = _in2(W2, tn, "W2")
+    if W2a.shape[0] != H:
+        raise ValueError(f"W2 has shape {W2.shape}, expected ({H}, classes)")
+    cdef long long C = W2a.shape[1]
+    if C < 1:
+        raise ValueError("W2 has no columns (classes)")
+    cdef cnp.ndarray b2a = _vec(b2, tn, "b2", C, False)
+    if not (cnp.PyArray_Check(out) and cnp.PyArray_TYPE(<cnp.ndarray>out) == cnp.NPY_INT64
+            and cnp.PyArray_NDIM(<cnp.ndarray>out) == 1 and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>out)
+            and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>out)):
+        raise TypeError("out must be a writeable C-contiguous 1-D int64 array (one label per row)")
+    cdef long long n = out.shape[0]
+    cdef cnp.ndarray pa = <cnp.ndarray>indptr
+    cdef long long* pp = <long long*>_p(pa)
+    if row0 < 0 or row0 + n > pa.shape[0] - 1:
+        raise IndexError(f"rows [{row0}, {row0 + n}) are out of range for {pa.shape[0] - 1} rows")
+    _csr_rows_ok(pp, pa.shape[0] - 1, indices.shape[0], NULL, row0, n)
+    cdef long long bad = 0
+    cdef long long bads[MAX_THREADS]
+    cdef int* pj = <int*>_p(<cnp.ndarray>indices)
+    cdef void* pd = _p(<cnp.ndarray>data)
+    cdef long long* po = <long long*>_p(<cnp.ndarray>out)
+    cdef float lutf[256]
+    cdef double lutd[256]
+    cdef long long cut[MAX_THREADS + 1]
+    cdef int nt, t
+    cdef long long j
+    cdef _Padded pad
+    cdef long long ts = 4 if tn == cnp.NPY_FLOAT32 else 8
+    cdef long long L = 64 // ts
+    # per thread: h (PREDICT_BLOCK x H) and s (C), each rounded to 64 bytes; then W2 padded
+    # to one vector a row (H x L, lanes past C zero; read only when C <= L)
+    cdef long long hbytes = (PREDICT_BLOCK * H * ts + 63) // 64 * 64
+    cdef long long per = hbytes + (C * ts + 63) // 64 * 64
+    nt = _split_rows(pp, NULL, row0, n, cut)
+    cdef char* scratch = <char*>malloc(<size_t>(nt * per + H * 64 + 64))
+    if scratch == NULL:
+        raise MemoryError("no memory for the scratch of sparse_predict_2layer")
+    cdef char* base = <char*>((<size_t>scratch + 63) // 64 * 64)
+    cdef char* wp = base + nt * per
+    memset(wp, 0, H * 64)
+    if C <= L:
+        for j in range(H):
+            memcpy(wp + j * 64, <char*>_p(W2a) + j * C * ts, C * ts)
+    try:
+        _padded_take(&pad, _p(Wa), D, H, 0, False, ts)
+    except MemoryError:
+        free(scratch)
+        raise
+    memcpy(pad.b, _p(ba), H * ts)
+    cdef void* pw2 = _p(W2a)
+    cdef void* pb2 = _p(b2a)
+    with nogil:
+        if tn == cnp.NPY_FLOAT32:
+            _pixel_table(lutf)
+        else:
+            _pixel_table(lutd)
+        for t in prange(nt, num_threads=nt, schedule="static", chunksize=1):
+            if tn == cnp.NPY_FLOAT32:
+                _predict_run(pp, pj, pd, pixels, lutf, row0, <float*>pad.W, <float*>pad.b, <float*>pw2,
+                             <float*>pb2, <float*>wp, D, H, pad.HP, C, act, cut, t,
+                             <float*>(base + t * per), <float*>(base + t * per + hbytes),
+                             po, &bads[t])
+            else:
+                _predict_run(pp, pj, pd, pixels, lutd, row0, <double*>pad.W, <double*>pad.b, <double*>pw2,
+                             <double*>pb2, <double*>wp, D, H, pad.HP, C, act, cut, t,
+                             <double*>(base + t * per), <double*>(base + t * per + hbytes),
+                             po, &bads[t])
+        for t in range(nt):
+            bad += bads[t]
+        fn_scratch_give(pad.block)
+    free(scratch)
+    if bad:
+        raise ValueError(f"sparse_predict_2layer: {bad} column indices are outside [0, {D})")
     return out
 
 

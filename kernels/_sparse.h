@@ -382,6 +382,74 @@ static void fn_sparse_scatter_##S(                                              
 FN_SPARSE_ENTRIES(float, f)
 FN_SPARSE_ENTRIES(double, d)
 
+/* Class labels from hidden rows: labels[i] = argmax_c (h[i] @ W2 + b2)[c] for n rows of
+ * H values (unpadded), W2 of H x C, b2 of C; the first maximum, and the first NaN when
+ * there is one (what numpy.argmax does).  Each score is the sum over the H products in
+ * order, then b2.  With C up to one 64-byte vector (the book's 10 classes) W2 is read
+ * as wp, H rows of one vector (the wrapper pads it, lanes past C zero), and four rows
+ * are summed at once, so that the adds of one row do not wait on each other;
+ * otherwise plain loops, with s scratch of C. */
+#define FN_TOP_ARGMAX(T, S)                                                                 \
+static inline long long fn_argmax_##S(const T *s, long long C)                             \
+{                                                                                           \
+    long long k = 0;                                                                        \
+    T best = s[0];                                                                          \
+    if (best != best) return 0;                                                             \
+    for (long long c = 1; c < C; c++) {                                                     \
+        T v = s[c];                                                                         \
+        if (v != v) return c;                                                               \
+        if (v > best) { best = v; k = c; }                                                  \
+    }                                                                                       \
+    return k;                                                                               \
+}                                                                                           \
+                                                                                            \
+typedef T fn_tvec_##S __attribute__((vector_size(64)));                                     \
+                                                                                            \
+FN_SPARSE_CLONES static void fn_top_argmax_##S(const T *h, long long n, long long H,       \
+    const T *W2, const T *b2, long long C, const T *wp, T *s, long long *labels)           \
+{                                                                                           \
+    const long long L = 64 / sizeof(T);                                                     \
+    if (C <= L) { /* each lane sums in the same order in both loops */                      \
+        const fn_tvec_##S *w = (const fn_tvec_##S *)wp;                                     \
+        T t[4][64 / sizeof(T)];                                                             \
+        long long i = 0;                                                                    \
+        for (; i + 4 <= n; i += 4) {                                                        \
+            const T *h0 = h + i * H, *h1 = h0 + H, *h2 = h1 + H, *h3 = h2 + H;              \
+            fn_tvec_##S a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};                             \
+            for (long long j = 0; j < H; j++) {                                             \
+                a0 += h0[j] * w[j]; a1 += h1[j] * w[j];                                     \
+                a2 += h2[j] * w[j]; a3 += h3[j] * w[j];                                     \
+            }                                                                               \
+            memcpy(t[0], &a0, 64); memcpy(t[1], &a1, 64);                                   \
+            memcpy(t[2], &a2, 64); memcpy(t[3], &a3, 64);                                   \
+            for (int r = 0; r < 4; r++) {                                                   \
+                for (long long c = 0; c < C; c++) t[r][c] += b2[c];                         \
+                labels[i + r] = fn_argmax_##S(t[r], C);                                     \
+            }                                                                               \
+        }                                                                                   \
+        for (; i < n; i++) {                                                                \
+            const T *h0 = h + i * H;                                                        \
+            fn_tvec_##S a0 = {0};                                                           \
+            for (long long j = 0; j < H; j++) a0 += h0[j] * w[j];                           \
+            memcpy(t[0], &a0, 64);                                                          \
+            for (long long c = 0; c < C; c++) t[0][c] += b2[c];                             \
+            labels[i] = fn_argmax_##S(t[0], C);                                             \
+        }                                                                                   \
+        return;                                                                             \
+    }                                                                                       \
+    for (long long i = 0; i < n; i++) {                                                     \
+        const T *h0 = h + i * H;                                                            \
+        for (long long c = 0; c < C; c++) s[c] = 0;                                         \
+        for (long long j = 0; j < H; j++)                                                   \
+            for (long long c = 0; c < C; c++) s[c] += h0[j] * W2[j * C + c];                \
+        for (long long c = 0; c < C; c++) s[c] += b2[c];                                    \
+        labels[i] = fn_argmax_##S(s, C);                                                    \
+    }                                                                                       \
+}
+
+FN_TOP_ARGMAX(float, f)
+FN_TOP_ARGMAX(double, d)
+
 /* threads a parallel region may use (1 when built without OpenMP) */
 #ifdef _OPENMP
 #include <omp.h>

@@ -87,6 +87,13 @@ KERNELS: dict[str, tuple[str, str]] = {
         "or W's dtype); act 0 identity, 1 relu, 2 sigmoid; the compiled backends touch only "
         "the non-zeros and split the rows between threads",
     ),
+    "sparse_predict_2layer": (
+        "(indptr, indices, data, row0, W1, b1, W2, b2, act, out) -> out",
+        "class labels of the two-layer net for CSR rows row0 : row0 + len(out) (as sparse_affine): "
+        "out[i] = argmax(act(x_i @ W1 + b1) @ W2 + b2), the first maximum (a NaN counts as one, "
+        "as numpy.argmax); out int64 1-D. The compiled backends keep each block of rows in cache "
+        "between the layers (the accuracy of every epoch)",
+    ),
     "train_step_2layer_sparse": (
         "(indptr, indices, data, T, idx, W1, b1, W2, b2, lr, act, work) -> float",
         "train_step_2layer with X given as CSR rows (column indices sorted within a row); "

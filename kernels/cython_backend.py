@@ -23,6 +23,7 @@ from ._cython import (  # noqa: F401  (the kernel table)
     softmax_loss_labels,
     softmax_loss_onehot,
     sparse_affine,
+    sparse_predict_2layer,
     sparse_rows,
     step,
     train_step_2layer,

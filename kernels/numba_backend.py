@@ -633,6 +633,65 @@ def _sparse_affine(indptr, indices, data, lut, row0, W, b, act, out, nt):
     return _sp_forward_par(indptr, indices, data, lut, empty, row0, W, b, out, act, cut)
 
 
+#: rows of a thread's run worked on at a time by sparse_predict_2layer (their hidden
+#: values stay in the core's cache between the two layers)
+PREDICT_BLOCK = 64
+
+
+@jit
+def _top_argmax(h, m, W2, b2, s, labels, i0):
+    """labels[i0 + i] = argmax(h[i] @ W2 + b2) for i < m: the first maximum, the first NaN
+    when there is one (as numpy.argmax); each score sums the products in order, then b2."""
+    H, C = W2.shape
+    for i in range(m):
+        for c in range(C):
+            s[c] = 0
+        for j in range(H):
+            v = h[i, j]
+            for c in range(C):
+                s[c] += v * W2[j, c]
+        k = 0
+        best = s[0] + b2[0]
+        if best == best:
+            for c in range(1, C):
+                v = s[c] + b2[c]
+                if v != v:
+                    k = c
+                    break
+                if v > best:
+                    best = v
+                    k = c
+        labels[i0 + i] = k
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _sp_predict_par(indptr, indices, data, lut, row0, W1, b1, W2, b2, act, out, cut):
+    """Labels of rows row0 + i, run t of them (cut[t]:cut[t+1]) on thread t, PREDICT_BLOCK
+    rows at a time: the first layer (_sp_forward_rows), then _top_argmax."""
+    nt = cut.size - 1
+    bad = np.zeros(nt, np.int64)
+    empty = np.empty(0, np.int64)
+    for t in prange(nt):
+        h = np.empty((PREDICT_BLOCK, W1.shape[1]), W1.dtype)
+        s = np.empty(W2.shape[1], W1.dtype)
+        i = cut[t]
+        while i < cut[t + 1]:
+            m = min(PREDICT_BLOCK, cut[t + 1] - i)
+            bad[t] += _sp_forward_rows(indptr, indices, data, lut, empty, row0 + i, 0, m, W1, b1, h, act)
+            _top_argmax(h, m, W2, b2, s, out, i)
+            i += m
+    return bad.sum()
+
+
+@jit
+def _sparse_predict(indptr, indices, data, lut, row0, W1, b1, W2, b2, act, out, nt):
+    n = out.shape[0]
+    empty = np.empty(0, np.int64)
+    _check_rows(indptr, indices.size, empty, row0, n)
+    cut = _split_rows(indptr, empty, row0, n, nt)
+    return _sp_predict_par(indptr, indices, data, lut, row0, W1, b1, W2, b2, act, out, cut)
+
+
 @jit
 def _count_row(x):
     c = 0
@@ -984,6 +1043,31 @@ def sparse_affine(indptr, indices, data, row0, W, b, act, out):
     return out
 
 
+def sparse_predict_2layer(indptr, indices, data, row0, W1, b1, W2, b2, act, out):
+    if act not in (0, 1, 2):
+        raise ValueError(f"act must be 0 (identity), 1 (relu) or 2 (sigmoid), got {act}")
+    dt = chk.dtype_of(W1, "W1")
+    chk.csr(indptr, indices, data, dt, "sparse_predict_2layer")
+    W1 = chk.inp(W1, dt, "W1")
+    H = W1.shape[1]
+    b1 = chk.inp(b1, dt, "b1", ndim=1)
+    W2 = chk.inp(W2, dt, "W2")
+    b2 = chk.inp(b2, dt, "b2", ndim=1)
+    if b1.shape != (H,) or W2.shape[0] != H or W2.shape[1] < 1 or b2.shape != (W2.shape[1],):
+        raise ValueError(f"shapes do not chain: W1 {W1.shape}, b1 {b1.shape}, W2 {W2.shape}, b2 {b2.shape}")
+    if not (isinstance(out, np.ndarray) and out.dtype == np.int64 and out.ndim == 1
+            and out.flags.c_contiguous and out.flags.writeable):
+        raise TypeError("out must be a writeable C-contiguous 1-D int64 array (one label per row)")
+    n = out.shape[0]
+    if row0 < 0 or row0 + n > indptr.shape[0] - 1:
+        raise IndexError(f"rows [{row0}, {row0 + n}) are out of range for {indptr.shape[0] - 1} rows")
+    bad = _sparse_predict(indptr, indices, data, _LUTS[dt], int(row0), W1, b1, W2, b2, int(act), out,
+                          _threads())
+    if bad:
+        raise ValueError(f"sparse_predict_2layer: column indices outside [0, {W1.shape[0]})")
+    return out
+
+
 def train_step_2layer_sparse(indptr, indices, data, T, idx, W1, b1, W2, b2, lr, act, work):
     dt = chk.dtype_of(W1, "W1")
     chk.csr(indptr, indices, data, dt, "train_step_2layer_sparse")
@@ -1067,6 +1151,7 @@ def warmup(dtypes=(np.float32, np.float64)):
                 train_step_2layer_sparse(*csr, T, idx, W1, b1, W2, b2, 0.0, act, work)
                 train_step_2layer_sparse(*csr, T, idx, W1, b1, W2, b2, 0.1, act, work)
             sparse_affine(*csr, 0, W1, b1, 1, o2)
+            sparse_predict_2layer(*csr, 0, W1, b1, W2, b2, 1, np.empty(2, np.int64))
             for act in (1, 2):
                 train_steps_2layer_sparse(*csr, T, idx[None], W1, b1, W2, b2, 0.1, act, work, np.empty(1))
         for act in (1, 2):

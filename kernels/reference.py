@@ -152,6 +152,14 @@ def sparse_affine(indptr, indices, data, row0, W, b, act, out):
     return (affine, affine_relu, affine_sigmoid)[act](x, W, b, out)
 
 
+def sparse_predict_2layer(indptr, indices, data, row0, W1, b1, W2, b2, act, out):
+    if out.dtype != np.int64 or out.ndim != 1:
+        raise TypeError("out must be a 1-D int64 array (one label per row)")
+    h = sparse_affine(indptr, indices, data, row0, W1, b1, act, np.empty((out.shape[0], W1.shape[1]), W1.dtype))
+    out[...] = np.argmax(affine(h, W2, b2, np.empty((out.shape[0], W2.shape[1]), W1.dtype)), axis=1)
+    return out
+
+
 def train_step_2layer_sparse(indptr, indices, data, T, idx, W1, b1, W2, b2, lr, act, work):
     X = _dense_rows(indptr, indices, data, idx, W1.shape[0], W1.dtype)
     return train_step_2layer(X, T[idx], np.arange(len(idx)), W1, b1, W2, b2, lr, act, work)

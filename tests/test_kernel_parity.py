@@ -35,7 +35,8 @@ COMPILED = ("numba", "cython")
 #: whole-net kernels with parity tests of their own (below, and test_numerical_gradient.py)
 WHOLE_NET = {"train_step_2layer", "train_steps_2layer", "numerical_gradient_2layer"}
 #: kernels over CSR rows, with parity tests of their own (below)
-SPARSE = {"sparse_rows", "sparse_affine", "train_step_2layer_sparse", "train_steps_2layer_sparse"}
+SPARSE = {"sparse_rows", "sparse_affine", "sparse_predict_2layer", "train_step_2layer_sparse",
+          "train_steps_2layer_sparse"}
 ELEMENTARY = [k for k in contract.KERNELS if k not in WHOLE_NET | SPARSE]
 DTYPES = (np.float32, np.float64)
 
@@ -333,6 +334,65 @@ def test_sparse_affine_parity(backend_name, dtype, pixels, act, H):
 
 @pytest.mark.parametrize("backend_name", COMPILED)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("pixels", [True, False])
+@pytest.mark.parametrize("act", [0, 1, 2])
+# (hidden, classes): the book's 50 and 10; classes filling one 64-byte vector exactly
+# (float32 16, float64 8), one class more than that (the plain loops), and a single class
+@pytest.mark.parametrize("H,C", [(50, 10), (7, 16), (19, 8), (33, 17), (5, 9), (12, 1)])
+def test_sparse_predict_parity(backend_name, dtype, pixels, act, H, C):
+    """Labels against the reference (sparse_affine, affine, numpy.argmax) for row ranges
+    that are not whole blocks of 4 or of 64 rows; where two scores are close enough for
+    the order of a sum to matter, a label may differ, so those rows are left out."""
+    ref, got = backend.load("numpy"), backend.load(backend_name)
+    X, _, _, (W1, b1, W2, b2), _ = _sparse_case(dtype, 1, 37, H, C, N=3000, pixels=pixels, seed=C)
+    W2 *= 10  # scores some units apart: ties are rare
+    csr = ref.sparse_rows(X)
+    for row0, n in ((0, 3000), (13, 1), (2990, 10), (101, 131)):
+        expected = ref.sparse_predict_2layer(*csr, row0, W1, b1, W2, b2, act, np.empty(n, np.int64))
+        out = got.sparse_predict_2layer(*csr, row0, W1, b1, W2, b2, act, np.full(n, -1, np.int64))
+        h = ref.sparse_affine(*csr, row0, W1, b1, act, np.empty((n, H), dtype))
+        s = np.sort(h.astype(np.float64) @ W2 + b2, axis=1)
+        clear = (s[:, -1] - s[:, -2] > 1e-3) if C > 1 else np.ones(n, bool)
+        assert clear.mean() > 0.9
+        np.testing.assert_array_equal(out[clear], expected[clear], err_msg=f"rows {row0}+{n}")
+        assert out.min() >= 0 and out.max() < C
+
+
+@pytest.mark.parametrize("backend_name", ("numpy",) + COMPILED)
+def test_sparse_predict_ties_and_nan(backend_name):
+    """numpy.argmax's rules: the first of equal maxima, and the first NaN when a score is
+    NaN; and bad input is refused."""
+    k = backend.load(backend_name)
+    X = np.zeros((9, 4), np.uint8)
+    X[:, 0] = 255
+    csr = backend.load("numpy").sparse_rows(X)
+    W1, b1 = np.eye(4, 3, dtype=np.float32), np.zeros(3, np.float32)
+    W2 = np.zeros((3, 5), np.float32)
+    for b2, label in (([0, 2, 2, 1, 2], 1), ([3, 3, 3, 3, 3], 0), ([0, 1, np.nan, 5, np.nan], 2),
+                      ([np.nan, 9, 9, 9, 9], 0), ([-np.inf, -np.inf, -1, 7, np.inf], 4)):
+        out = k.sparse_predict_2layer(*csr, 0, W1, b1, W2, np.array(b2, np.float32), 1, np.empty(9, np.int64))
+        np.testing.assert_array_equal(out, label, err_msg=str(b2))
+    b2 = np.zeros(5, np.float32)
+    if backend_name == "numpy":
+        return
+    with pytest.raises(TypeError, match="int64"):
+        k.sparse_predict_2layer(*csr, 0, W1, b1, W2, b2, 1, np.empty(9, np.int32))
+    with pytest.raises(TypeError):
+        k.sparse_predict_2layer(*csr, 0, W1, b1, W2.astype(np.float64), b2, 1, np.empty(9, np.int64))
+    with pytest.raises(ValueError):
+        k.sparse_predict_2layer(*csr, 0, W1, b1, W2[:2], b2, 1, np.empty(9, np.int64))
+    with pytest.raises(IndexError):
+        k.sparse_predict_2layer(*csr, 5, W1, b1, W2, b2, 1, np.empty(9, np.int64))
+    with pytest.raises(ValueError, match="act"):
+        k.sparse_predict_2layer(*csr, 0, W1, b1, W2, b2, 3, np.empty(9, np.int64))
+    bad = csr[1].copy()
+    bad[0] = 4
+    with pytest.raises(ValueError, match="outside"):
+        k.sparse_predict_2layer(csr[0], bad, csr[2], 0, W1, b1, W2, b2, 1, np.empty(9, np.int64))
+
+
+@pytest.mark.parametrize("backend_name", COMPILED)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("act", [1, 2])
 @pytest.mark.parametrize("pixels", [True, False])
 # hidden sizes: whole 64-byte vectors (float32: 16, 64), a last vector of at most half a
@@ -405,8 +465,10 @@ T = rng.integers(0, 10, 400)
 p = [(0.1 * rng.standard_normal(s)).astype(np.float32) for s in ((300, 50), (50,), (50, 10), (10,))]
 work = tuple(np.empty(s, np.float32) for s in ((100, 300), (100, 50), (100, 10), (100, 50), (300, 50), (50,), (50, 10), (10,)))
 losses = np.empty(20)
-k.train_steps_2layer_sparse(*k.sparse_rows(X), T, rng.integers(0, 400, (20, 100)), *p, 0.1, 1, work, losses)
-sys.stdout.write(np.concatenate([a.ravel() for a in p] + [losses]).tobytes().hex())
+csr = k.sparse_rows(X)
+k.train_steps_2layer_sparse(*csr, T, rng.integers(0, 400, (20, 100)), *p, 0.1, 1, work, losses)
+labels = k.sparse_predict_2layer(*csr, 0, *p, 1, np.empty(400, np.int64))
+sys.stdout.write(np.concatenate([a.ravel() for a in p] + [losses]).tobytes().hex() + labels.tobytes().hex())
 """
 
 
@@ -523,6 +585,7 @@ def test_every_kernel_has_a_parity_test():
                         "numerical_gradient_2layer": "test_numerical_gradient.py",
                         "sparse_rows": "test_sparse_rows_parity",
                         "sparse_affine": "test_sparse_affine_parity",
+                        "sparse_predict_2layer": "test_sparse_predict_parity",
                         "train_step_2layer_sparse": "test_sparse_step_parity",
                         "train_steps_2layer": "test_many_steps_equal_single_steps",
                         "train_steps_2layer_sparse": "test_many_steps_equal_single_steps"}
