@@ -10,8 +10,8 @@ import pytest
 pytest.importorskip("matplotlib")
 Image = pytest.importorskip("PIL.Image")
 
-from fastnet.plots import plot_history
-from fastnet.train import History
+from fastnet.plots import plot_history  # noqa: E402
+from fastnet.train import History  # noqa: E402
 
 
 def _history(epochs=5, steps=300):
