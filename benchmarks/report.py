@@ -252,25 +252,34 @@ print(test_acc)
 """
 
 
-def e2e_section(table):
-    """The chapter-5 experiment as whole commands, start to exit."""
+def e2e_section(table, rounds: int = 3):
+    """The chapter-5 experiment as whole commands, start to exit: each command ``rounds``
+    times, interleaved (one of each, then again), the median taken; the note gives the
+    range, since on a shared 2-core machine one run can take a third longer than the next."""
     data = str(common.SHARED) if common.SHARED.exists() else ""
-    results, notes = {}, {}
     with tempfile.TemporaryDirectory() as out:
         base = [sys.executable, "-m", "fastnet", "train", "--out", out, "--no-progress"]
         if data:
             base += ["--data-dir", data]
-        for label, extra in (("fastnet train --backend numpy --dtype float64", ["--backend", "numpy", "--dtype", "float64"]),
-                             ("fastnet train (auto: cython, float32)", []),
-                             ("fastnet train --backend numba", ["--backend", "numba"])):
-            seconds, stdout = _run(base + extra)
-            results[label] = seconds
-            notes[label] = stdout.strip().splitlines()[-1].split(", test acc ")[-1].split(";")[0].join(["test acc ", ""])
-    torch = common.try_torch()
-    if torch is not None:
-        seconds, stdout = _run([sys.executable, "-c", TORCH_TRAIN, data])
-        results["PyTorch 2.13 CPU, same run"] = seconds
-        notes["PyTorch 2.13 CPU, same run"] = f"test acc {float(stdout.strip()):.4f}"
+        commands = {"fastnet train --backend numpy --dtype float64": base + ["--backend", "numpy", "--dtype", "float64"],
+                    "fastnet train (auto: cython, float32)": base,
+                    "fastnet train --backend numba": base + ["--backend", "numba"]}
+        if common.try_torch() is not None:
+            commands["PyTorch 2.13 CPU, same run"] = [sys.executable, "-c", TORCH_TRAIN, data]
+        times = {label: [] for label in commands}
+        accuracy = {}
+        for _ in range(rounds):
+            for label, cmd in commands.items():
+                seconds, stdout = _run(cmd)
+                times[label].append(seconds)
+                if label.startswith("PyTorch"):
+                    accuracy[label] = f"test acc {float(stdout.strip()):.4f}"
+                else:
+                    last = stdout.strip().splitlines()[-1]
+                    accuracy[label] = "test acc " + last.split(", test acc ")[-1].split(";")[0]
+    results = {label: statistics.median(values) for label, values in times.items()}
+    notes = {label: f"{accuracy[label]}; {len(values)} runs {min(values):.2f}-{max(values):.2f} s"
+             for label, values in times.items()}
     table.section("chapter-5 experiment, whole command (10,000 iterations + 17 evaluations)", results,
                   "fastnet train --backend numpy --dtype float64", notes)
     return results

@@ -883,6 +883,12 @@ cdef inline void _sp_scatter(long long* indptr, int* indices, void* data, bint p
         fn_sparse_scatter_d(indptr, indices, data, pix, lut, rows, n, G, W, D, H, HP, jlo, jhi, bad)
 
 
+# the rows of a sparse step's batch above the first layer run as this many blocks (on as
+# many threads when there are): a fixed number, so that the results do not depend on
+# the number of threads
+DEF TOP_BLOCKS = 2
+
+
 cdef struct _Padded:
     # scratch for the padded layout of _sparse.h (one block from fn_scratch_take):
     # W (D x HP), b (HP), G (B x HP) and, for gradients, dW (D x HP)
@@ -892,17 +898,19 @@ cdef struct _Padded:
     void* G
     void* dW
     long long HP
+    void* part  # a step's sums over each block of rows above the first layer (_sp_step_par)
 
 
 cdef int _padded_take(_Padded* s, void* W, long long D, long long H, long long B, bint grads,
-                      long long tsize) except -1:
+                      long long tsize, long long C=0) except -1:
     """Take the scratch and copy W (D x H) into it (_pad_rows_par); b and G start at zero
-    (their padding lanes must read 0; W's are zeroed by fn_pad_rows).  Give it back with
-    fn_scratch_give(s.block)."""
+    (their padding lanes must read 0; W's are zeroed by fn_pad_rows).  With C (a step),
+    room for its TOP_BLOCKS partial sums too.  Give it back with fn_scratch_give(s.block)."""
     cdef long long HP = fn_padded(H, tsize)
     cdef size_t w = <size_t>(D * HP * tsize), g = <size_t>(B * HP * tsize)
     cdef size_t bb = <size_t>(HP * tsize), total = w + bb + g + (w if grads else 0)
-    s.block = fn_scratch_take(total)
+    cdef size_t parts = <size_t>(TOP_BLOCKS * (C + H + H * C) * tsize) if C else 0
+    s.block = fn_scratch_take(total + parts)
     if s.block == NULL:
         raise MemoryError(f"no memory for the {total} bytes of padded weights")
     with nogil:
@@ -913,6 +921,7 @@ cdef int _padded_take(_Padded* s, void* W, long long D, long long H, long long B
     s.b = <char*>s.block + w
     s.G = <char*>s.block + w + bb
     s.dW = (<char*>s.block + w + bb + g) if grads else NULL
+    s.part = (<char*>s.block + total) if C else NULL
     return 0
 
 
@@ -984,25 +993,67 @@ cdef void _sp_forward_par(long long* indptr, int* indices, void* data, bint pix,
         bad[0] += bads[t]
 
 
-# the rows of a sparse step's batch above the first layer run as this many blocks (on as
-# many threads when there are): a fixed number, so that the results do not depend on
-# the number of threads
-DEF TOP_BLOCKS = 2
 
 
-cdef double _sp_forward_top_par(long long* indptr, int* indices, void* data, bint pix, real* lut,
-                                long long* idx, real* W, real* b, real* h, long long D, long long H,
-                                long long HP, int act, long long* cut, int nt, long long* bad,
-                                long long* T, real* W2, real* b2, real* s, real* dh, real* G,
-                                real mlr, int B, int C) noexcept nogil:
-    """The row-wise part of a sparse step in one parallel region: h = act(X[idx] @ W + b)
-    by runs of rows (_sp_forward_run), then _top_rows by TOP_BLOCKS blocks of rows,
-    each also writing its rows of G = mlr * dh (padded, for the scatter).  Returns the
-    sum of the rows' losses (block sums added in block order)."""
+cdef inline void _block_sums(real* h, real* ds, real* dh, int n, int H, int C, real* part) noexcept nogil:
+    """The sums over n rows of one block: part = [db2 (C), db1 (H), dW2 = h.T @ ds (H x C)]."""
+    cdef Py_ssize_t i, j
+    for j in range(C + H):
+        part[j] = 0
+    for i in range(n):
+        for j in range(C):
+            part[j] += ds[i * C + j]
+    for i in range(n):
+        for j in range(H):
+            part[C + j] += dh[i * H + j]
+    _gemm(True, False, H, C, n, <real>1, h, H, ds, C, <real>0, part + C + H, C)
+
+
+cdef void _sum_blocks(real* part, int nb, double lr, real* W2, real* b2, real* b1, real* dW2, real* db2,
+                      real* db1, int H, int C) noexcept nogil:
+    """db2, db1 and dW2 as the sums of the blocks' parts (in block order); with lr != 0
+    SGD on W2, b2 and b1 from them, else written to dW2, db2 and db1."""
+    cdef Py_ssize_t j, k
+    cdef long long w = C + H + H * C
+    cdef real v
+    for j in range(C + H + H * C):
+        v = part[j]
+        for k in range(1, nb):
+            v = v + part[k * w + j]
+        if j < C:
+            db2[j] = v
+            if lr != 0:
+                b2[j] -= <real>lr * v
+        elif j < C + H:
+            db1[j - C] = v
+            if lr != 0:
+                b1[j - C] -= <real>lr * v
+        elif lr != 0:
+            W2[j - C - H] -= <real>lr * v
+        else:
+            dW2[j - C - H] = v
+
+
+cdef double _sp_step_par(long long* indptr, int* indices, void* data, bint pix, real* lut,
+                         long long* idx, real* W, real* b, real* h, long long D, long long H,
+                         long long HP, int act, long long* cut, int nt, long long* bad,
+                         long long* T, real* W2, real* b2, real* s, real* dh, real* G,
+                         real mlr, int B, int C, double lr, real* b1, real* db1, real* dW2,
+                         real* db2, real* Wt, real* out, real* part) noexcept nogil:
+    """A whole sparse step in one parallel region: h = act(X[idx] @ W + b) by runs of
+    rows (_sp_forward_run); then, by TOP_BLOCKS blocks of rows, _top_rows, the block's
+    rows of G = mlr * dh (padded) and its sums (_block_sums); then the columns of Wt
+    by ranges, thread t owning the rows [D t / nt, D (t + 1) / nt) of Wt: W += X[idx].T @ G
+    scattered, each column in image order (or with ``out`` the gradient: Wt zeroed first,
+    then copied unpadded into out), thread 0 first adding up the blocks' sums and updating
+    W2, b2 and b1 (_sum_blocks).  So no sum depends on the number of threads.  Returns the sum
+    of the rows' losses (block sums added in block order)."""
     cdef long long bads[MAX_THREADS]
-    cdef double part[TOP_BLOCKS]
+    cdef long long sbad[MAX_THREADS]
+    cdef double losses[TOP_BLOCKS]
     cdef int t, k, nb = TOP_BLOCKS if B >= TOP_BLOCKS else B
-    cdef long long r0, r1
+    cdef long long r0, r1, w = C + H + H * C
+    cdef int jlo, jhi
     cdef Py_ssize_t i, j
     cdef double loss = 0
     with parallel(num_threads=nt):
@@ -1012,37 +1063,28 @@ cdef double _sp_forward_top_par(long long* indptr, int* indices, void* data, bin
         for k in prange(nb, schedule="static", chunksize=1):
             r0 = B * k // nb
             r1 = B * (k + 1) // nb
-            part[k] = _top_rows(h + r0 * H, T, idx + r0, W2, b2, act, s + r0 * C, dh + r0 * H,
-                                <int>(r1 - r0), B, <int>H, C)
+            losses[k] = _top_rows(h + r0 * H, T, idx + r0, W2, b2, act, s + r0 * C, dh + r0 * H,
+                                  <int>(r1 - r0), B, <int>H, C)
             for i in range(r0, r1):
                 for j in range(H):
                     G[i * HP + j] = dh[i * H + j] * mlr
+            _block_sums(h + r0 * H, s + r0 * C, dh + r0 * H, <int>(r1 - r0), <int>H, C, part + k * w)
+        for t in prange(nt, schedule="static", chunksize=1):
+            if t == 0:
+                _sum_blocks(part, nb, lr, W2, b2, b1, dW2, db2, db1, <int>H, C)
+            sbad[t] = 0
+            jlo = <int>(D * t // nt)
+            jhi = <int>(D * (t + 1) // nt)
+            if out != NULL:
+                memset(Wt + jlo * HP, 0, (jhi - jlo) * HP * sizeof(real))
+            _sp_scatter(indptr, indices, data, pix, lut, idx, B, G, Wt, D, H, HP, jlo, jhi, &sbad[t])
+            if out != NULL:
+                fn_unpad_rows(Wt + jlo * HP, jhi - jlo, HP, out + jlo * H, H, sizeof(real))
     for t in range(nt):
-        bad[0] += bads[t]
+        bad[0] += bads[t] + sbad[t]
     for k in range(nb):
-        loss += part[k]
+        loss += losses[k]
     return loss
-
-
-cdef void _sp_scatter_par(long long* indptr, int* indices, void* data, bint pix, real* lut,
-                          long long* rows, long long n, real* G, real* W, long long D,
-                          long long H, long long HP, int nt, real* out, long long* bad) noexcept nogil:
-    """W += X[rows].T @ G without forming it (W and G padded), by column ranges: thread
-    t owns the rows [D t / nt, D (t + 1) / nt) of W.  With ``out``: W = X[rows].T @ G
-    (W zeroed first), copied unpadded into out (D x H); each thread does its rows."""
-    cdef long long bads[MAX_THREADS]
-    cdef int t, jlo, jhi
-    for t in prange(nt, num_threads=nt, schedule="static", chunksize=1):
-        bads[t] = 0
-        jlo = <int>(D * t // nt)
-        jhi = <int>(D * (t + 1) // nt)
-        if out != NULL:
-            memset(W + jlo * HP, 0, (jhi - jlo) * HP * sizeof(real))
-        _sp_scatter(indptr, indices, data, pix, lut, rows, n, G, W, D, H, HP, jlo, jhi, &bads[t])
-        if out != NULL:
-            fn_unpad_rows(W + jlo * HP, jhi - jlo, HP, out + jlo * H, H, sizeof(real))
-    for t in range(nt):
-        bad[0] += bads[t]
 
 
 cdef void _pad_rows_par(void* src, long long n, long long w, void* dst, long long wp,
@@ -1070,30 +1112,21 @@ cdef double _train_step_2layer_sparse(long long* indptr, int* indices, void* dat
                                       real* dW1, real* db1, real* dW2, real* db2, int B, int D,
                                       int H, int C, long long* bad) noexcept nogil:
     """The step of _train_step_2layer with the first layer over CSR rows and W1 in the
-    padded layout (pad.W): forward and the row-wise part above it in one parallel region
-    (_sp_forward_top_par), the sums over the batch on one thread (_top_reduce), then the
-    W1 update (or dW1) scattered by columns.  ``lut``: the pixel table (_pixel_table)."""
+    padded layout (pad.W), in one parallel region (_sp_step_par): the forward by runs of
+    rows, the layers above by blocks of rows, then the W1 update (or dW1) scattered by
+    columns.  ``lut``: the pixel table (_pixel_table)."""
     cdef long long cut[MAX_THREADS + 1]
-    cdef Py_ssize_t j
     cdef long long HP = pad.HP
-    cdef double loss
     cdef int nt
     cdef real mlr = <real>(-lr) if lr != 0 else <real>1
     cdef real* Wp = <real*>pad.W
     cdef real* G = <real*>pad.G
     memcpy(pad.b, b1, H * sizeof(real))
     nt = _split_rows(indptr, idx, 0, B, cut)
-    loss = _sp_forward_top_par(indptr, indices, data, pix, lut, idx, Wp, <real*>pad.b, h, D, H, HP,
-                               act, cut, nt, bad, T, W2, b2, s, dh, G, mlr, B, C) / B
-    _top_reduce(h, W2, b2, lr, s, dh, db1, dW2, db2, B, H, C)
-    if lr != 0:
-        _sp_scatter_par(indptr, indices, data, pix, lut, idx, B, G, Wp, D, H, HP, nt, NULL, bad)
-        for j in range(H):
-            b1[j] -= <real>lr * db1[j]
-    else:
-        _sp_scatter_par(indptr, indices, data, pix, lut, idx, B, G, <real*>pad.dW, D, H, HP, nt, dW1,
-                        bad)
-    return loss
+    return _sp_step_par(indptr, indices, data, pix, lut, idx, Wp, <real*>pad.b, h, D, H, HP, act, cut,
+                        nt, bad, T, W2, b2, s, dh, G, mlr, B, C, lr, b1, db1, dW2, db2,
+                        Wp if lr != 0 else <real*>pad.dW, dW1 if lr == 0 else NULL,
+                        <real*>pad.part) / B
 
 
 cdef object _csr(indptr, indices, data, int tn, str who):
@@ -1147,7 +1180,7 @@ cdef int _sparse_steps(object indptr, object indices, object data, bint pixels, 
     cdef long long ts = 4 if a.tn == cnp.NPY_FLOAT32 else 8
     cdef float lutf[256]
     cdef double lutd[256]
-    _padded_take(&pad, a.p[0], a.D, a.H, a.B, lr == 0, ts)
+    _padded_take(&pad, a.p[0], a.D, a.H, a.B, lr == 0, ts, a.C)
     with nogil:
         if a.tn == cnp.NPY_FLOAT32:
             _pixel_table(lutf)
