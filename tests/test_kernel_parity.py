@@ -442,10 +442,12 @@ def test_sparse_kernels_from_several_threads(backend_name):
         idx = np.random.default_rng(1).integers(0, X.shape[0], (8, 20))
         losses = np.empty(8)
         out = np.empty((X.shape[0], params[0].shape[1]), np.float32)
+        labels = np.empty(X.shape[0], np.int64)
         for _ in range(5):
             k.train_steps_2layer_sparse(*csr, T, idx, *params, 0.1, 1, tuple(w.copy() for w in work), losses)
             k.sparse_affine(*csr, 0, params[0], params[1], 1, out)
-        return [out, losses] + params
+            k.sparse_predict_2layer(*csr, 0, *params, 1, labels)
+        return [out, losses, labels] + params
 
     serial = [run(c) for c in cases]
     with ThreadPoolExecutor(4) as pool:
