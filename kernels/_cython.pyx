@@ -912,7 +912,7 @@ cdef int _padded_take(_Padded* s, void* W, long long D, long long H, long long B
     cdef size_t parts = <size_t>(TOP_BLOCKS * (C + H + H * C) * tsize) if C else 0
     s.block = fn_scratch_take(total + parts)
     if s.block == NULL:
-        raise MemoryError(f"no memory for the {total} bytes of padded weights")
+        raise MemoryError(f"no memory for the {total + parts} bytes of padded weights")
     with nogil:
         _pad_rows_par(W, D, H, s.block, HP, tsize, False)
     memset(<char*>s.block + w, 0, bb + g)
@@ -991,8 +991,6 @@ cdef void _sp_forward_par(long long* indptr, int* indices, void* data, bint pix,
                         &bads[t])
     for t in range(nt):
         bad[0] += bads[t]
-
-
 
 
 cdef inline void _block_sums(real* h, real* ds, real* dh, int n, int H, int C, real* part) noexcept nogil:
