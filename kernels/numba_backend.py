@@ -624,6 +624,149 @@ def _train_steps_2layer_sparse(indptr, indices, data, lut, T, idx, W1, b1, W2, b
     return idx.shape[0], 0
 
 
+# The many-steps kernel with float32 rows of 49 to 64 hidden units (the book's 50) reads
+# W1 in a padded copy: rows of PAD floats, 64-byte aligned, PAD a compile-time constant,
+# so that the loops over a row are four whole vectors (as the Cython side's layout).
+PAD = 64
+
+
+@jit
+def _sp_forward_rows_pad(indptr, indices, data, lut, rows, lo, hi, Wp, bp, hp, act):
+    """_sp_forward_rows over padded rows (Wp: D x PAD, bp: PAD, hp: rows x PAD)."""
+    D = Wp.shape[0]
+    nb = 0
+    if _touch_rows(indptr, indices, data, rows, lo, hi) == 9223372036854775807:
+        nb += 1  # never (see _sp_forward_rows)
+    for i in range(lo, hi):
+        r = rows[i]
+        p, e = indptr[r], indptr[r + 1]
+        o = hp[i]
+        for k in range(PAD):
+            o[k] = bp[k]
+        while p + 4 <= e:
+            j0, j1, j2, j3 = indices[p], indices[p + 1], indices[p + 2], indices[p + 3]
+            if min(j0, j1, j2, j3) < 0 or max(j0, j1, j2, j3) >= D:
+                nb += 1
+            else:
+                v0, v1 = _value(data, lut, p), _value(data, lut, p + 1)
+                v2, v3 = _value(data, lut, p + 2), _value(data, lut, p + 3)
+                w0, w1, w2, w3 = Wp[j0], Wp[j1], Wp[j2], Wp[j3]
+                for k in range(PAD):
+                    o[k] += (v0 * w0[k] + v1 * w1[k]) + (v2 * w2[k] + v3 * w3[k])
+            p += 4
+        while p < e:
+            j = indices[p]
+            if j < 0 or j >= D:
+                nb += 1
+            else:
+                v = _value(data, lut, p)
+                w = Wp[j]
+                for k in range(PAD):
+                    o[k] += v * w[k]
+            p += 1
+        if act == 1:
+            for k in range(PAD):
+                o[k] = 0 if o[k] <= 0 else o[k]
+        elif act == 2:
+            _sigmoid_inplace(o)
+    return nb
+
+
+@jit
+def _sp_scatter_cols_pad(indptr, indices, data, lut, rows, Gp, Wp, jlo, jhi):
+    """_sp_scatter_cols over padded rows (Gp: rows x PAD, Wp: D x PAD)."""
+    D = Wp.shape[0]
+    nb = 0
+    for i in range(rows.size):
+        r = rows[i]  # read into cache by the step's forward
+        p, e = indptr[r], indptr[r + 1]
+        if jlo > 0:
+            p = _lower_bound(indices, p, e, jlo)
+        if jhi < D:
+            e = _lower_bound(indices, p, e, jhi)
+        g = Gp[i]
+        for q in range(p, e):
+            j = indices[q]
+            if j < 0 or j >= D:
+                nb += 1
+                continue
+            v = _value(data, lut, q)
+            w = Wp[j]
+            for k in range(PAD):
+                w[k] += v * g[k]
+    return nb
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _sp_step_pad_par(indptr, indices, data, lut, rows, Wp, bp, hp, act, cut, Gp, scatter):
+    """The forward (scatter False: run t of the rows on thread t) or the update (scatter
+    True: thread t owning the rows D t / nt : D (t + 1) / nt of Wp) of a padded step."""
+    nt = cut.size - 1
+    D = Wp.shape[0]
+    bad = np.zeros(nt, np.int64)
+    for t in prange(nt):
+        if scatter:
+            bad[t] = _sp_scatter_cols_pad(indptr, indices, data, lut, rows, Gp, Wp, D * t // nt,
+                                          D * (t + 1) // nt)
+        else:
+            bad[t] = _sp_forward_rows_pad(indptr, indices, data, lut, rows, cut[t], cut[t + 1], Wp, bp, hp, act)
+    return bad.sum()
+
+
+@jit
+def _train_steps_2layer_sparse_pad(indptr, indices, data, lut, T, idx, W1, b1, W2, b2, lr, act, nt,
+                                   h, s, dh, db1, dW2, db2, losses, Wp, bp, hp, Gp):
+    """_train_steps_2layer_sparse (lr > 0) with W1, b1, h and the update rows in the padded
+    buffers Wp, bp, hp, Gp (zero past H); W1 and b1 are copied back at the end, also when
+    a step stops the run."""
+    flat = idx.reshape(-1)
+    _check_rows(indptr, indices.size, flat, 0, flat.size)
+    _check_batch(T, flat, indptr.size - 1, s.shape[1])
+    D, H = W1.shape
+    B = s.shape[0]
+    for j in range(D):
+        for k in range(H):
+            Wp[j, k] = W1[j, k]
+    for k in range(H):
+        bp[k] = b1[k]
+    mlr = -lr
+    done, bad = idx.shape[0], 0
+    for step in range(idx.shape[0]):
+        rows = idx[step]
+        cut = _split_rows(indptr, rows, 0, B, nt)
+        bad = _sp_step_pad_par(indptr, indices, data, lut, rows, Wp, bp, hp, act, cut, Gp, False)
+        for i in range(B):
+            for k in range(H):
+                h[i, k] = hp[i, k]
+        losses[step] = _step_top(h, T, rows, W2, b2, act, s, dh, db1, dW2, db2)
+        for i in range(B):
+            for k in range(H):
+                Gp[i, k] = dh[i, k] * mlr
+        bad += _sp_step_pad_par(indptr, indices, data, lut, rows, Wp, bp, hp, act, cut, Gp, True)
+        _sgd((W2,), (dW2,), lr)
+        _sgd((b2,), (db2,), lr)
+        for k in range(H):
+            bp[k] -= lr * db1[k]
+        if bad or not np.isfinite(losses[step]):
+            done = step + 1
+            break
+    for j in range(D):
+        for k in range(H):
+            W1[j, k] = Wp[j, k]
+    for k in range(H):
+        b1[k] = bp[k]
+    return done, bad
+
+
+def _aligned_zeros(shape, dtype):
+    """Zeros of ``shape`` whose first element is 64-byte aligned."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape))
+    buf = np.zeros(n + 64 // dtype.itemsize, dtype)
+    start = (-buf.ctypes.data % 64) // dtype.itemsize
+    return buf[start : start + n].reshape(shape)
+
+
 @jit
 def _sparse_affine(indptr, indices, data, lut, row0, W, b, act, out, nt):
     n = out.shape[0]
@@ -1086,8 +1229,17 @@ def train_steps_2layer_sparse(indptr, indices, data, T, idx, W1, b1, W2, b2, lr,
     chk.csr(indptr, indices, data, dt, "train_steps_2layer_sparse")
     work = chk.train_step_2layer(None, T, idx, W1, b1, W2, b2, act, work, rows=indptr.shape[0] - 1,
                                  losses=losses, lr=lr)
-    done, bad = _train_steps_2layer_sparse(indptr, indices, data, _LUTS[dt], T, idx, W1, b1, W2, b2,
-                                           float(lr), int(act), _threads(), *work[1:], losses)
+    D, H = W1.shape
+    if dt == np.float32 and PAD - 16 < H <= PAD and W1.flags.c_contiguous and b1.flags.c_contiguous:
+        B = idx.shape[1]
+        h, s, dh, _, db1, dW2, db2 = work[1:]
+        done, bad = _train_steps_2layer_sparse_pad(indptr, indices, data, _LUTS[dt], T, idx, W1, b1, W2, b2,
+                                                   float(lr), int(act), _threads(), h, s, dh, db1, dW2, db2,
+                                                   losses, _aligned_zeros((D, PAD), dt), _aligned_zeros(PAD, dt),
+                                                   _aligned_zeros((B, PAD), dt), _aligned_zeros((B, PAD), dt))
+    else:
+        done, bad = _train_steps_2layer_sparse(indptr, indices, data, _LUTS[dt], T, idx, W1, b1, W2, b2,
+                                               float(lr), int(act), _threads(), *work[1:], losses)
     if bad:
         raise ValueError(f"train_steps_2layer_sparse: column indices outside [0, {W1.shape[0]}) "
                          "(the weights may be partly updated)")
@@ -1157,4 +1309,13 @@ def warmup(dtypes=(np.float32, np.float64)):
         for act in (1, 2):
             train_steps_2layer(X, T, idx[None], W1, b1, W2, b2, 0.1, act, work, np.empty(1))
             train_steps_2layer(X.astype(np.uint8), T, idx[None], W1, b1, W2, b2, 0.1, act, work, np.empty(1))
+        if np.dtype(dtype) == np.float32:  # the padded many-steps kernel (PAD - 16 < H <= PAD)
+            H = PAD - 14
+            Wh, bh, W2h = np.ones((3, H), dtype), np.ones(H, dtype), np.ones((H, 2), dtype)
+            wh = (work[0], np.empty((2, H), dtype), work[2], np.empty((2, H), dtype), np.empty((3, H), dtype),
+                  np.empty(H, dtype), np.empty((H, 2), dtype), work[7])
+            for rows in (X, X.astype(np.uint8)):
+                for act in (1, 2):
+                    train_steps_2layer_sparse(*sparse_rows(rows), T, idx[None], Wh, bh, W2h, b2, 0.1, act, wh,
+                                              np.empty(1))
     return time.perf_counter() - start
