@@ -379,11 +379,12 @@ def _train_steps_2layer(X, T, idx, W1, b1, W2, b2, lr, act, div, xb, h, s, dh, d
 
 
 # ------------------------------------------------------------------ sparse first layer
-# The algorithm of _sparse.h (the Cython side) without its padded vector layout: the
-# forward over a batch first reads the batch's rows into cache, then keeps four
-# non-zeros per pass over out[i, :]; the update scatters X^T G into W by column ranges,
-# one range per thread (each column in row order, so any thread count gives the same
-# result).  Threads only where there is work for them (PARALLEL_NNZ).
+# The algorithm of _sparse.h (the Cython side): the forward over a batch first reads the
+# batch's rows into cache, then keeps four non-zeros per pass over out[i, :]; the update
+# scatters X^T G into W by column ranges, one range per thread (each column in row order,
+# so any thread count gives the same result).  Threads only where there is work for them
+# (PARALLEL_NNZ).  The padded layout is used only by the many-steps kernel for float32
+# rows of 49 to 64 hidden units (PAD, below).
 PARALLEL_NNZ = 4096
 
 
