@@ -5,7 +5,7 @@ round by round so that a slow moment of the machine hits all of them alike, and 
 a Markdown table of median times and ratios against the reference (the book's NumPy
 code on fastnet's ``numpy`` backend).  Thread counts of every pool are printed with it.
 
-    python -m benchmarks.report            # everything (about 3.5 minutes)
+    python -m benchmarks.report            # everything (3.5 to 5.5 minutes)
     python -m benchmarks.report --quick    # fewer rounds, no end-to-end runs
     python -m benchmarks.report --json out.json
 
