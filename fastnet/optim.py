@@ -39,10 +39,12 @@ class Momentum(SGD):
     def update(self, params, grads):
         if self.v is None:
             self.v = {key: np.zeros_like(value) for key, value in params.items()}
+            self._t = {key: np.empty_like(value) for key, value in params.items()}
         for key, grad in grads.items():
-            v = self.v[key]
+            v, t = self.v[key], self._t[key]
             v *= self.momentum
-            v -= params[key].dtype.type(self.lr) * grad
+            np.multiply(grad, params[key].dtype.type(self.lr), out=t)  # lr * dW, in place
+            v -= t
             params[key] += v
 
 
@@ -58,16 +60,30 @@ class Adam(SGD):
         self.m = self.v = None
 
     def update(self, params, grads):
+        """The book's three lines, each operation into two scratch arrays per parameter
+        instead of a new temporary: the same operations in the same order on the same
+        values, so the same bits (tests/test_optim.py)."""
         if self.m is None:
             self.m = {key: np.zeros_like(value) for key, value in params.items()}
             self.v = {key: np.zeros_like(value) for key, value in params.items()}
+            self._t = {key: np.empty_like(value) for key, value in params.items()}
+            self._u = {key: np.empty_like(value) for key, value in params.items()}
         self.iter += 1
         lr_t = self.lr * np.sqrt(1.0 - self.beta2**self.iter) / (1.0 - self.beta1**self.iter)
         for key, grad in grads.items():
-            m, v = self.m[key], self.v[key]
-            m += (1 - self.beta1) * (grad - m)
-            v += (1 - self.beta2) * (grad**2 - v)
-            params[key] -= params[key].dtype.type(lr_t) * m / (np.sqrt(v) + 1e-7)
+            m, v, t, u = self.m[key], self.v[key], self._t[key], self._u[key]
+            np.subtract(grad, m, out=t)  # m += (1 - beta1) * (grad - m)
+            t *= 1 - self.beta1
+            m += t
+            np.multiply(grad, grad, out=t)  # v += (1 - beta2) * (grad**2 - v)
+            t -= v
+            t *= 1 - self.beta2
+            v += t
+            np.multiply(m, params[key].dtype.type(lr_t), out=u)  # W -= lr_t * m / (sqrt(v) + 1e-7)
+            np.sqrt(v, out=t)
+            t += 1e-7
+            np.divide(u, t, out=u)
+            params[key] -= u
 
 
 OPTIMIZERS = {"sgd": SGD, "momentum": Momentum, "adam": Adam}
