@@ -482,11 +482,12 @@ def _split_rows(indptr, rows, row0, n, nt):
     return cut
 
 
-@jit
-def _sp_forward_rows(indptr, indices, data, lut, rows, row0, lo, hi, W, b, out, act):
-    """out[i] = act(X[r] @ W + b) for i in lo:hi, r = rows[i] (or row0 + i when rows is
-    empty); returns the number of column indices outside [0, D) (left out)."""
-    D, H = W.shape
+@inline
+def _forward_rows(indptr, indices, data, lut, rows, row0, lo, hi, W, b, out, act, width):
+    """out[i, :width] = act(X[r] @ W + b)[:width] for i in lo:hi, r = rows[i] (or row0 + i
+    when rows is empty); returns the number of column indices outside [0, D) (left out).
+    Inlined into its callers: a constant ``width`` (PAD) is a constant loop bound there."""
+    D = W.shape[0]
     nb = 0
     if rows.size and _touch_rows(indptr, indices, data, rows, lo, hi) == 9223372036854775807:
         nb += 1  # never: int32 columns of at most 2**31 entries cannot sum to that
@@ -496,7 +497,7 @@ def _sp_forward_rows(indptr, indices, data, lut, rows, row0, lo, hi, W, b, out, 
             _prefetch_row(indptr, indices, data, r + 1)
         p, e = indptr[r], indptr[r + 1]
         o = out[i]
-        for k in range(H):
+        for k in range(width):
             o[k] = b[k]
         while p + 4 <= e:
             j0, j1, j2, j3 = indices[p], indices[p + 1], indices[p + 2], indices[p + 3]
@@ -506,7 +507,7 @@ def _sp_forward_rows(indptr, indices, data, lut, rows, row0, lo, hi, W, b, out, 
                 v0, v1 = _value(data, lut, p), _value(data, lut, p + 1)
                 v2, v3 = _value(data, lut, p + 2), _value(data, lut, p + 3)
                 w0, w1, w2, w3 = W[j0], W[j1], W[j2], W[j3]
-                for k in range(H):
+                for k in range(width):
                     o[k] += (v0 * w0[k] + v1 * w1[k]) + (v2 * w2[k] + v3 * w3[k])
             p += 4
         while p < e:
@@ -516,11 +517,11 @@ def _sp_forward_rows(indptr, indices, data, lut, rows, row0, lo, hi, W, b, out, 
             else:
                 v = _value(data, lut, p)
                 w = W[j]
-                for k in range(H):
+                for k in range(width):
                     o[k] += v * w[k]
             p += 1
         if act == 1:
-            for k in range(H):
+            for k in range(width):
                 o[k] = 0 if o[k] <= 0 else o[k]
         elif act == 2:
             _sigmoid_inplace(o)
@@ -528,13 +529,20 @@ def _sp_forward_rows(indptr, indices, data, lut, rows, row0, lo, hi, W, b, out, 
 
 
 @jit
-def _sp_scatter_cols(indptr, indices, data, lut, rows, G, W, jlo, jhi, zero):
-    """W[jlo:jhi] += (X[rows].T @ G)[jlo:jhi] (= when zero) over the non-zeros only."""
-    D, H = W.shape
+def _sp_forward_rows(indptr, indices, data, lut, rows, row0, lo, hi, W, b, out, act):
+    """_forward_rows over the whole width of W."""
+    return _forward_rows(indptr, indices, data, lut, rows, row0, lo, hi, W, b, out, act, W.shape[1])
+
+
+@inline
+def _scatter_cols(indptr, indices, data, lut, rows, G, W, jlo, jhi, zero, width):
+    """W[jlo:jhi, :width] += (X[rows].T @ G)[jlo:jhi, :width] (= when zero) over the
+    non-zeros only (inlined, as _forward_rows)."""
+    D = W.shape[0]
     nb = 0
     if zero:
         for j in range(jlo, jhi):
-            for k in range(H):
+            for k in range(width):
                 W[j, k] = 0
     for i in range(rows.size):
         r = rows[i]  # read into cache by the step's forward (_touch_rows)
@@ -551,9 +559,15 @@ def _sp_scatter_cols(indptr, indices, data, lut, rows, G, W, jlo, jhi, zero):
                 continue
             v = _value(data, lut, q)
             w = W[j]
-            for k in range(H):
+            for k in range(width):
                 w[k] += v * g[k]
     return nb
+
+
+@jit
+def _sp_scatter_cols(indptr, indices, data, lut, rows, G, W, jlo, jhi, zero):
+    """_scatter_cols over the whole width of W."""
+    return _scatter_cols(indptr, indices, data, lut, rows, G, W, jlo, jhi, zero, W.shape[1])
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -631,73 +645,6 @@ def _train_steps_2layer_sparse(indptr, indices, data, lut, T, idx, W1, b1, W2, b
 PAD = 64
 
 
-@jit
-def _sp_forward_rows_pad(indptr, indices, data, lut, rows, lo, hi, Wp, bp, hp, act):
-    """_sp_forward_rows over padded rows (Wp: D x PAD, bp: PAD, hp: rows x PAD)."""
-    D = Wp.shape[0]
-    nb = 0
-    if _touch_rows(indptr, indices, data, rows, lo, hi) == 9223372036854775807:
-        nb += 1  # never (see _sp_forward_rows)
-    for i in range(lo, hi):
-        r = rows[i]
-        p, e = indptr[r], indptr[r + 1]
-        o = hp[i]
-        for k in range(PAD):
-            o[k] = bp[k]
-        while p + 4 <= e:
-            j0, j1, j2, j3 = indices[p], indices[p + 1], indices[p + 2], indices[p + 3]
-            if min(j0, j1, j2, j3) < 0 or max(j0, j1, j2, j3) >= D:
-                nb += 1
-            else:
-                v0, v1 = _value(data, lut, p), _value(data, lut, p + 1)
-                v2, v3 = _value(data, lut, p + 2), _value(data, lut, p + 3)
-                w0, w1, w2, w3 = Wp[j0], Wp[j1], Wp[j2], Wp[j3]
-                for k in range(PAD):
-                    o[k] += (v0 * w0[k] + v1 * w1[k]) + (v2 * w2[k] + v3 * w3[k])
-            p += 4
-        while p < e:
-            j = indices[p]
-            if j < 0 or j >= D:
-                nb += 1
-            else:
-                v = _value(data, lut, p)
-                w = Wp[j]
-                for k in range(PAD):
-                    o[k] += v * w[k]
-            p += 1
-        if act == 1:
-            for k in range(PAD):
-                o[k] = 0 if o[k] <= 0 else o[k]
-        elif act == 2:
-            _sigmoid_inplace(o)
-    return nb
-
-
-@jit
-def _sp_scatter_cols_pad(indptr, indices, data, lut, rows, Gp, Wp, jlo, jhi):
-    """_sp_scatter_cols over padded rows (Gp: rows x PAD, Wp: D x PAD)."""
-    D = Wp.shape[0]
-    nb = 0
-    for i in range(rows.size):
-        r = rows[i]  # read into cache by the step's forward
-        p, e = indptr[r], indptr[r + 1]
-        if jlo > 0:
-            p = _lower_bound(indices, p, e, jlo)
-        if jhi < D:
-            e = _lower_bound(indices, p, e, jhi)
-        g = Gp[i]
-        for q in range(p, e):
-            j = indices[q]
-            if j < 0 or j >= D:
-                nb += 1
-                continue
-            v = _value(data, lut, q)
-            w = Wp[j]
-            for k in range(PAD):
-                w[k] += v * g[k]
-    return nb
-
-
 @njit(cache=True, nogil=True, parallel=True)
 def _sp_step_pad_par(indptr, indices, data, lut, rows, Wp, bp, hp, act, cut, Gp, scatter):
     """The forward (scatter False: run t of the rows on thread t) or the update (scatter
@@ -707,10 +654,10 @@ def _sp_step_pad_par(indptr, indices, data, lut, rows, Wp, bp, hp, act, cut, Gp,
     bad = np.zeros(nt, np.int64)
     for t in prange(nt):
         if scatter:
-            bad[t] = _sp_scatter_cols_pad(indptr, indices, data, lut, rows, Gp, Wp, D * t // nt,
-                                          D * (t + 1) // nt)
+            bad[t] = _scatter_cols(indptr, indices, data, lut, rows, Gp, Wp, D * t // nt, D * (t + 1) // nt,
+                                   False, PAD)
         else:
-            bad[t] = _sp_forward_rows_pad(indptr, indices, data, lut, rows, cut[t], cut[t + 1], Wp, bp, hp, act)
+            bad[t] = _forward_rows(indptr, indices, data, lut, rows, 0, cut[t], cut[t + 1], Wp, bp, hp, act, PAD)
     return bad.sum()
 
 
