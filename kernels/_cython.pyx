@@ -1233,21 +1233,36 @@ def train_steps_2layer_sparse(indptr, indices, data, T, idx, W1, b1, W2, b2, dou
     return _sparse_steps(indptr, indices, data, pixels, &a, lr, act)
 
 
-def sparse_affine(indptr, indices, data, long long row0, W, b, int act, out):
+cdef tuple _first_layer_args(str who, indptr, indices, data, W, b, int act, str wname, str bname):
+    """The checks of a kernel whose first layer reads CSR rows: act, the CSR arrays, W and
+    b.  Returns (dtype number, whether data holds uint8 pixels, W, b) as contiguous arrays."""
     if act < 0 or act > 2:
         raise ValueError(f"act must be 0 (identity), 1 (relu) or 2 (sigmoid), got {act}")
-    cdef int tn = _typenum(W, "W")
-    cdef bint pixels = _csr(indptr, indices, data, tn, "sparse_affine")
-    cdef cnp.ndarray Wa = _in2(W, tn, "W")
-    cdef long long D = Wa.shape[0], H = Wa.shape[1]
-    cdef cnp.ndarray ba = _vec(b, tn, "b", H, False)
-    cdef cnp.ndarray oa = _out2(out, tn, "out", out.shape[0] if out.ndim == 2 else -1, H)
-    cdef long long n = oa.shape[0]
+    cdef int tn = _typenum(W, wname)
+    pixels = _csr(indptr, indices, data, tn, who)
+    cdef cnp.ndarray Wa = _in2(W, tn, wname)
+    return tn, pixels, Wa, _vec(b, tn, bname, Wa.shape[1], False)
+
+
+cdef long long* _row_range(indptr, indices, long long row0, long long n) except NULL:
+    """indptr's pointer, after checking that rows [row0, row0 + n) exist and are valid."""
     cdef cnp.ndarray pa = <cnp.ndarray>indptr
     cdef long long* pp = <long long*>_p(pa)
     if row0 < 0 or row0 + n > pa.shape[0] - 1:
         raise IndexError(f"rows [{row0}, {row0 + n}) are out of range for {pa.shape[0] - 1} rows")
     _csr_rows_ok(pp, pa.shape[0] - 1, indices.shape[0], NULL, row0, n)
+    return pp
+
+
+def sparse_affine(indptr, indices, data, long long row0, W, b, int act, out):
+    cdef int tn
+    cdef bint pixels
+    cdef cnp.ndarray Wa, ba
+    tn, pixels, Wa, ba = _first_layer_args("sparse_affine", indptr, indices, data, W, b, act, "W", "b")
+    cdef long long D = Wa.shape[0], H = Wa.shape[1]
+    cdef cnp.ndarray oa = _out2(out, tn, "out", out.shape[0] if out.ndim == 2 else -1, H)
+    cdef long long n = oa.shape[0]
+    cdef long long* pp = _row_range(indptr, indices, row0, n)
     cdef long long bad = 0
     cdef int* pj = <int*>_p(<cnp.ndarray>indices)
     cdef void* pd = _p(<cnp.ndarray>data)
@@ -1308,13 +1323,12 @@ cdef void _predict_run(long long* indptr, int* indices, void* data, bint pix, re
 
 
 def sparse_predict_2layer(indptr, indices, data, long long row0, W1, b1, W2, b2, int act, out):
-    if act < 0 or act > 2:
-        raise ValueError(f"act must be 0 (identity), 1 (relu) or 2 (sigmoid), got {act}")
-    cdef int tn = _typenum(W1, "W1")
-    cdef bint pixels = _csr(indptr, indices, data, tn, "sparse_predict_2layer")
-    cdef cnp.ndarray Wa = _in2(W1, tn, "W1")
+    cdef int tn
+    cdef bint pixels
+    cdef cnp.ndarray Wa, ba
+    tn, pixels, Wa, ba = _first_layer_args("sparse_predict_2layer", indptr, indices, data, W1, b1, act,
+                                           "W1", "b1")
     cdef long long D = Wa.shape[0], H = Wa.shape[1]
-    cdef cnp.ndarray ba = _vec(b1, tn, "b1", H, False)
     cdef cnp.ndarray W2a = _in2(W2, tn, "W2")
     if W2a.shape[0] != H:
         raise ValueError(f"W2 has shape {W2.shape}, expected ({H}, classes)")
@@ -1327,11 +1341,7 @@ def sparse_predict_2layer(indptr, indices, data, long long row0, W1, b1, W2, b2,
             and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>out)):
         raise TypeError("out must be a writeable C-contiguous 1-D int64 array (one label per row)")
     cdef long long n = out.shape[0]
-    cdef cnp.ndarray pa = <cnp.ndarray>indptr
-    cdef long long* pp = <long long*>_p(pa)
-    if row0 < 0 or row0 + n > pa.shape[0] - 1:
-        raise IndexError(f"rows [{row0}, {row0 + n}) are out of range for {pa.shape[0] - 1} rows")
-    _csr_rows_ok(pp, pa.shape[0] - 1, indices.shape[0], NULL, row0, n)
+    cdef long long* pp = _row_range(indptr, indices, row0, n)
     cdef long long bad = 0
     cdef long long bads[MAX_THREADS]
     cdef int* pj = <int*>_p(<cnp.ndarray>indices)
