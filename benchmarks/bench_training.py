@@ -187,6 +187,27 @@ class EpochEvaluation:
             self.trainer.accuracy(self.trainer.x_train, self.trainer.t_train)
 
 
+class OptimizerUpdate:
+    """One ``update`` of an optimiser on the 784-50-10 net's float32 parameters (the step
+    ``fastnet train --optimizer momentum|adam`` takes after each gradient kernel call)."""
+
+    params = (["sgd", "momentum", "adam"],)
+    param_names = ["optimizer"]
+
+    def setup(self, optimizer):
+        from fastnet.optim import make_optimizer
+
+        rng = np.random.default_rng(0)
+        shapes = {"W1": (784, 50), "b1": (50,), "W2": (50, 10), "b2": (10,)}
+        self.params = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+        self.grads = {k: (0.01 * rng.standard_normal(s)).astype(np.float32) for k, s in shapes.items()}
+        self.optimizer = make_optimizer(optimizer, 1e-3)
+        self.optimizer.update(self.params, self.grads)  # state allocated
+
+    def time_update(self, optimizer):
+        self.optimizer.update(self.params, self.grads)
+
+
 class Threads:
     """The thread counts every result was measured with."""
 

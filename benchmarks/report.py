@@ -148,6 +148,8 @@ def step_section(table, rounds):
         "fused step, cython float32 (float X)": common.FusedStep("cython", "float32", x32, t),
         "sparse fused step, numba float32": common.FusedStep("numba", "float32", x, t, sparse=True),
         "sparse fused step, cython float32": common.FusedStep("cython", "float32", x, t, sparse=True),
+        "sparse fused, numba float32, 100 steps per call": common.FusedStep("numba", "float32", x, t,
+                                                                            sparse=True, steps=100),
         "sparse fused, cython float32, 100 steps per call": common.FusedStep("cython", "float32", x, t,
                                                                              sparse=True, steps=100),
     }
@@ -157,6 +159,8 @@ def step_section(table, rounds):
             notes[name] = "pixels as CSR rows: first layer over the non-zeros only"
     notes["sparse fused, cython float32, 100 steps per call"] = (
         "train_steps_2layer_sparse, time per step: fastnet train's path with SGD")
+    notes["sparse fused, numba float32, 100 steps per call"] = (
+        "train_steps_2layer_sparse, time per step: fastnet train --backend numba")
     try:
         cases["PyTorch 2.13 CPU float32"] = common.TorchStep(x, t)
     except NotImplementedError as exc:
