@@ -2,11 +2,15 @@
  *
  * MNIST images are about 81% zero pixels.  A dense product X @ W1 of a 100-image batch
  * costs 100 x 784 x 50 multiply-adds; the same product over the non-zeros alone is
- * about 15,000 row operations of 50 wide.  Two loops do all of it:
+ * about 15,000 row operations of 50 wide.  These loops do all of it:
  *
  *   fn_sparse_forward_*  out[i, :] = b + sum_p v_p * W[j_p, :]  over the non-zeros of
  *                        row rows[i] (or row0 + i).  The output row is held in registers
  *                        over all of the row's non-zeros and stored once.
+ *   fn_sparse_forward_cols_*  the same over the non-zeros whose column lies in
+ *                        [jlo, jhi) only: a training step's forward by blocks of W's rows,
+ *                        each block on the thread that also updates those rows (the
+ *                        partial sums are added up by fn_sum_parts).
  *   fn_sparse_scatter_*  W[j_p, :] += v_p * G[i, :]  over the non-zeros of rows[i] whose
  *                        column lies in [jlo, jhi): the weight update X^T G without
  *                        forming X^T G.  Each column is touched by one thread only
@@ -218,12 +222,15 @@ FN_INLINE void fn_forward_row_##S(int m, const int *indices, const VT *data,    
     const T *lut, long long p, long long e, const T *W, const T *b, T *__restrict o,      \
     long long off, long long D, long long H, long long HP, int count_bad, long long *bad) \
 {                                                                                           \
-    const fn_vec_##S *bv = (const fn_vec_##S *)b;                                           \
-    fn_vec_##S a0 = bv[0], a1 = {0}, a2 = {0}, a3 = {0};                                    \
+    const fn_vec_##S *bv = (const fn_vec_##S *)b; /* NULL: start from zero */               \
+    fn_vec_##S a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};                                      \
     fn_vec_##S c0 = {0}, c1 = {0}, c2 = {0}, c3 = {0};                                      \
-    if (m > 1) a1 = bv[1];                                                                  \
-    if (m > 2) a2 = bv[2];                                                                  \
-    if (m > 3) a3 = bv[3];                                                                  \
+    if (bv) {                                                                               \
+        a0 = bv[0];                                                                         \
+        if (m > 1) a1 = bv[1];                                                              \
+        if (m > 2) a2 = bv[2];                                                              \
+        if (m > 3) a3 = bv[3];                                                              \
+    }                                                                                       \
     for (; p + 2 <= e; p += 2) {                                                            \
         int j = indices[p], k = indices[p + 1];                                             \
         T v = VAL(p), u = VAL(p + 1);                                                       \
@@ -276,6 +283,29 @@ FN_SPARSE_CLONES static void fn_sparse_forward_##S(                             
             int m = nv - v0 < 4 ? (int)(nv - v0) : 4;                                       \
             FN_FOR_M(m, fn_forward_row_##S, indices, data, lut, p, e, W + v0 * L,           \
                      b + v0 * L, out + i * H, v0 * L, D, H, HP, v0 == 0, bad)               \
+        }                                                                                   \
+    }                                                                                       \
+}                                                                                           \
+                                                                                            \
+/* out[i, :] = b + sum_p v_p W[j_p, :] over the non-zeros of row rows[i] whose column */  \
+/* lies in [jlo, jhi) (b NULL: no b); W, b and out padded (rows of HP, whole vectors */     \
+/* stored).  The step's forward by blocks of W's rows (see fn_sum_parts) */                \
+FN_SPARSE_CLONES static void fn_sparse_forward_cols_##S(                                    \
+    const long long *indptr, const int *indices, const VT *data, const T *lut,            \
+    const long long *rows, long long n, const T *W, const T *b, T *__restrict out,        \
+    long long D, long long HP, int jlo, int jhi, long long *bad)                          \
+{                                                                                           \
+    const long long L = 64 / sizeof(T), nv = HP / L;                                        \
+    fn_touch_rows(indptr, indices, data, rows, n, sizeof(VT));                              \
+    for (long long i = 0; i < n; i++) {                                                     \
+        long long r = rows[i];                                                              \
+        long long p = indptr[r], e = indptr[r + 1];                                         \
+        if (jlo > 0) p = fn_lower_bound(indices, p, e, jlo);                                \
+        if (jhi < D) e = fn_lower_bound(indices, p, e, jhi);                                \
+        for (long long v0 = 0; v0 < nv; v0 += 4) {                                          \
+            int m = nv - v0 < 4 ? (int)(nv - v0) : 4;                                       \
+            FN_FOR_M(m, fn_forward_row_##S, indices, data, lut, p, e, W + v0 * L,           \
+                     b ? b + v0 * L : NULL, out + i * HP, v0 * L, D, HP, HP, v0 == 0, bad)  \
         }                                                                                   \
     }                                                                                       \
 }                                                                                           \
@@ -366,6 +396,18 @@ static void fn_sparse_forward_##S(                                              
         fn_sparse_forward_##S##v(indptr, indices, (const T *)data, lut, rows, row0, n,      \
                                  W, b, out, D, H, HP, bad);                                 \
 }                                                                                           \
+static void fn_sparse_forward_cols_##S(                                                     \
+    const long long *indptr, const int *indices, const void *data, int pix, const T *lut, \
+    const long long *rows, long long n, const T *W, const T *b, T *out, long long D,      \
+    long long HP, int jlo, int jhi, long long *bad)                                       \
+{                                                                                           \
+    if (pix)                                                                                \
+        fn_sparse_forward_cols_##S##u(indptr, indices, (const uint8_t *)data, lut, rows, n, \
+                                      W, b, out, D, HP, jlo, jhi, bad);                     \
+    else                                                                                    \
+        fn_sparse_forward_cols_##S##v(indptr, indices, (const T *)data, lut, rows, n,       \
+                                      W, b, out, D, HP, jlo, jhi, bad);                     \
+}                                                                                           \
 static void fn_sparse_scatter_##S(                                                          \
     const long long *indptr, const int *indices, const void *data, int pix, const T *lut, \
     const long long *rows, long long n, const T *G, T *W, long long D, long long H,       \
@@ -449,6 +491,33 @@ FN_SPARSE_CLONES static void fn_top_argmax_##S(const T *h, long long n, long lon
 
 FN_TOP_ARGMAX(float, f)
 FN_TOP_ARGMAX(double, d)
+
+/* h[i, :H] = parts[0][i] + parts[1][i] + ... (np parts, each n rows of HP, q entries */
+/* apart; added in part order) for rows [0, n): the forward sums of a step's blocks of */
+/* pixels (fn_sparse_forward_cols) into its hidden rows (unpadded) */
+#define FN_SUM_PARTS(T, S)                                                                  \
+typedef T fn_pvec_##S __attribute__((vector_size(64)));                                     \
+FN_SPARSE_CLONES static void fn_sum_parts_##S(const T *parts, long long q, int np,         \
+    long long n, long long H, long long HP, T *__restrict h)                              \
+{                                                                                           \
+    const long long L = 64 / sizeof(T);                                                     \
+    for (long long i = 0; i < n; i++) {                                                     \
+        for (long long off = 0; off < HP; off += L) {                                       \
+            fn_pvec_##S a = *(const fn_pvec_##S *)(parts + i * HP + off);                   \
+            for (int k = 1; k < np; k++)                                                    \
+                a += *(const fn_pvec_##S *)(parts + k * q + i * HP + off);                  \
+            if (off + L <= H) memcpy(h + i * H + off, &a, sizeof a);                        \
+            else if (off < H) {                                                             \
+                T t[64 / sizeof(T)];                                                        \
+                memcpy(t, &a, sizeof a);                                                    \
+                memcpy(h + i * H + off, t, (H - off) * sizeof(T));                          \
+            }                                                                               \
+        }                                                                                   \
+    }                                                                                       \
+}
+
+FN_SUM_PARTS(float, f)
+FN_SUM_PARTS(double, d)
 
 /* threads a parallel region may use (1 when built without OpenMP) */
 #ifdef _OPENMP

@@ -476,8 +476,8 @@ sys.stdout.write(np.concatenate([a.ravel() for a in p] + [losses]).tobytes().hex
 
 @pytest.mark.skipif("cython" not in backend.available_backends(), reason="the Cython extension is not built")
 def test_sparse_steps_do_not_depend_on_the_thread_count():
-    """The Cython sparse step splits rows, blocks of rows and columns of W1 between threads
-    so that no sum changes order with their number: 1, 2 or 3 threads, the same bits (and
+    """The Cython sparse step splits blocks of pixels (rows of W1) and blocks of rows between
+    threads so that no sum changes order with their number: 1, 2 or 3 threads, the same bits (and
     the same labels from sparse_predict_2layer, whose blocks of rows move with the split)."""
     import os
     import subprocess
