@@ -36,7 +36,7 @@ extensions = [
         "fastnet.kernels._cython",
         ["kernels/_cython.pyx"],
         include_dirs=[numpy.get_include(), "kernels"],
-        depends=["kernels/_vmath.h", "kernels/_sparse.h"],
+        depends=["kernels/_vmath.h", "kernels/_sparse.h", "kernels/_top.h"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         # -O3 without -ffast-math: NaN and inf must stay visible (DESIGN.md).
         extra_compile_args=(["-O0", "-g"] if DEBUG else ["-O3"]) + omp,

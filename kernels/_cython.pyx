@@ -55,6 +55,21 @@ cdef extern from "_sparse.h" nogil:
     void fn_scratch_give(void* p)
     int fn_max_threads()
 
+cdef extern from "_top.h" nogil:
+    # a block of a sparse step's rows above the first layer, in vectors (see _top.h)
+    int fn_top_fits_f(long long H, long long C)
+    int fn_top_fits_d(long long H, long long C)
+    void fn_top_weights_f(const float* W2, long long H, long long C, long long HP, float* wp, float* wt)
+    void fn_top_weights_d(const double* W2, long long H, long long C, long long HP, double* wp, double* wt)
+    double fn_top_block_f(const float* parts, long long q, int np, long long n, long long H, long long HP,
+                          int act, const float* wp, const float* wt, const float* b2, const long long* Tl,
+                          const long long* idx, long long C, long long B, float mlr, float* h, float* G,
+                          float* sums, float* acc)
+    double fn_top_block_d(const double* parts, long long q, int np, long long n, long long H, long long HP,
+                          int act, const double* wp, const double* wt, const double* b2, const long long* Tl,
+                          const long long* idx, long long C, long long B, double mlr, double* h, double* G,
+                          double* sums, double* acc)
+
 cdef extern from "_vmath.h" nogil:
     # vectorisable exp and sigmoid, in place (see _vmath.h)
     double fn_exp(double x)
@@ -934,6 +949,9 @@ cdef struct _Padded:
     void* dW
     long long HP
     void* fwd   # a step's forward sums over each block of pixels, PIXEL_BLOCKS x (B x HP)
+    void* wp    # with vtop: W2 as H rows of one vector, W2.T as C rows of HP, and each top
+    void* wt    # block's H x L scratch (fn_top_block in _top.h); else NULL
+    void* acc
     void* part  # a step's sums over each block of rows above the first layer (_sp_step_par)
 
 
@@ -941,13 +959,18 @@ cdef int _padded_take(_Padded* s, void* W, long long D, long long H, long long B
                       long long tsize, long long C=0) except -1:
     """Take the scratch and copy W (D x H) into it (_pad_rows_par); b and G start at zero
     (their padding lanes must read 0; W's are zeroed by fn_pad_rows).  With C (a step),
-    room for its PIXEL_BLOCKS forward sums and TOP_BLOCKS partial sums too.  Give it back
-    with fn_scratch_give(s.block)."""
+    room for its PIXEL_BLOCKS forward sums and TOP_BLOCKS partial sums too, and for
+    fn_top_block's copies of W2 and scratch when the sizes fit it (s.wp NULL otherwise;
+    fill them with _top_weights).  Give it back with fn_scratch_give(s.block)."""
     cdef long long HP = fn_padded(H, tsize)
     cdef size_t w = <size_t>(D * HP * tsize), g = <size_t>(B * HP * tsize)
     cdef size_t bb = <size_t>(HP * tsize), total = w + bb + g + (w if grads else 0)
     cdef size_t fwd = <size_t>(PIXEL_BLOCKS * g) if C else 0
+    cdef bint vtop = C and (fn_top_fits_f(H, C) if tsize == 4 else fn_top_fits_d(H, C))
+    cdef size_t wp = <size_t>(H * 64) if vtop else 0, wt = <size_t>(C * HP * tsize) if vtop else 0
+    cdef size_t acc = <size_t>(TOP_BLOCKS * H * 64) if vtop else 0
     cdef size_t parts = <size_t>(TOP_BLOCKS * (C + H + H * C) * tsize) if C else 0
+    fwd += wp + wt + acc
     s.block = fn_scratch_take(total + fwd + parts)
     if s.block == NULL:
         raise MemoryError(f"no memory for the {total + fwd + parts} bytes of padded weights")
@@ -960,6 +983,9 @@ cdef int _padded_take(_Padded* s, void* W, long long D, long long H, long long B
     s.G = <char*>s.block + w + bb
     s.dW = (<char*>s.block + w + bb + g) if grads else NULL
     s.fwd = (<char*>s.block + total) if C else NULL
+    s.wp = (<char*>s.block + total + fwd - wp - wt - acc) if vtop else NULL
+    s.wt = (<char*>s.block + total + fwd - wt - acc) if vtop else NULL
+    s.acc = (<char*>s.block + total + fwd - acc) if vtop else NULL
     s.part = (<char*>s.block + total + fwd) if C else NULL
     return 0
 
@@ -1071,22 +1097,33 @@ cdef void _sum_blocks(real* part, int nb, double lr, real* W2, real* b2, real* b
             dW2[j - C - H] = v
 
 
+cdef inline void _top_weights(real* W2, long long H, long long C, long long HP, real* wp,
+                              real* wt) noexcept nogil:
+    if real is float:
+        fn_top_weights_f(W2, H, C, HP, wp, wt)
+    else:
+        fn_top_weights_d(W2, H, C, HP, wp, wt)
+
+
 cdef double _sp_step_par(long long* indptr, int* indices, void* data, bint pix, real* lut,
                          long long* idx, real* W, real* b, real* h, long long D, long long H,
                          long long HP, int act, int nt, long long* bad,
                          long long* T, real* W2, real* b2, real* s, real* dh, real* G,
                          real mlr, int B, int C, double lr, real* b1, real* db1, real* dW2,
-                         real* db2, real* Wt, real* out, real* fwd, real* part) noexcept nogil:
+                         real* db2, real* Wt, real* out, real* fwd, real* part, real* wp, real* wt,
+                         real* acc) noexcept nogil:
     """A whole sparse step in one parallel region, on up to PIXEL_BLOCKS threads.  First
     by blocks of pixels (the rows of W): block k sums the batch's non-zeros in its
     columns into fwd[k] (B x HP; b in block 0's).  Then by TOP_BLOCKS blocks of rows:
-    h = act(fwd[0] + fwd[1] + ...), _top_rows, the block's rows of G = mlr * dh (padded)
-    and its sums (_block_sums).  Then by blocks of pixels again, block k on the thread
-    that did its forward: W += X[idx].T @ G scattered over its rows of W, each in image
-    order (or with ``out`` the gradient: its rows of Wt zeroed first, then copied
-    unpadded into out); block 0 first adds up the blocks' sums and updates W2, b2 and b1
-    (_sum_blocks).  No sum depends on the number of threads.  Returns the sum of the
-    rows' losses (block sums added in block order)."""
+    h = act(fwd[0] + fwd[1] + ...), softmax-with-loss and the backward to the block's
+    rows of G = mlr * dh (padded) and its sums, in vectors (fn_top_block, with W2's
+    copies wp and wt) when wp is not NULL, else with BLAS (_top_rows, _block_sums).
+    Then by blocks of pixels again, block k on the thread that did its forward:
+    W += X[idx].T @ G scattered over its rows of W, each in image order (or with ``out``
+    the gradient: its rows of Wt zeroed first, then copied unpadded into out); block 0
+    first adds up the blocks' sums, updates W2, b2 and b1 (_sum_blocks) and W2's copies.
+    No sum depends on the number of threads.  Returns the sum of the rows' losses (block
+    sums added in block order)."""
     cdef long long bads[PIXEL_BLOCKS]
     cdef long long sbad[PIXEL_BLOCKS]
     cdef double losses[TOP_BLOCKS]
@@ -1105,6 +1142,16 @@ cdef double _sp_step_par(long long* indptr, int* indices, void* data, bint pix, 
         for k in prange(nb, schedule="static", chunksize=1):
             r0 = B * k // nb
             r1 = B * (k + 1) // nb
+            if wp != NULL:
+                if real is float:
+                    losses[k] = fn_top_block_f(fwd + r0 * HP, q, PIXEL_BLOCKS, r1 - r0, H, HP, act, wp, wt,
+                                               b2, T, idx + r0, C, B, mlr, h + r0 * H, G + r0 * HP,
+                                               part + k * w, acc + k * H * (64 // sizeof(real)))
+                else:
+                    losses[k] = fn_top_block_d(fwd + r0 * HP, q, PIXEL_BLOCKS, r1 - r0, H, HP, act, wp, wt,
+                                               b2, T, idx + r0, C, B, mlr, h + r0 * H, G + r0 * HP,
+                                               part + k * w, acc + k * H * (64 // sizeof(real)))
+                continue
             if real is float:
                 fn_sum_parts_f(fwd + r0 * HP, q, PIXEL_BLOCKS, r1 - r0, H, HP, h + r0 * H)
             else:
@@ -1122,6 +1169,8 @@ cdef double _sp_step_par(long long* indptr, int* indices, void* data, bint pix, 
         for k in prange(PIXEL_BLOCKS, schedule="static", chunksize=1):
             if k == 0:
                 _sum_blocks(part, nb, lr, W2, b2, b1, dW2, db2, db1, <int>H, C)
+                if wp != NULL and lr != 0:
+                    _top_weights(W2, H, C, HP, wp, wt)
             sbad[k] = 0
             jlo = <int>(D * k // PIXEL_BLOCKS)
             jhi = <int>(D * (k + 1) // PIXEL_BLOCKS)
@@ -1181,7 +1230,8 @@ cdef double _train_step_2layer_sparse(long long* indptr, int* indices, void* dat
     return _sp_step_par(indptr, indices, data, pix, lut, idx, Wp, <real*>pad.b, h, D, H, HP, act,
                         nt, bad, T, W2, b2, s, dh, G, mlr, B, C, lr, b1, db1, dW2, db2,
                         Wp if lr != 0 else <real*>pad.dW, dW1 if lr == 0 else NULL,
-                        <real*>pad.fwd, <real*>pad.part) / B
+                        <real*>pad.fwd, <real*>pad.part, <real*>pad.wp, <real*>pad.wt,
+                        <real*>pad.acc) / B
 
 
 cdef object _csr(indptr, indices, data, int tn, str who):
@@ -1239,8 +1289,12 @@ cdef int _sparse_steps(object indptr, object indices, object data, bint pixels, 
     with nogil:
         if a.tn == cnp.NPY_FLOAT32:
             _pixel_table(lutf)
+            if pad.wp != NULL:
+                _top_weights(<float*>a.p[2], a.H, a.C, pad.HP, <float*>pad.wp, <float*>pad.wt)
         else:
             _pixel_table(lutd)
+            if pad.wp != NULL:
+                _top_weights(<double*>a.p[2], a.H, a.C, pad.HP, <double*>pad.wp, <double*>pad.wt)
         for k in range(a.S):
             idx = a.idx + <Py_ssize_t>k * a.B
             if a.tn == cnp.NPY_FLOAT32:
