@@ -11,6 +11,7 @@ from fastnet.train import Trainer
 from .common import (
     BACKENDS,
     DTYPES,
+    BookLoop,
     BookStep,
     FusedStep,
     TorchStep,
@@ -41,9 +42,11 @@ class Gradient:
 
 
 class TrainingStep:
-    """One mini-batch step of 784-50-10, batch 100: draw, gradient, SGD update."""
+    """One mini-batch step of 784-50-10, batch 100: draw, gradient, SGD update.
+    ``bookloop``: the book's loop as printed, with its loss line (common.BookLoop);
+    ``book``: gradient and update only (common.BookStep)."""
 
-    params = (["book-numpy-float64", "book-numpy-float32", "fused-numba-float32",
+    params = (["bookloop-numpy-float64", "book-numpy-float64", "book-numpy-float32", "fused-numba-float32",
                "fused-cython-float32", "fused-cython-float64", "sparse-numba-float32",
                "sparse-cython-float32", "torch-float32"],)
     param_names = ["implementation"]
@@ -51,7 +54,9 @@ class TrainingStep:
     def setup(self, implementation):
         (x, t), _ = mnist_pixels()
         kind, *rest = implementation.split("-")
-        if kind == "book":
+        if kind == "bookloop":
+            self.step = BookLoop(x, t)
+        elif kind == "book":
             self.step = BookStep(rest[0], rest[1], x, t)
         elif kind in ("fused", "sparse"):
             self.step = FusedStep(rest[0], rest[1], x, t, sparse=kind == "sparse")
@@ -84,15 +89,17 @@ class TrainingSteps:
 
 class StepSpeedup:
     """The fastest fused step (cython, float32, inputs as CSR rows, 100 steps per call:
-    as ``fastnet train`` runs MNIST) against the book's loop (numpy, float64) and
-    PyTorch, per step, measured side by side in one process."""
+    as ``fastnet train`` runs MNIST) against the book's loop as printed (numpy, float64,
+    with its loss line), the same loop without the loss line, and PyTorch, per step,
+    measured side by side in one process."""
 
     unit = "times faster"
 
     def setup(self):
         (x, t), _ = mnist_pixels()
         self.fast = FusedStep("cython", "float32", x, t, sparse=True, steps=100)
-        self.book = BookStep("numpy", "float64", x, t)
+        self.book = BookLoop(x, t)
+        self.book_no_loss = BookStep("numpy", "float64", x, t)
         try:
             self.torch = TorchStep(x, t)
         except NotImplementedError:
@@ -107,6 +114,9 @@ class StepSpeedup:
 
     def track_vs_book_loop(self):
         return self._time(self.book) / self._time(self.fast)
+
+    def track_vs_book_loop_without_loss_line(self):
+        return self._time(self.book_no_loss) / self._time(self.fast)
 
     def track_vs_pytorch(self):
         if self.torch is None:

@@ -133,8 +133,41 @@ class FusedStep:
         return self.step(*self.rows, self.t, idx, *self.params, 0.1, 1, self.work)
 
 
+class BookLoop:
+    """The body of the book's training loop as printed (ch05/train_neuralnet.py), on
+    fastnet's ``numpy`` backend in float64: the book's data (``load_mnist(normalize=True,
+    one_hot_label=True)``: float64 pixels in [0, 1], one-hot float64 labels), a batch
+    drawn with ``np.random.choice``, ``gradient``, ``params[key] -= lr * grad[key]``, and
+    ``loss = network.loss(x_batch, t_batch)`` appended to the loss list (a second
+    forward pass, which the book's loop does every iteration)."""
+
+    def __init__(self, x, t, batch_size=100, seed=0):
+        require_backend("numpy")
+        with fastnet.use_backend("numpy"):
+            self.network = fastnet.nets.TwoLayerNet(784, 50, 10, seed=seed, dtype="float64")
+        self.x_train = x / 255.0 if x.dtype == np.uint8 else np.asarray(x, dtype=np.float64)
+        self.t_train = np.eye(10)[t]
+        self.random = np.random.RandomState(seed)
+        self.batch_size = batch_size
+        self.train_loss_list = []
+
+    def __call__(self):
+        with fastnet.use_backend("numpy"):
+            batch_mask = self.random.choice(self.x_train.shape[0], self.batch_size)
+            x_batch = self.x_train[batch_mask]
+            t_batch = self.t_train[batch_mask]
+            grad = self.network.gradient(x_batch, t_batch)
+            for key in ("W1", "b1", "W2", "b2"):
+                self.network.params[key] -= 0.1 * grad[key]
+            loss = self.network.loss(x_batch, t_batch)
+            self.train_loss_list.append(loss)
+            if len(self.train_loss_list) > 100_000:  # a long benchmark run: keep memory flat
+                del self.train_loss_list[:50_000]
+
+
 class BookStep:
-    """The book's loop body: ``gradient`` through the layers, then ``params -= lr * grad``."""
+    """The book's loop body without its loss line: ``gradient`` through the layers, then
+    ``params -= lr * grad`` (integer labels; uint8 pixels divided by 255 per batch)."""
 
     def __init__(self, name, dtype, x, t, batch_size=100, seed=0):
         require_backend(name)

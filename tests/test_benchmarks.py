@@ -42,3 +42,22 @@ def test_step_helpers_run():
     common.BookStep("numpy", "float64", x, t)()
     losses = common.FusedStep("cython", "float32", x, t, sparse=True, steps=3)
     assert losses() == 3 and np.isfinite(losses.losses).all()
+
+
+def test_book_loop_is_the_books_loop():
+    """common.BookLoop (the step table's reference) runs the loop of the book's
+    ch05/train_neuralnet.py: float64 pixels in [0, 1], one-hot labels, and a loss per
+    iteration from a forward pass after the update; on learnable data the loss falls."""
+    rng = np.random.default_rng(0)
+    x = (rng.random((300, 784)) * 255 * (rng.random((300, 784)) < 0.2)).astype(np.uint8)
+    t = (x.astype(np.float64) @ rng.standard_normal((784, 10))).argmax(axis=1)
+    book = common.BookLoop(x, t)
+    assert book.x_train.dtype == np.float64 and book.x_train.max() <= 1.0
+    assert book.t_train.shape == (300, 10) and (book.t_train.sum(axis=1) == 1).all()
+    before = book.network.params["W1"].copy()
+    for _ in range(300):
+        book()
+    losses = book.train_loss_list
+    assert len(losses) == 300 and np.isfinite(losses).all()
+    assert not np.array_equal(before, book.network.params["W1"])
+    assert np.mean(losses[-30:]) < 0.7 * np.mean(losses[:30])
