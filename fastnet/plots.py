@@ -43,7 +43,12 @@ def plot_history(history, path, title: str = "") -> Path:
     ax_acc.set_title("accuracy")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    # fixed margins rather than tight_layout(), which lays the text out once more to
+    # measure it (a third of the figure's 0.15 s here); they hold the tick labels of
+    # losses and accuracies and the labels and titles above
+    fig.subplots_adjust(left=0.06, right=0.985, bottom=0.125, top=0.84 if title else 0.9, wspace=0.2)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    # zlib level 1 rather than 6: a file of lines on white is hardly larger, and written
+    # in a third of the time
+    fig.savefig(path, dpi=100, pil_kwargs={"compress_level": 1})
     return path
