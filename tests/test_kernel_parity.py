@@ -397,10 +397,12 @@ def test_sparse_predict_ties_and_nan(backend_name):
 @pytest.mark.parametrize("pixels", [True, False])
 # hidden sizes: whole 64-byte vectors (float32: 16, 64), a last vector of at most half a
 # vector (float32: 3, 9, 17, 24, 50, 100; the update writes only its lower half) or of
-# more (float32: 30; float64: 24, 30)
+# more (float32: 30; float64: 24, 30).  The layers above the first run in vectors
+# (_top.h) up to 64 hidden units and 16 classes in float32, 32 and 8 in float64, with
+# BLAS beyond: classes 8, 16 and 17 and hidden units 64 and 100 sit on those edges.
 @pytest.mark.parametrize("sizes", [(100, 784, 50, 10), (1, 5, 3, 2), (7, 13, 9, 4), (300, 200, 30, 10),
                                    (9, 20, 16, 3), (5, 30, 17, 4), (12, 40, 64, 5), (33, 60, 100, 10),
-                                   (10, 50, 24, 6)])
+                                   (10, 50, 24, 6), (20, 30, 20, 8), (21, 30, 20, 16), (22, 30, 20, 17)])
 def test_sparse_step_parity(backend_name, dtype, act, pixels, sizes):
     """The sparse step against the reference, and against the dense step of the same
     backend on the same rows (the sizes include batches big enough for threads)."""
