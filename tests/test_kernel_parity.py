@@ -358,6 +358,22 @@ def test_sparse_predict_parity(backend_name, dtype, pixels, act, H, C):
         assert out.min() >= 0 and out.max() < C
 
 
+@pytest.mark.skipif("numba" not in backend.available_backends(), reason="Numba is not installed")
+@pytest.mark.parametrize("H", [49, 50, 64])
+def test_numba_sparse_predict_padded_rows_give_the_same_labels(H):
+    """Numba's sparse_predict_2layer reads W1 in padded rows for float32 nets of 49 to 64
+    hidden units when a call has more rows than W1 (each lane summed as before): one call
+    over all rows gives exactly the labels of calls over fewer rows (the unpadded loops),
+    near-ties included."""
+    k = backend.load("numba")
+    X, _, _, (W1, b1, W2, b2), _ = _sparse_case(np.float32, 1, 37, H, 10, N=2000, pixels=True, seed=H)
+    csr = backend.load("numpy").sparse_rows(X)
+    whole = k.sparse_predict_2layer(*csr, 0, W1, b1, W2, b2, 1, np.empty(2000, np.int64))
+    parts = np.concatenate([k.sparse_predict_2layer(*csr, r, W1, b1, W2, b2, 1, np.empty(20, np.int64))
+                            for r in range(0, 2000, 20)])
+    np.testing.assert_array_equal(whole, parts)
+
+
 @pytest.mark.parametrize("backend_name", ("numpy",) + COMPILED)
 def test_sparse_predict_ties_and_nan(backend_name):
     """numpy.argmax's rules: the first of equal maxima, and the first NaN when a score is
