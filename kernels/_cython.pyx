@@ -11,7 +11,7 @@ cimport numpy as cnp
 from libc.math cimport log
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
-from cython.parallel cimport parallel, prange
+from cython.parallel cimport parallel, prange, threadid
 from cpython.pycapsule cimport PyCapsule_GetName, PyCapsule_GetPointer
 
 cdef extern from "_sparse.h" nogil:
@@ -54,6 +54,8 @@ cdef extern from "_sparse.h" nogil:
     void* fn_scratch_take(size_t nbytes)
     void fn_scratch_give(void* p)
     int fn_max_threads()
+    int fn_num_threads()
+    void fn_barrier()
 
 cdef extern from "_top.h" nogil:
     # a block of a sparse step's rows above the first layer, in vectors (see _top.h)
@@ -1105,6 +1107,31 @@ cdef inline void _top_weights(real* W2, long long H, long long C, long long HP, 
         fn_top_weights_d(W2, H, C, HP, wp, wt)
 
 
+cdef double _top_rows_blas(real* fwd, long long q, long long r0, long long r1, real* h, long long* T,
+                           long long* idx, real* W2, real* b2, int act, real* s, real* dh, real* G,
+                           real mlr, int B, long long H, long long HP, int C, real* part) noexcept nogil:
+    """Rows r0:r1 of a sparse step above the first layer with BLAS (the sizes fn_top_block
+    does not take): h = act(sum of the PIXEL_BLOCKS forward sums), _top_rows, the rows'
+    G = mlr * dh (padded) and their sums (_block_sums) into part.  Returns their loss."""
+    cdef Py_ssize_t i, j
+    cdef double loss
+    if real is float:
+        fn_sum_parts_f(fwd + r0 * HP, q, PIXEL_BLOCKS, r1 - r0, H, HP, h + r0 * H)
+    else:
+        fn_sum_parts_d(fwd + r0 * HP, q, PIXEL_BLOCKS, r1 - r0, H, HP, h + r0 * H)
+    if act == 1:
+        _map_relu(h + r0 * H, h + r0 * H, (r1 - r0) * H)
+    elif act == 2:
+        _map_sigmoid(h + r0 * H, h + r0 * H, (r1 - r0) * H)
+    loss = _top_rows(h + r0 * H, T, idx + r0, W2, b2, act, s + r0 * C, dh + r0 * H, <int>(r1 - r0), B,
+                     <int>H, C)
+    for i in range(r0, r1):
+        for j in range(H):
+            G[i * HP + j] = dh[i * H + j] * mlr
+    _block_sums(h + r0 * H, s + r0 * C, dh + r0 * H, <int>(r1 - r0), <int>H, C, part)
+    return loss
+
+
 cdef double _sp_step_par(long long* indptr, int* indices, void* data, bint pix, real* lut,
                          long long* idx, real* W, real* b, real* h, long long D, long long H,
                          long long HP, int act, int nt, long long* bad,
@@ -1130,16 +1157,23 @@ cdef double _sp_step_par(long long* indptr, int* indices, void* data, bint pix, 
     cdef int k, nb = TOP_BLOCKS if B >= TOP_BLOCKS else B
     cdef long long r0, r1, w = C + H + H * C, q = <long long>B * HP
     cdef int jlo, jhi
-    cdef Py_ssize_t i, j
     cdef double loss = 0
+    cdef int tid, nthr
     with parallel(num_threads=nt):
-        for k in prange(PIXEL_BLOCKS, schedule="static", chunksize=1):
-            jlo = <int>(D * k // PIXEL_BLOCKS)
-            jhi = <int>(D * (k + 1) // PIXEL_BLOCKS)
+        # blocks go to threads by hand (block k on thread k mod nthr, in every phase) with a
+        # barrier between the phases: see fn_barrier in _sparse.h for why not prange
+        tid = threadid()
+        nthr = fn_num_threads()
+        k = tid
+        while k < PIXEL_BLOCKS:
             bads[k] = 0
             _sp_forward_cols(indptr, indices, data, pix, lut, idx, B, W, b if k == 0 else <real*>NULL,
-                             fwd + k * q, D, HP, jlo, jhi, &bads[k])
-        for k in prange(nb, schedule="static", chunksize=1):
+                             fwd + k * q, D, HP, <int>(D * k // PIXEL_BLOCKS), <int>(D * (k + 1) // PIXEL_BLOCKS),
+                             &bads[k])
+            k = k + nthr
+        fn_barrier()  # the blocks of rows read every block's forward sums
+        k = tid
+        while k < nb:
             r0 = B * k // nb
             r1 = B * (k + 1) // nb
             if wp != NULL:
@@ -1151,22 +1185,13 @@ cdef double _sp_step_par(long long* indptr, int* indices, void* data, bint pix, 
                     losses[k] = fn_top_block_d(fwd + r0 * HP, q, PIXEL_BLOCKS, r1 - r0, H, HP, act, wp, wt,
                                                b2, T, idx + r0, C, B, mlr, h + r0 * H, G + r0 * HP,
                                                part + k * w, acc + k * H * (64 // sizeof(real)))
-                continue
-            if real is float:
-                fn_sum_parts_f(fwd + r0 * HP, q, PIXEL_BLOCKS, r1 - r0, H, HP, h + r0 * H)
             else:
-                fn_sum_parts_d(fwd + r0 * HP, q, PIXEL_BLOCKS, r1 - r0, H, HP, h + r0 * H)
-            if act == 1:
-                _map_relu(h + r0 * H, h + r0 * H, (r1 - r0) * H)
-            elif act == 2:
-                _map_sigmoid(h + r0 * H, h + r0 * H, (r1 - r0) * H)
-            losses[k] = _top_rows(h + r0 * H, T, idx + r0, W2, b2, act, s + r0 * C, dh + r0 * H,
-                                  <int>(r1 - r0), B, <int>H, C)
-            for i in range(r0, r1):
-                for j in range(H):
-                    G[i * HP + j] = dh[i * H + j] * mlr
-            _block_sums(h + r0 * H, s + r0 * C, dh + r0 * H, <int>(r1 - r0), <int>H, C, part + k * w)
-        for k in prange(PIXEL_BLOCKS, schedule="static", chunksize=1):
+                losses[k] = _top_rows_blas(fwd, q, r0, r1, h, T, idx, W2, b2, act, s, dh, G, mlr, B, H, HP, C,
+                                           part + k * w)
+            k = k + nthr
+        fn_barrier()  # the update reads every block's rows of G, and block 0 their sums
+        k = tid
+        while k < PIXEL_BLOCKS:
             if k == 0:
                 _sum_blocks(part, nb, lr, W2, b2, b1, dW2, db2, db1, <int>H, C)
                 if wp != NULL and lr != 0:
@@ -1179,6 +1204,7 @@ cdef double _sp_step_par(long long* indptr, int* indices, void* data, bint pix, 
             _sp_scatter(indptr, indices, data, pix, lut, idx, B, G, Wt, D, H, HP, jlo, jhi, &sbad[k])
             if out != NULL:
                 fn_unpad_rows(Wt + jlo * HP, jhi - jlo, HP, out + jlo * H, H, sizeof(real))
+            k = k + nthr
     for k in range(PIXEL_BLOCKS):
         bad[0] += bads[k] + sbad[k]
     for k in range(nb):

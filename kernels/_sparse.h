@@ -520,11 +520,25 @@ FN_SUM_PARTS(float, f)
 FN_SUM_PARTS(double, d)
 
 /* threads a parallel region may use (1 when built without OpenMP) */
+/* fn_barrier: every thread of the enclosing parallel region waits here for the others
+ * (an orphaned `omp barrier`).  Cython compiles each prange inside a `with parallel()`
+ * block to `omp for nowait`, with its variables firstprivate and lastprivate.  GCC puts
+ * a barrier at the start of such a loop (for the firstprivate copies), so phases written
+ * as one prange after another did wait for each other, but nothing in OpenMP promises
+ * that, and a phase after the last prange gets no barrier at all.  _sp_step_par hands
+ * its blocks to threads itself and calls this between its phases. */
 #ifdef _OPENMP
 #include <omp.h>
 static int fn_max_threads(void) { return omp_get_max_threads(); }
+static int fn_num_threads(void) { return omp_get_num_threads(); }
+static void fn_barrier(void)
+{
+#pragma omp barrier
+}
 #else
 static int fn_max_threads(void) { return 1; }
+static int fn_num_threads(void) { return 1; }
+static void fn_barrier(void) {}
 #endif
 
 #endif
