@@ -519,8 +519,9 @@ FN_SPARSE_CLONES static void fn_sum_parts_##S(const T *parts, long long q, int n
 FN_SUM_PARTS(float, f)
 FN_SUM_PARTS(double, d)
 
-/* threads a parallel region may use (1 when built without OpenMP) */
-/* fn_barrier: every thread of the enclosing parallel region waits here for the others
+/* fn_max_threads: the threads a parallel region may use; fn_num_threads: those of the
+ * region running now (both 1 when built without OpenMP).
+ * fn_barrier: every thread of the enclosing parallel region waits here for the others
  * (an orphaned `omp barrier`).  Cython compiles each prange inside a `with parallel()`
  * block to `omp for nowait`, with its variables firstprivate and lastprivate.  GCC puts
  * a barrier at the start of such a loop (for the firstprivate copies), so phases written
