@@ -17,11 +17,11 @@ from cpython.pycapsule cimport PyCapsule_GetName, PyCapsule_GetPointer
 cdef extern from "_sparse.h" nogil:
     # the first layer over CSR rows (see _sparse.h); W, b and G in the padded layout
     void fn_sparse_forward_f(const long long* indptr, const int* indices, const void* data, int pix,
-                             const float* lut, const long long* rows, long long row0, long long n,
+                             const float* lut, long long row0, long long n,
                              const float* W, const float* b, float* out, long long D, long long H,
                              long long HP, long long* bad)
     void fn_sparse_forward_d(const long long* indptr, const int* indices, const void* data, int pix,
-                             const double* lut, const long long* rows, long long row0, long long n,
+                             const double* lut, long long row0, long long n,
                              const double* W, const double* b, double* out, long long D, long long H,
                              long long HP, long long* bad)
     void fn_sparse_forward_cols_f(const long long* indptr, const int* indices, const void* data, int pix,
@@ -894,13 +894,12 @@ DEF PARALLEL_NNZ = 4096
 
 
 cdef inline void _sp_forward(long long* indptr, int* indices, void* data, bint pix, real* lut,
-                             long long* rows, long long row0, long long n, real* W, real* b,
-                             real* out, long long D, long long H, long long HP,
-                             long long* bad) noexcept nogil:
+                             long long row0, long long n, real* W, real* b, real* out, long long D,
+                             long long H, long long HP, long long* bad) noexcept nogil:
     if real is float:
-        fn_sparse_forward_f(indptr, indices, data, pix, lut, rows, row0, n, W, b, out, D, H, HP, bad)
+        fn_sparse_forward_f(indptr, indices, data, pix, lut, row0, n, W, b, out, D, H, HP, bad)
     else:
-        fn_sparse_forward_d(indptr, indices, data, pix, lut, rows, row0, n, W, b, out, D, H, HP, bad)
+        fn_sparse_forward_d(indptr, indices, data, pix, lut, row0, n, W, b, out, D, H, HP, bad)
 
 
 cdef inline void _sp_forward_cols(long long* indptr, int* indices, void* data, bint pix, real* lut,
@@ -972,10 +971,11 @@ cdef int _padded_take(_Padded* s, void* W, long long D, long long H, long long B
     cdef size_t wp = <size_t>(H * 64) if vtop else 0, wt = <size_t>(C * HP * tsize) if vtop else 0
     cdef size_t acc = <size_t>(TOP_BLOCKS * H * 64) if vtop else 0
     cdef size_t parts = <size_t>(TOP_BLOCKS * (C + H + H * C) * tsize) if C else 0
-    fwd += wp + wt + acc
-    s.block = fn_scratch_take(total + fwd + parts)
+    # the areas one after the other, each a whole number of 64-byte lines but the last
+    cdef size_t o_wp = total + fwd, o_wt = o_wp + wp, o_acc = o_wt + wt, o_part = o_acc + acc
+    s.block = fn_scratch_take(o_part + parts)
     if s.block == NULL:
-        raise MemoryError(f"no memory for the {total + fwd + parts} bytes of padded weights")
+        raise MemoryError(f"no memory for the {o_part + parts} bytes of padded weights")
     with nogil:
         _pad_rows_par(W, D, H, s.block, HP, tsize, False)
     memset(<char*>s.block + w, 0, bb + g)
@@ -985,10 +985,10 @@ cdef int _padded_take(_Padded* s, void* W, long long D, long long H, long long B
     s.G = <char*>s.block + w + bb
     s.dW = (<char*>s.block + w + bb + g) if grads else NULL
     s.fwd = (<char*>s.block + total) if C else NULL
-    s.wp = (<char*>s.block + total + fwd - wp - wt - acc) if vtop else NULL
-    s.wt = (<char*>s.block + total + fwd - wt - acc) if vtop else NULL
-    s.acc = (<char*>s.block + total + fwd - acc) if vtop else NULL
-    s.part = (<char*>s.block + total + fwd) if C else NULL
+    s.wp = (<char*>s.block + o_wp) if vtop else NULL
+    s.wt = (<char*>s.block + o_wt) if vtop else NULL
+    s.acc = (<char*>s.block + o_acc) if vtop else NULL
+    s.part = (<char*>s.block + o_part) if C else NULL
     return 0
 
 
@@ -999,15 +999,11 @@ cdef inline void _pixel_table(real* lut) noexcept nogil:
         lut[u] = (<real>u) / <real>255
 
 
-cdef int _split_rows(long long* indptr, long long* rows, long long row0, long long n,
-                     long long* cut) noexcept nogil:
-    """Cut rows [0, n) into up to fn_max_threads() runs of about equal non-zeros:
+cdef int _split_rows(long long* indptr, long long row0, long long n, long long* cut) noexcept nogil:
+    """Cut rows row0 + [0, n) into up to fn_max_threads() runs of about equal non-zeros:
     run t is [cut[t], cut[t + 1]).  Returns the number of runs (1 for small work)."""
-    cdef long long i, r, total = 0, acc = 0
+    cdef long long i, total = indptr[row0 + n] - indptr[row0], acc = 0
     cdef int t, nt = fn_max_threads()
-    for i in range(n):
-        r = rows[i] if rows != NULL else row0 + i
-        total += indptr[r + 1] - indptr[r]
     if nt > MAX_THREADS:
         nt = MAX_THREADS
     if nt > n:
@@ -1020,8 +1016,7 @@ cdef int _split_rows(long long* indptr, long long* rows, long long row0, long lo
         while t < nt and acc * nt >= total * t:
             cut[t] = i
             t += 1
-        r = rows[i] if rows != NULL else row0 + i
-        acc += indptr[r + 1] - indptr[r]
+        acc += indptr[row0 + i + 1] - indptr[row0 + i]
     while t <= nt:
         cut[t] = n
         t += 1
@@ -1029,17 +1024,14 @@ cdef int _split_rows(long long* indptr, long long* rows, long long row0, long lo
 
 
 cdef inline void _sp_forward_run(long long* indptr, int* indices, void* data, bint pix, real* lut,
-                                 long long* rows, long long row0, real* W, real* b, real* out,
-                                 long long D, long long H, long long HP, int act, long long* cut,
-                                 int t, long long* bad) noexcept nogil:
-    """Run t of the rows (cut[t]:cut[t + 1], from _split_rows): out = act(X[rows] @ W + b)
-    (rows[i], or row0 + i when rows is NULL; W and b padded, out not); the thread's count
-    of bad columns in bad[0]."""
+                                 long long row0, real* W, real* b, real* out, long long D, long long H,
+                                 long long HP, int act, long long* cut, int t, long long* bad) noexcept nogil:
+    """Run t of the rows (cut[t]:cut[t + 1], from _split_rows): out = act(X[row0 + i] @ W + b)
+    (W and b padded, out not); the thread's count of bad columns in bad[0]."""
     cdef long long c0 = cut[t], n = cut[t + 1] - cut[t]
     cdef real* o = out + c0 * H
     bad[0] = 0
-    _sp_forward(indptr, indices, data, pix, lut, (rows + c0) if rows != NULL else NULL, row0 + c0, n,
-                W, b, o, D, H, HP, bad)
+    _sp_forward(indptr, indices, data, pix, lut, row0 + c0, n, W, b, o, D, H, HP, bad)
     if act == 1:
         _map_relu(o, o, n * H)
     elif act == 2:
@@ -1047,15 +1039,13 @@ cdef inline void _sp_forward_run(long long* indptr, int* indices, void* data, bi
 
 
 cdef void _sp_forward_par(long long* indptr, int* indices, void* data, bint pix, real* lut,
-                          long long* rows, long long row0, real* W, real* b, real* out,
-                          long long D, long long H, long long HP, int act, long long* cut, int nt,
-                          long long* bad) noexcept nogil:
-    """out = act(X[rows] @ W + b), run t of the rows on thread t (_sp_forward_run)."""
+                          long long row0, real* W, real* b, real* out, long long D, long long H,
+                          long long HP, int act, long long* cut, int nt, long long* bad) noexcept nogil:
+    """out = act(X[row0 + i] @ W + b), run t of the rows on thread t (_sp_forward_run)."""
     cdef long long bads[MAX_THREADS]
     cdef int t
     for t in prange(nt, num_threads=nt, schedule="static", chunksize=1):
-        _sp_forward_run(indptr, indices, data, pix, lut, rows, row0, W, b, out, D, H, HP, act, cut, t,
-                        &bads[t])
+        _sp_forward_run(indptr, indices, data, pix, lut, row0, W, b, out, D, H, HP, act, cut, t, &bads[t])
     for t in range(nt):
         bad[0] += bads[t]
 
@@ -1413,14 +1403,14 @@ def sparse_affine(indptr, indices, data, long long row0, W, b, int act, out):
     _padded_take(&pad, _p(Wa), D, H, 0, False, ts)
     memcpy(pad.b, _p(ba), H * ts)
     with nogil:
-        nt = _split_rows(pp, NULL, row0, n, cut)
+        nt = _split_rows(pp, row0, n, cut)
         if tn == cnp.NPY_FLOAT32:
             _pixel_table(lutf)
-            _sp_forward_par(pp, pj, pd, pixels, lutf, NULL, row0, <float*>pad.W, <float*>pad.b,
+            _sp_forward_par(pp, pj, pd, pixels, lutf, row0, <float*>pad.W, <float*>pad.b,
                             <float*>po, D, H, pad.HP, act, cut, nt, &bad)
         else:
             _pixel_table(lutd)
-            _sp_forward_par(pp, pj, pd, pixels, lutd, NULL, row0, <double*>pad.W, <double*>pad.b,
+            _sp_forward_par(pp, pj, pd, pixels, lutd, row0, <double*>pad.W, <double*>pad.b,
                             <double*>po, D, H, pad.HP, act, cut, nt, &bad)
         fn_scratch_give(pad.block)
     if bad:
@@ -1447,7 +1437,7 @@ cdef void _predict_run(long long* indptr, int* indices, void* data, bint pix, re
         m = cut[t + 1] - i
         if m > PREDICT_BLOCK:
             m = PREDICT_BLOCK
-        _sp_forward(indptr, indices, data, pix, lut, NULL, row0 + i, m, W, b, h, D, H, HP, bad)
+        _sp_forward(indptr, indices, data, pix, lut, row0 + i, m, W, b, h, D, H, HP, bad)
         if act == 1:
             _map_relu(h, h, m * H)
         elif act == 2:
@@ -1496,7 +1486,7 @@ def sparse_predict_2layer(indptr, indices, data, long long row0, W1, b1, W2, b2,
     # to one vector a row (H x L, lanes past C zero; read only when C <= L)
     cdef long long hbytes = (PREDICT_BLOCK * H * ts + 63) // 64 * 64
     cdef long long per = hbytes + (C * ts + 63) // 64 * 64
-    nt = _split_rows(pp, NULL, row0, n, cut)
+    nt = _split_rows(pp, row0, n, cut)
     cdef char* scratch = <char*>malloc(<size_t>(nt * per + H * 64 + 64))
     if scratch == NULL:
         raise MemoryError("no memory for the scratch of sparse_predict_2layer")

@@ -5,8 +5,9 @@
  * about 15,000 row operations of 50 wide.  These loops do all of it:
  *
  *   fn_sparse_forward_*  out[i, :] = b + sum_p v_p * W[j_p, :]  over the non-zeros of
- *                        row rows[i] (or row0 + i).  The output row is held in registers
- *                        over all of the row's non-zeros and stored once.
+ *                        row row0 + i (consecutive rows: a layer's output, an evaluation).
+ *                        The output row is held in registers over all of the row's
+ *                        non-zeros and stored once.
  *   fn_sparse_forward_cols_*  the same over the non-zeros whose column lies in
  *                        [jlo, jhi) only: a training step's forward by blocks of W's rows,
  *                        each block on the thread that also updates those rows (the
@@ -265,18 +266,17 @@ FN_INLINE void fn_forward_row_##S(int m, const int *indices, const VT *data,    
     fn_put_##S(o, off, H, a0 + c0);                                                         \
 }                                                                                           \
                                                                                             \
-/* out[i, :H] = b + sum_p v_p W[j_p, :] over the non-zeros of row rows[i] (or row0 + i); */ \
-/* W and b padded (rows of HP), out unpadded (rows of H) */                                 \
+/* out[i, :H] = b + sum_p v_p W[j_p, :] over the non-zeros of row row0 + i; W and b */    \
+/* padded (rows of HP), out unpadded (rows of H) */                                         \
 FN_SPARSE_CLONES static void fn_sparse_forward_##S(                                         \
     const long long *indptr, const int *indices, const VT *data, const T *lut,            \
-    const long long *rows, long long row0, long long n, const T *W, const T *b,           \
+    long long row0, long long n, const T *W, const T *b,                                  \
     T *__restrict out, long long D, long long H, long long HP, long long *bad)            \
 {                                                                                           \
     const long long L = 64 / sizeof(T), nv = HP / L;                                        \
-    if (rows) fn_touch_rows(indptr, indices, data, rows, n, sizeof(VT));                    \
     for (long long i = 0; i < n; i++) {                                                     \
-        long long r = rows ? rows[i] : row0 + i;                                            \
-        if (!rows && i + 1 < n) /* consecutive rows; a batch's were read just above */      \
+        long long r = row0 + i;                                                             \
+        if (i + 1 < n) /* the next row's entries while this one is worked on */             \
             fn_prefetch_row(indptr, indices, data, r + 1, sizeof(VT));                      \
         long long p = indptr[r], e = indptr[r + 1];                                         \
         for (long long v0 = 0; v0 < nv; v0 += 4) {                                          \
@@ -386,14 +386,14 @@ FN_SPARSE_LOOPS(double, du, uint8_t, FN_VAL_PIXEL)
 #define FN_SPARSE_ENTRIES(T, S)                                                             \
 static void fn_sparse_forward_##S(                                                          \
     const long long *indptr, const int *indices, const void *data, int pix, const T *lut, \
-    const long long *rows, long long row0, long long n, const T *W, const T *b, T *out,   \
+    long long row0, long long n, const T *W, const T *b, T *out,                          \
     long long D, long long H, long long HP, long long *bad)                               \
 {                                                                                           \
     if (pix)                                                                                \
-        fn_sparse_forward_##S##u(indptr, indices, (const uint8_t *)data, lut, rows, row0, n, \
+        fn_sparse_forward_##S##u(indptr, indices, (const uint8_t *)data, lut, row0, n,      \
                                  W, b, out, D, H, HP, bad);                                 \
     else                                                                                    \
-        fn_sparse_forward_##S##v(indptr, indices, (const T *)data, lut, rows, row0, n,      \
+        fn_sparse_forward_##S##v(indptr, indices, (const T *)data, lut, row0, n,            \
                                  W, b, out, D, H, HP, bad);                                 \
 }                                                                                           \
 static void fn_sparse_forward_cols_##S(                                                     \
