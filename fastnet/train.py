@@ -148,6 +148,11 @@ def _as_rows(x, name):
     return np.ascontiguousarray(x)
 
 
+def _act_code(net):
+    """The kernels' code of a net's hidden activation: 1 ReLU, 2 sigmoid."""
+    return 1 if net.activation == "relu" else 2
+
+
 def _as_labels(t, rows, classes, name):
     t = np.asarray(t)
     if t.ndim == 2:
@@ -359,7 +364,7 @@ class Trainer:
             B, D, H, C = self.batch_size, *net.sizes
             dt = net.dtype
             self._work = tuple(np.empty(s, dt) for s in ((B, D), (B, H), (B, C), (B, H), (D, H), (H,), (H, C), (C,)))
-            self._act = 1 if net.activation == "relu" else 2
+            self._act = _act_code(net)
             self._grads = dict(zip(("W1", "b1", "W2", "b2"), self._work[4:]))
             self._losses = np.empty(STEPS_PER_CALL)
         k = kernels()
@@ -413,7 +418,7 @@ class Trainer:
         p, net = self.net.params, self.net
         labels = np.empty(x.shape[0], np.int64)
         kernels().sparse_predict_2layer(*self._rows_csr(x), 0, p["W1"], p["b1"], p["W2"], p["b2"],
-                                        1 if net.activation == "relu" else 2, labels)
+                                        _act_code(net), labels)
         return int(np.count_nonzero(labels == t)) / x.shape[0]
 
     # ------------------------------------------------------------------ the loop
