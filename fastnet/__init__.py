@@ -8,8 +8,9 @@ Importing fastnet imports neither Numba nor any compiled kernel: backends load o
 first use.
 """
 
-from .backend import available_backends, get_backend, set_backend, use_backend
+from .backend import available_backends, get_backend, get_num_threads, set_backend, set_num_threads, use_backend
 
 __version__ = "0.1.0"
 
-__all__ = ["available_backends", "get_backend", "set_backend", "use_backend", "__version__"]
+__all__ = ["available_backends", "get_backend", "get_num_threads", "set_backend", "set_num_threads", "use_backend",
+           "__version__"]

@@ -157,6 +157,26 @@ def _init_from_env():
         raise BackendError(f"FASTNET_BACKEND={name!r}: {exc}") from exc
 
 
+def get_num_threads() -> int:
+    """How many threads the active backend's kernels may use when called from this
+    thread: OpenMP's setting for Cython (``OMP_NUM_THREADS``, else one per core), Numba's
+    for Numba (``NUMBA_NUM_THREADS``), 1 for the NumPy reference (NumPy's BLAS keeps its
+    own threads)."""
+    return kernels().get_num_threads()
+
+
+def set_num_threads(n: int) -> int:
+    """Let the active backend's kernels called from this thread use ``n`` threads from
+    now on (as ``torch.set_num_threads``; OpenMP and Numba keep this setting per calling
+    thread).  No kernel's result depends on it: the parallel kernels split their work so
+    that no sum changes order with the number of threads.  Returns the previous number.
+    The NumPy reference accepts any ``n`` and stays on the calling thread."""
+    table = kernels()
+    previous = table.get_num_threads()
+    table.set_num_threads(n)
+    return previous
+
+
 @contextmanager
 def use_backend(name: str):
     """Run a block with backend ``name`` active, restoring the previous one after."""

@@ -11,8 +11,6 @@ import argparse
 import os
 import sys
 
-import numpy as np
-
 from . import __version__
 
 def _user_errors():
@@ -32,6 +30,8 @@ class CLIError(Exception):
 
 def _cmd_demo(args) -> int:
     """The worked examples of chapters 3-5, computed by fastnet on the chosen backend."""
+    import numpy as np
+
     from . import backend
     from .functions import cross_entropy_error, sigmoid, softmax, sum_squared_error
     from .gradient import gradient_descent, numerical_diff
@@ -95,6 +95,49 @@ def _load_dataset(name, data_dir, normalize):
     return loaders[name](normalize=normalize, data_dir=data_dir)
 
 
+def _figure_worker():
+    """A FigureWorker for training.png when a core can be left to it while it imports
+    matplotlib (see _CoreShare); otherwise None, and the figure is drawn in this process."""
+    from .plots import FigureWorker
+
+    return FigureWorker.start() if _cores() >= 2 else None
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+class _CoreShare:
+    """While the figure worker imports matplotlib (0.3-0.4 s of a core here), the kernels
+    use one thread fewer, so the import runs beside the training instead of after it:
+    the command ends that much sooner (the results do not depend on the thread count).
+    Called as an epoch callback; the threads come back once the worker is ready (or at
+    the end, by restore())."""
+
+    def __init__(self, figure):
+        from . import backend
+
+        self.figure, self.previous = figure, None
+        if figure is not None:
+            threads, cores = backend.get_num_threads(), _cores()
+            if threads >= cores >= 2:
+                self.previous = backend.set_num_threads(cores - 1)
+
+    def __call__(self, trainer=None, record=None):
+        if self.previous is not None and self.figure.ready():
+            self.restore()
+
+    def restore(self):
+        from . import backend
+
+        if self.previous is not None:
+            backend.set_num_threads(self.previous)
+            self.previous = None
+
+
 def _cmd_train(args) -> int:
     """The chapter-5 experiment: TwoLayerNet on MNIST, with the book's defaults."""
     import time
@@ -107,6 +150,7 @@ def _cmd_train(args) -> int:
     start = time.perf_counter()
     if args.iters is not None and args.epochs is not None:
         raise CLIError("give --iters or --epochs, not both")
+    figure = getattr(args, "figure", None)  # started by main(), or None
     iters = args.iters if args.epochs is None else None
     if iters is None and args.epochs is None:
         iters = 10000
@@ -120,14 +164,18 @@ def _cmd_train(args) -> int:
           f"{iters if iters else str(args.epochs) + ' epochs'}{' iterations' if iters else ''}, "
           f"batch {args.batch_size}, {args.optimizer} lr {lr}, {net.dtype.name}, "
           f"backend {backend.get_backend()}, seed {args.seed}", flush=True)
+    share = _CoreShare(figure)
     trainer = Trainer(net, x_train, t_train, x_test, t_test, iters=iters, epochs=args.epochs,
                       batch_size=args.batch_size, optimizer=args.optimizer, lr=lr, seed=args.seed,
-                      gradient=args.gradient, checkpoint_dir=out, progress=progress, verbose=True)
+                      gradient=args.gradient, checkpoint_dir=out, progress=progress, verbose=True,
+                      callbacks=[share])
     try:
         history = trainer.fit()
     except TrainingInterrupted as stop:
         print(f"fastnet: interrupted; weights and metrics so far are in {stop.saved}", file=sys.stderr)
         return 130
+    finally:
+        share.restore()
     history.config["dataset"] = args.dataset
     history.config["total_seconds"] = time.perf_counter() - start
     trainer.save_checkpoint()  # weights.npz and metrics.json, written atomically
@@ -136,11 +184,16 @@ def _cmd_train(args) -> int:
         try:
             from .plots import plot_history
 
-            plot_history(history, out / "training.png",
-                         title=f"{args.dataset} {'-'.join(map(str, net.sizes))} {args.activation}")
+            plot = figure.plot if figure is not None else plot_history
+            plot(history, out / "training.png",
+                 title=f"{args.dataset} {'-'.join(map(str, net.sizes))} {args.activation}")
             written.append("training.png")
         except ImportError as exc:
             print(f"fastnet: no plot ({exc})", file=sys.stderr)
+        except KeyboardInterrupt:
+            print(f"fastnet: interrupted while drawing the figure; weights and metrics are in {out}",
+                  file=sys.stderr)
+            return 130
     final = f"test acc {history.test_acc[-1]:.4f}" if history.test_acc else ""
     print(f"done: {history.iterations} iterations in {history.seconds:.2f} s "
           f"({history.seconds / history.iterations * 1e6:.0f} us/iter incl. evaluation), {final}; "
@@ -164,6 +217,8 @@ def _load_any_net(path):
 
 
 def _confusion(pred, t, classes=10):
+    import numpy as np
+
     matrix = np.zeros((classes, classes), dtype=np.int64)
     np.add.at(matrix, (t, pred), 1)
     return matrix
@@ -171,6 +226,8 @@ def _confusion(pred, t, classes=10):
 
 def _cmd_evaluate(args) -> int:
     """Accuracy and confusion matrix of saved weights on a test set."""
+    import numpy as np
+
     net = _load_any_net(args.weights)
     _, (x_test, t_test) = _load_dataset(args.dataset, args.data_dir, normalize=True)
     pred = np.concatenate([np.argmax(net.predict(x_test[i : i + 1000]), axis=1)
@@ -188,6 +245,8 @@ def _cmd_evaluate(args) -> int:
 
 def _cmd_predict(args) -> int:
     """Classify 28x28 grayscale images (white digit on black, as MNIST)."""
+    import numpy as np
+
     try:
         from PIL import Image
     except ImportError as exc:  # pragma: no cover
@@ -219,6 +278,8 @@ def _cmd_predict(args) -> int:
 
 def _cmd_gradcheck(args) -> int:
     """Backprop against the numerical gradient on MNIST batches."""
+    import numpy as np
+
     from .gradient import gradcheck
     from .nets import MultiLayerNet
 
@@ -329,6 +390,9 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    # the training figure's worker starts before anything else, so that its import of
+    # matplotlib overlaps this process's own start (numpy, the kernels, the data)
+    args.figure = _figure_worker() if args.command == "train" and args.plot else None
     try:
         chosen = getattr(args, "backend_sub", None) or getattr(args, "backend", None)
         if chosen:
@@ -345,6 +409,9 @@ def main(argv=None) -> int:
         message = str(exc).strip().splitlines()
         print(f"fastnet: error: {' '.join(line.strip() for line in message)}", file=sys.stderr)
         return 2
+    finally:
+        if args.figure is not None:
+            args.figure.close()
 
 
 def run() -> None:

@@ -7,7 +7,23 @@ The figure is drawn with matplotlib's object API (``Figure`` and the Agg canvas)
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+
+
+def _matplotlib():
+    """The three names the figure needs (importing them is most of matplotlib: 0.3-0.4 s
+    of a core here)."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError('plotting needs matplotlib: pip install "fastnet[plot]"') from exc
+    return FigureCanvasAgg, Figure, MaxNLocator
 
 
 def plot_history(history, path, title: str = "") -> Path:
@@ -15,12 +31,7 @@ def plot_history(history, path, title: str = "") -> Path:
 
     Needs matplotlib (``pip install "fastnet[plot]"``); raises ImportError saying so.
     """
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-        from matplotlib.ticker import MaxNLocator
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError('plotting needs matplotlib: pip install "fastnet[plot]"') from exc
+    FigureCanvasAgg, Figure, MaxNLocator = _matplotlib()
     path = Path(path)
     fig = Figure(figsize=(11, 4))
     FigureCanvasAgg(fig)
@@ -52,3 +63,142 @@ def plot_history(history, path, title: str = "") -> Path:
     # in a third of the time
     fig.savefig(path, dpi=100, pil_kwargs={"compress_level": 1})
     return path
+
+
+class FigureWorker:
+    """:func:`plot_history` in a Python process of its own, started early so that it
+    imports matplotlib on a core the caller leaves free, while the caller goes on
+    (``fastnet train`` starts one before it loads the data and draws the figure with it
+    at the end).
+
+    The worker says when its import is done (:meth:`ready`, which does not wait); then
+    :meth:`plot` sends it the history and waits for the PNG, which is the one
+    :func:`plot_history` writes.  Whatever goes wrong in the worker (it could not start,
+    import or draw, or it died), :meth:`plot` draws in this process instead, with
+    :func:`plot_history`'s errors.  The worker ignores Ctrl-C (its own session) and ends
+    when :meth:`close` is called or this process ends.
+    """
+
+    def __init__(self):
+        root = str(Path(__file__).resolve().parent.parent)  # the same fastnet, whatever the cwd
+        code = f"import sys; sys.path.insert(0, {root!r}); from fastnet.plots import _serve; _serve()"
+        self._proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      bufsize=0, start_new_session=True)
+        self._state = "importing"  # then "ready", or "broken" (plot() draws here)
+
+    @classmethod
+    def start(cls):
+        """A new worker, or ``None`` where one cannot run: no matplotlib to import, no
+        interpreter to start (embedded Python), not POSIX, or the start failed."""
+        import importlib.util
+
+        if os.name != "posix" or not sys.executable or importlib.util.find_spec("matplotlib") is None:
+            return None
+        try:
+            return cls()
+        except OSError:
+            return None
+
+    def _answer(self, wait: bool):
+        """The worker's next line (without waiting unless ``wait``), ``""`` for none yet,
+        ``None`` when it is gone."""
+        import select
+
+        if not wait and not select.select([self._proc.stdout], [], [], 0)[0]:
+            return ""
+        try:
+            line = self._proc.stdout.readline()
+        except OSError:
+            return None
+        return line.decode(errors="replace").strip() if line else None
+
+    def ready(self) -> bool:
+        """Whether the worker no longer needs a core to import (it is ready, or it failed:
+        then :meth:`plot` draws here).  Does not wait."""
+        if self._state == "importing":
+            answer = self._answer(wait=False)
+            if answer != "":
+                self._state = "ready" if answer == "ready" else "broken"
+        return self._state != "importing"
+
+    def plot(self, history, path, title: str = "") -> Path:
+        """:func:`plot_history` by the worker (waiting for its import if need be); here
+        if the worker cannot."""
+        path = Path(path)
+        if self._state == "importing":
+            self._state = "ready" if self._answer(wait=True) == "ready" else "broken"
+        if self._state == "ready":
+            losses = history.loss
+            loss = losses.json() if hasattr(losses, "json") else json.dumps([float(v) for v in losses])
+            accuracies = {k: [float(v) for v in getattr(history, k)] for k in ("train_acc", "test_acc")}
+            request = (f'{{"path": {json.dumps(str(path.absolute()))}, "title": {json.dumps(title)}, '
+                       f'"loss": {loss}, "accuracies": {json.dumps(accuracies)}}}\n')
+            try:
+                self._proc.stdin.write(request.encode())
+                self._proc.stdin.flush()
+                if self._answer(wait=True) == "ok":
+                    return path
+            except OSError:  # it died: BrokenPipeError
+                pass
+            self._state = "broken"
+        return plot_history(history, path, title)
+
+    def close(self) -> None:
+        """End the worker (at once when it is still importing)."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if self._state == "importing":
+            proc.kill()
+        try:
+            proc.stdin.close()  # the worker's loop ends with its input
+        except OSError:
+            pass
+        try:
+            proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        if getattr(self, "_proc", None) is not None:
+            self._proc.kill()
+
+
+def _serve():
+    """The worker's side of :class:`FigureWorker`: import, say "ready" (or "failed"),
+    then draw one figure per request line and answer "ok" (or "error ...")."""
+    import signal
+    from types import SimpleNamespace
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    answers = os.fdopen(os.dup(1), "w")  # stdout is the channel; anything printed goes to stderr
+    os.dup2(2, 1)
+    try:
+        _matplotlib()
+    except ImportError as exc:
+        answers.write(f"failed {exc}\n")
+        answers.flush()
+        return
+    answers.write("ready\n")
+    answers.flush()
+    for line in sys.stdin:
+        try:
+            request = json.loads(line)
+            history = SimpleNamespace(loss=request["loss"], **request["accuracies"])
+            plot_history(history, request["path"], request["title"])
+            answers.write("ok\n")
+        except Exception as exc:  # noqa: BLE001 - the caller draws again here, with the real error
+            answers.write(f"error {type(exc).__name__}: {exc}".replace("\n", " ") + "\n")
+        answers.flush()
+    # its input ended: nothing is left open, so skip the interpreter's teardown of the
+    # ~900 modules matplotlib brought (0.1 s here) that the caller would wait for
+    sys.stderr.flush()
+    os._exit(0)

@@ -55,6 +55,7 @@ cdef extern from "_sparse.h" nogil:
     void fn_scratch_give(void* p)
     int fn_max_threads()
     int fn_num_threads()
+    void fn_set_max_threads(int n)
     void fn_barrier()
 
 cdef extern from "_top.h" nogil:
@@ -85,6 +86,20 @@ import numpy as np
 cnp.import_array()
 
 NAME = "cython"
+
+
+def get_num_threads():
+    """How many threads the kernels called from this thread may use (OpenMP's setting:
+    ``OMP_NUM_THREADS``, else one per core; 1 when built without OpenMP)."""
+    return fn_max_threads()
+
+
+def set_num_threads(n):
+    """Let the kernels called from this thread use ``n`` threads from now on (OpenMP's
+    per-thread setting, as ``omp_set_num_threads``).  No kernel's result depends on it."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"the number of threads must be an integer of at least 1, got {n!r}")
+    fn_set_max_threads(n)
 
 ctypedef fused real:
     float

@@ -520,7 +520,9 @@ FN_SUM_PARTS(float, f)
 FN_SUM_PARTS(double, d)
 
 /* fn_max_threads: the threads a parallel region may use; fn_num_threads: those of the
- * region running now (both 1 when built without OpenMP).
+ * region running now (both 1 when built without OpenMP); fn_set_max_threads: how many
+ * the regions that the calling thread starts from now on may use (OpenMP's nthreads
+ * setting, which belongs to the calling thread; no effect without OpenMP).
  * fn_barrier: every thread of the enclosing parallel region waits here for the others
  * (an orphaned `omp barrier`).  Cython compiles each prange inside a `with parallel()`
  * block to `omp for nowait`, with its variables firstprivate and lastprivate.  GCC puts
@@ -532,6 +534,7 @@ FN_SUM_PARTS(double, d)
 #include <omp.h>
 static int fn_max_threads(void) { return omp_get_max_threads(); }
 static int fn_num_threads(void) { return omp_get_num_threads(); }
+static void fn_set_max_threads(int n) { omp_set_num_threads(n); }
 static void fn_barrier(void)
 {
 #pragma omp barrier
@@ -539,6 +542,7 @@ static void fn_barrier(void)
 #else
 static int fn_max_threads(void) { return 1; }
 static int fn_num_threads(void) { return 1; }
+static void fn_set_max_threads(int n) { (void)n; }
 static void fn_barrier(void) {}
 #endif
 

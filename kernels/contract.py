@@ -122,18 +122,29 @@ KERNELS: dict[str, tuple[str, str]] = {
     ),
 }
 
+#: Besides the kernels, every backend module defines these.
+CONTROLS: dict[str, tuple[str, str]] = {
+    "warmup": ("(dtypes=None) -> float", "compile what the backend compiles on first use; seconds taken"),
+    "get_num_threads": ("() -> int", "threads the kernels called from this thread may use"),
+    "set_num_threads": (
+        "(n) -> None",
+        "let the kernels called from this thread use n threads (ValueError below 1); no kernel's "
+        "result depends on it",
+    ),
+}
+
 #: Added to the probability inside every log, as in the book.
 LOG_EPS = 1e-7
 
 
 def missing(table) -> list[str]:
     """Names of the contract that ``table`` (a module or namespace) does not define."""
-    return [name for name in KERNELS if not callable(getattr(table, name, None))]
+    return [name for name in (*KERNELS, *CONTROLS) if not callable(getattr(table, name, None))]
 
 
 def describe() -> str:
     """The contract as a text table (used by ``fastnet backends`` and the docs)."""
     width = max(map(len, KERNELS))
     return "\n".join(
-        f"{name:<{width}}  {sig:<40}  {what}" for name, (sig, what) in KERNELS.items()
+        f"{name:<{width}}  {sig:<40}  {what}" for name, (sig, what) in (*KERNELS.items(), *CONTROLS.items())
     )

@@ -1103,6 +1103,24 @@ def _threads():
     return numba.get_num_threads()
 
 
+def get_num_threads():
+    """How many threads the kernels called from this thread may use (Numba's setting:
+    ``NUMBA_NUM_THREADS``, else one per core)."""
+    return _threads()
+
+
+def set_num_threads(n):
+    """Let the kernels called from this thread use ``n`` threads from now on
+    (``numba.set_num_threads``: at most ``NUMBA_NUM_THREADS``).  No kernel's result
+    depends on it."""
+    import numba
+
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= numba.config.NUMBA_NUM_THREADS:
+        raise ValueError(f"the number of threads must be an integer from 1 to {numba.config.NUMBA_NUM_THREADS} "
+                         f"(NUMBA_NUM_THREADS), got {n!r}")
+    numba.set_num_threads(n)
+
+
 def sparse_rows(X):
     if not isinstance(X, np.ndarray):
         raise TypeError(f"X must be a numpy array, got {type(X).__name__}")

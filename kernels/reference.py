@@ -228,6 +228,19 @@ def numerical_gradient_2layer(x, t, W1, b1, W2, b2, act, h, gW1, gb1, gW2, gb2):
             gflat[i] = (fxh1 - fxh2) / (2 * h)
 
 
+def get_num_threads():
+    """The reference kernels are NumPy code run by the calling thread: 1.  (NumPy's own
+    BLAS threads are NumPy's setting: ``OPENBLAS_NUM_THREADS`` or threadpoolctl.)"""
+    return 1
+
+
+def set_num_threads(n):
+    """Accepted for the same API as the compiled backends; the reference kernels always
+    run on the calling thread."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"the number of threads must be an integer of at least 1, got {n!r}")
+
+
 def warmup(dtypes=None):
     """Nothing to compile."""
     return 0.0

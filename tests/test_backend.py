@@ -113,3 +113,71 @@ def test_cython_blas_without_scipy_linalg(scipy_first):
     assert out.returncode == 0, out.stderr
     loaded, ok = out.stdout.split()
     assert ok == "ok" and loaded == str(scipy_first)
+
+
+@pytest.mark.parametrize("name", ["numpy", "numba", "cython"])
+def test_num_threads(name):
+    """set_num_threads / get_num_threads on every backend: returns the previous number,
+    takes effect for this thread, refuses what is not a count of threads."""
+    if name not in backend.available_backends():
+        pytest.skip(f"{name} is not available here")
+    with fastnet.use_backend(name):
+        before = fastnet.get_num_threads()
+        assert before >= 1
+        try:
+            assert fastnet.set_num_threads(1) == before
+            assert fastnet.get_num_threads() == 1
+            for bad in (0, -2, 1.5, "2", True, None):
+                with pytest.raises(ValueError, match="number of threads"):
+                    fastnet.set_num_threads(bad)
+            assert fastnet.get_num_threads() == 1
+        finally:
+            fastnet.set_num_threads(before)
+        assert fastnet.get_num_threads() == (1 if name == "numpy" else before)
+
+
+@pytest.mark.parametrize("name", ["numba", "cython"])
+def test_results_do_not_depend_on_set_num_threads(name):
+    """The parallel kernels give the same bits on one thread as on all of them, so the
+    command may change the number while it trains (fastnet.cli._CoreShare)."""
+    import numpy as np
+
+    if name not in backend.available_backends():
+        pytest.skip(f"{name} is not available here")
+    k = backend.load(name)
+    rng = np.random.default_rng(3)
+    X = (rng.integers(1, 256, (400, 300)) * (rng.random((400, 300)) < 0.2)).astype(np.uint8)
+    T = rng.integers(0, 10, 400)
+    idx = rng.integers(0, 400, (20, 100))
+
+    def run(dtype):
+        out = []
+        for sparse in (True, False):
+            p = [(0.1 * np.random.default_rng(5).standard_normal(s)).astype(dtype)
+                 for s in ((300, 50), (50,), (50, 10), (10,))]
+            work = tuple(np.empty(s, dtype) for s in ((100, 300), (100, 50), (100, 10), (100, 50), (300, 50),
+                                                      (50,), (50, 10), (10,)))
+            losses = np.empty(20)
+            if sparse:
+                csr = k.sparse_rows(X)
+                k.train_steps_2layer_sparse(*csr, T, idx, *p, 0.1, 1, work, losses)
+                out += [k.sparse_predict_2layer(*csr, 0, *p, 1, np.empty(400, np.int64)),
+                        k.sparse_affine(*csr, 0, p[0], p[1], 1, np.empty((400, 50), dtype))]
+            else:
+                xf = (X / 255).astype(dtype)
+                k.train_steps_2layer(xf, T, idx, *p, 0.1, 1, work, losses)
+                grads = [np.empty_like(a) for a in p]
+                k.numerical_gradient_2layer(xf[:50], T[:50], *p, 1, 1e-4, *grads)
+                out += grads
+            out += [*p, losses]
+        return b"".join(a.tobytes() for a in out)
+
+    before = k.get_num_threads()
+    try:
+        for dtype in (np.float32, np.float64):
+            k.set_num_threads(1)
+            one = run(dtype)
+            k.set_num_threads(max(before, 2))
+            assert run(dtype) == one, dtype
+    finally:
+        k.set_num_threads(before)

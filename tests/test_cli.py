@@ -33,12 +33,19 @@ def test_demo_prints_the_book_numbers(capsys):
     assert "[0.31682708 0.69627909]" in out and "price 220" in out
 
 
-def test_train_evaluate_predict(tmp_path, mnist_dir, capsys):
+def test_train_evaluate_predict(tmp_path, mnist_dir, capsys, monkeypatch):
+    from fastnet.plots import FigureWorker
+
+    workers = []
+    start = FigureWorker.start.__func__
+    monkeypatch.setattr(FigureWorker, "start", classmethod(lambda cls: workers.append(start(cls)) or workers[-1]))
     out = tmp_path / "run"
     code = main(["train", "--data-dir", str(mnist_dir.parent), "--iters", "700", "--out", str(out),
                  "--no-progress", "--backend", "cython"])
     text = capsys.readouterr().out
     assert code == 0, text
+    if os.cpu_count() > 1:  # the figure came from its worker, which is gone
+        assert len(workers) == 1 and workers[0]._proc is None and workers[0]._state == "ready"
     assert "epoch   1  iter    600" in text and "done: 700 iterations" in text
     assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "training.png", "weights.npz"]
     metrics = json.loads((out / "metrics.json").read_text())
@@ -141,3 +148,39 @@ def test_command_exit_runs_exit_handlers_and_flushes(tmp_path):
         closed = subprocess.run([sys.executable, *unbuffered, "-c", early], capture_output=True, text=True,
                                 timeout=120)
         assert closed.returncode == 141 and "Traceback" not in closed.stderr, closed.stderr
+
+
+def test_core_share_leaves_a_core_to_the_figure_worker(monkeypatch):
+    """While the figure worker imports matplotlib, the kernels use one thread fewer (when
+    they would use every core); once it is ready, or when training ends, as many as before."""
+    import fastnet
+    from fastnet import cli
+
+    class Worker:
+        done = False
+
+        def ready(self):
+            return self.done
+
+    monkeypatch.setattr(cli, "_cores", lambda: 2)
+    with fastnet.use_backend("cython"):
+        before = fastnet.set_num_threads(2)
+        try:
+            worker = Worker()
+            share = cli._CoreShare(worker)
+            assert fastnet.get_num_threads() == 1
+            share(None, {})  # an epoch ends: still importing
+            assert fastnet.get_num_threads() == 1
+            worker.done = True
+            share(None, {})
+            assert fastnet.get_num_threads() == 2
+            share.restore()
+            assert fastnet.get_num_threads() == 2
+            cli._CoreShare(Worker()).restore()  # training ended first
+            assert fastnet.get_num_threads() == 2
+            fastnet.set_num_threads(1)  # a core is free already: nothing to change
+            cli._CoreShare(Worker())
+            assert fastnet.get_num_threads() == 1
+            assert cli._CoreShare(None).previous is None  # no worker
+        finally:
+            fastnet.set_num_threads(before)

@@ -61,3 +61,61 @@ def test_without_accuracies(tmp_path):
     """Training with evaluate=False has losses only: the figure is still written."""
     path = plot_history(History(loss=[2.0, 1.5, 1.0]), tmp_path / "t.png")
     assert _gray(path).shape == (400, 1100)
+
+
+def _worker_history():
+    rng = np.random.default_rng(0)
+    loss = (2.3 * np.exp(-np.arange(3000) / 300.0) + 0.1 * rng.random(3000)).tolist()
+    return History(loss=loss, train_acc=[0.9, 0.95, 0.97], test_acc=[0.9, 0.94, 0.96], iterations=3000)
+
+
+def test_figure_worker_draws_what_plot_history_draws(tmp_path):
+    """FigureWorker: its own process and session (Ctrl-C at the terminal does not reach
+    it), ready() does not wait, the PNG is plot_history's byte for byte, close() ends it."""
+    import os
+    import time
+
+    from fastnet.plots import FigureWorker
+
+    history = _worker_history()
+    worker = FigureWorker.start()
+    assert worker is not None
+    proc = worker._proc
+    try:
+        assert os.getsid(proc.pid) != os.getsid(0)
+        start = time.perf_counter()
+        worker.ready()
+        assert time.perf_counter() - start < 0.1
+        deadline = time.time() + 120
+        while not worker.ready() and time.time() < deadline:
+            time.sleep(0.01)
+        assert worker._state == "ready"
+        assert worker.plot(history, tmp_path / "w" / "a.png", title="mnist") == tmp_path / "w" / "a.png"
+        assert worker.plot(history, tmp_path / "b.png") == tmp_path / "b.png"  # one worker, many figures
+    finally:
+        worker.close()
+    assert proc.returncode == 0 and worker._proc is None
+    worker.close()  # twice is fine
+    plot_history(history, tmp_path / "here.png", title="mnist")
+    assert (tmp_path / "w" / "a.png").read_bytes() == (tmp_path / "here.png").read_bytes()
+    assert (tmp_path / "b.png").read_bytes() != (tmp_path / "here.png").read_bytes()  # no title
+
+
+def test_figure_worker_that_dies_or_fails_draws_here(tmp_path):
+    """A worker killed before it draws: the figure is drawn in this process.  A figure
+    the worker cannot write: plot_history's own error, raised here."""
+    from fastnet.plots import FigureWorker
+
+    history = _worker_history()
+    with FigureWorker.start() as worker:
+        worker._proc.kill()
+        worker._proc.wait()
+        path = worker.plot(history, tmp_path / "a.png", title="t")
+    assert path.read_bytes() == plot_history(history, tmp_path / "b.png", title="t").read_bytes()
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with FigureWorker.start() as worker, pytest.raises(OSError):
+        worker.plot(history, blocker / "a.png")
+    with FigureWorker.start() as worker:  # closed while it imports: ended at once
+        proc = worker._proc
+    assert proc.returncode is not None
