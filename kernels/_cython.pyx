@@ -82,6 +82,7 @@ cdef extern from "_vmath.h" nogil:
     void fn_sigmoid_inplace_f(float* y, Py_ssize_t n)
 
 import numpy as np
+from importlib.util import find_spec as importlib_find_spec
 
 cnp.import_array()
 
@@ -181,7 +182,18 @@ cdef int _load_blas() except -1:
     return 0
 
 
-_load_blas()
+cdef inline int _blas() except -1:
+    """Load BLAS on the first kernel call that needs it, not at import: loading
+    cython_blas imports the package scipy (0.02 s), and the sparse path of the chapter-5
+    experiment (steps with the vector top, evaluation) never multiplies through BLAS.
+    Every def that reaches _gemm calls this first."""
+    if sgemm == NULL or dgemm == NULL:
+        _load_blas()
+    return 0
+
+
+if importlib_find_spec("scipy") is None:  # as an import of cython_blas would have failed
+    raise ImportError("the Cython backend takes BLAS from SciPy: pip install scipy")
 
 
 cdef void _gemm(bint ta, bint tb, int M, int N, int K, real alpha, real* A, int lda,
@@ -192,6 +204,9 @@ cdef void _gemm(bint ta, bint tb, int M, int N, int K, real alpha, real* A, int 
     """
     cdef char ca = b'T' if ta else b'N'
     cdef char cb = b'T' if tb else b'N'
+    if sgemm == NULL or dgemm == NULL:  # a caller that forgot _blas(): never reached in the tests
+        with gil:
+            _load_blas()
     if real is float:
         sgemm(&cb, &ca, &N, &M, &K, &alpha, B, &ldb, A, &lda, &beta, C, &ldc)
     else:
@@ -453,6 +468,7 @@ def relu_backward(dout, y, out):
 
 
 def _affine_act(x, W, b, out, int act):
+    _blas()
     cdef int tn = _typenum(x, "x")
     cdef cnp.ndarray xa = _in2(x, tn, "x")
     cdef cnp.ndarray Wa = _in2(W, tn, "W")
@@ -489,6 +505,7 @@ def affine_sigmoid(x, W, b, out):
 
 
 def affine_backward(x, W, dout, dW, db, dx=None):
+    _blas()
     cdef int tn = _typenum(x, "x")
     cdef cnp.ndarray xa = _in2(x, tn, "x")
     cdef cnp.ndarray Wa = _in2(W, tn, "W")
@@ -848,6 +865,7 @@ cdef int _dense_steps(cnp.ndarray Xa, _Net2* a, double lr, int act) except -1:
     """Run a.S steps of the dense fused step on the batches a.idx[k * a.B : (k + 1) * a.B];
     a.losses[k] receives the loss of step k.  Stops after a step whose loss is not
     finite.  Returns the number of steps run."""
+    _blas()
     cdef bint pixels = cnp.PyArray_TYPE(Xa) == cnp.NPY_UINT8
     if not pixels and cnp.PyArray_TYPE(Xa) != a.tn:
         raise TypeError(f"X is {Xa.dtype}; the weights are {'float32' if a.tn == cnp.NPY_FLOAT32 else 'float64'}")
@@ -983,6 +1001,8 @@ cdef int _padded_take(_Padded* s, void* W, long long D, long long H, long long B
     cdef size_t bb = <size_t>(HP * tsize), total = w + bb + g + (w if grads else 0)
     cdef size_t fwd = <size_t>(PIXEL_BLOCKS * g) if C else 0
     cdef bint vtop = C and (fn_top_fits_f(H, C) if tsize == 4 else fn_top_fits_d(H, C))
+    if C and not vtop:
+        _blas()  # the rows above the first layer go through BLAS (_top_rows_blas)
     cdef size_t wp = <size_t>(H * 64) if vtop else 0, wt = <size_t>(C * HP * tsize) if vtop else 0
     cdef size_t acc = <size_t>(TOP_BLOCKS * H * 64) if vtop else 0
     cdef size_t parts = <size_t>(TOP_BLOCKS * (C + H + H * C) * tsize) if C else 0

@@ -181,3 +181,52 @@ def test_results_do_not_depend_on_set_num_threads(name):
             assert run(dtype) == one, dtype
     finally:
         k.set_num_threads(before)
+
+
+_FIRST_BLAS_CALL = """
+import sys, numpy as np
+from fastnet.kernels import _cython as k
+rng = np.random.default_rng(0)
+X = (rng.integers(1, 256, (300, 40)) * (rng.random((300, 40)) < 0.3)).astype(np.uint8)
+T = rng.integers(0, 10, 300)
+idx = rng.integers(0, 300, (3, 20))
+def net(H, C=10):
+    p = [(0.1 * rng.standard_normal(s)).astype(np.float32) for s in ((40, H), (H,), (H, C), (C,))]
+    work = tuple(np.empty(s, np.float32) for s in ((20, 40), (20, H), (20, C), (20, H), (40, H), (H,), (H, C), (C,)))
+    return p, work
+p, work = net(50)
+csr = k.sparse_rows(X)
+k.train_steps_2layer_sparse(*csr, T, idx, *p, 0.1, 1, work, np.empty(3))  # vector top: no BLAS
+k.sparse_predict_2layer(*csr, 0, *p, 1, np.empty(300, np.int64))
+assert "scipy" not in sys.modules, "BLAS loaded by the sparse path"
+case = sys.argv[1]
+x, w = rng.random((30, 20)).astype(np.float32), rng.random((20, 7)).astype(np.float32)
+if case == "affine":
+    got = k.affine(x, w, np.zeros(7, np.float32), np.empty((30, 7), np.float32))
+    assert np.allclose(got, x @ w, rtol=1e-5)
+elif case == "affine_backward":
+    dW = np.empty((20, 7), np.float32)
+    k.affine_backward(x, w, np.ones((30, 7), np.float32), dW, np.empty(7, np.float32))
+    assert np.allclose(dW, x.T @ np.ones((30, 7)), rtol=1e-5)
+elif case == "dense steps":
+    p, work = net(50)
+    k.train_steps_2layer((X / 255).astype(np.float32), T, idx, *p, 0.1, 1, work, np.empty(3))
+    assert np.isfinite(p[0]).all()
+else:  # the sparse step with 70 hidden units: its rows above the first layer go through BLAS
+    p, work = net(70)
+    losses = np.empty(3)
+    k.train_steps_2layer_sparse(*csr, T, idx, *p, 0.1, 1, work, losses)
+    assert np.isfinite(losses).all()
+print("scipy" in sys.modules)
+"""
+
+
+@pytest.mark.skipif("cython" not in backend.available_backends(), reason="the Cython extension is not built")
+@pytest.mark.parametrize("case", ["affine", "affine_backward", "dense steps", "sparse steps through BLAS"])
+def test_cython_loads_blas_on_first_use(case):
+    """The Cython backend loads BLAS (and with it the package scipy, 0.02 s) only when a
+    kernel first needs it: the sparse path of the chapter-5 experiment never does.  Each
+    kernel that multiplies through BLAS works as the first such call of a process."""
+    out = subprocess.run([sys.executable, "-c", _FIRST_BLAS_CALL, case], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True"]
