@@ -262,7 +262,7 @@ print(test_acc)
 """
 
 
-def e2e_section(table, rounds: int = 3):
+def e2e_section(table, rounds: int = 5):
     """The chapter-5 experiment as whole commands, start to exit: each command ``rounds``
     times, interleaved (one of each, then again), the median taken; the note gives the
     range, since on a shared 2-core machine one run can take a third longer than the next."""

@@ -174,7 +174,10 @@ class FigureWorker:
 
 def _serve():
     """The worker's side of :class:`FigureWorker`: import, say "ready" (or "failed"),
-    then draw one figure per request line and answer "ok" (or "error ...")."""
+    then draw one figure per request line and answer "ok" (or "error ...") until its
+    input ends.  It ends without the interpreter's teardown of the ~900 modules that
+    matplotlib brings (0.1 s here, which the caller would wait for), and quietly when
+    the caller is gone (a closed pipe)."""
     import signal
     from types import SimpleNamespace
 
@@ -182,23 +185,27 @@ def _serve():
     answers = os.fdopen(os.dup(1), "w")  # stdout is the channel; anything printed goes to stderr
     os.dup2(2, 1)
     try:
-        _matplotlib()
-    except ImportError as exc:
-        answers.write(f"failed {exc}\n")
-        answers.flush()
-        return
-    answers.write("ready\n")
-    answers.flush()
-    for line in sys.stdin:
         try:
-            request = json.loads(line)
-            history = SimpleNamespace(loss=request["loss"], **request["accuracies"])
-            plot_history(history, request["path"], request["title"])
-            answers.write("ok\n")
-        except Exception as exc:  # noqa: BLE001 - the caller draws again here, with the real error
-            answers.write(f"error {type(exc).__name__}: {exc}".replace("\n", " ") + "\n")
+            _matplotlib()
+        except ImportError as exc:
+            answers.write(f"failed {exc}\n")
+            answers.flush()
+            return
+        answers.write("ready\n")
         answers.flush()
-    # its input ended: nothing is left open, so skip the interpreter's teardown of the
-    # ~900 modules matplotlib brought (0.1 s here) that the caller would wait for
-    sys.stderr.flush()
-    os._exit(0)
+        for line in sys.stdin:
+            try:
+                request = json.loads(line)
+                history = SimpleNamespace(loss=request["loss"], **request["accuracies"])
+                plot_history(history, request["path"], request["title"])
+                answers.write("ok\n")
+            except Exception as exc:  # noqa: BLE001 - the caller draws again itself, with the real error
+                answers.write(f"error {type(exc).__name__}: {exc}".replace("\n", " ") + "\n")
+            answers.flush()
+    except OSError:  # the caller is gone: nobody to answer
+        pass
+    finally:
+        try:
+            sys.stderr.flush()
+        finally:
+            os._exit(0)
