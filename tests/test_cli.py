@@ -126,6 +126,48 @@ def test_ctrl_c_saves_and_exits_130(tmp_path, mnist_dir):
     assert np.load(out / "weights.npz")["W1"].shape == (784, 50)
 
 
+def _children(pid):
+    """The processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(entry)
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the worker in /proc")
+def test_ctrl_c_ends_the_figure_worker(tmp_path, mnist_dir):
+    """Ctrl-C while training with the figure's worker process (the default): the same
+    clean exit, and the worker (in a session of its own, so the terminal's Ctrl-C does
+    not reach it) does not outlive the command."""
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fastnet", "train", "--data-dir", str(mnist_dir.parent), "--iters", "10000000",
+         "--out", str(out), "--no-progress", "--backend", "cython"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 120
+    while not (out / "metrics.json").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    workers = _children(proc.pid)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    if os.cpu_count() > 1:
+        assert len(workers) == 1
+    for pid in workers:
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(pid), 0)
+
+
 def test_command_exit_runs_exit_handlers_and_flushes(tmp_path):
     """The command skips the interpreter's teardown (fastnet.cli.run): exit handlers still
     run, piped output is complete, the exit status is main()'s."""
