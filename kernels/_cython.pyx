@@ -49,6 +49,9 @@ cdef extern from "_sparse.h" nogil:
     void fn_sum_parts_d(const double* parts, long long q, int np, long long n, long long H, long long HP,
                         double* h)
     long long fn_padded(long long H, long long tsize)
+    size_t fn_w_bytes(long long D, long long H, long long tsize, int split)
+    void fn_w_rows(void* W, long long D, long long H, void* Wl, long long r0, long long r1, long long tsize,
+                   int split, int back)
     void fn_pad_rows(const void* src, long long n, long long w, void* dst, long long wp, long long tsize)
     void fn_unpad_rows(const void* src, long long n, long long wp, void* dst, long long w, long long tsize)
     void* fn_scratch_take(size_t nbytes)
@@ -991,13 +994,16 @@ cdef struct _Padded:
 
 cdef int _padded_take(_Padded* s, void* W, long long D, long long H, long long B, bint grads,
                       long long tsize, long long C=0) except -1:
-    """Take the scratch and copy W (D x H) into it (_pad_rows_par); b and G start at zero
-    (their padding lanes must read 0; W's are zeroed by fn_pad_rows).  With C (a step),
-    room for its PIXEL_BLOCKS forward sums and TOP_BLOCKS partial sums too, and for
+    """Take the scratch and copy W (D x H) into it in its layout (_w_rows_par: rows of HP
+    for a step, split where H allows it otherwise, see fn_w_main in _sparse.h); b and G
+    start at zero (their padding lanes must read 0; W's are zeroed by fn_w_rows).  With
+    C (a step), room for its PIXEL_BLOCKS forward sums and TOP_BLOCKS partial sums too, and for
     fn_top_block's copies of W2 and scratch when the sizes fit it (s.wp NULL otherwise;
     fill them with _top_weights).  Give it back with fn_scratch_give(s.block)."""
     cdef long long HP = fn_padded(H, tsize)
-    cdef size_t w = <size_t>(D * HP * tsize), g = <size_t>(B * HP * tsize)
+    # W in the split layout for the forward over consecutive rows (no step: C == 0), see
+    # fn_w_main in _sparse.h; the step's loops read the plain padded rows
+    cdef size_t w = fn_w_bytes(D, H, tsize, C == 0), g = <size_t>(B * HP * tsize)
     cdef size_t bb = <size_t>(HP * tsize), total = w + bb + g + (w if grads else 0)
     cdef size_t fwd = <size_t>(PIXEL_BLOCKS * g) if C else 0
     cdef bint vtop = C and (fn_top_fits_f(H, C) if tsize == 4 else fn_top_fits_d(H, C))
@@ -1012,7 +1018,7 @@ cdef int _padded_take(_Padded* s, void* W, long long D, long long H, long long B
     if s.block == NULL:
         raise MemoryError(f"no memory for the {o_part + parts} bytes of padded weights")
     with nogil:
-        _pad_rows_par(W, D, H, s.block, HP, tsize, False)
+        _w_rows_par(W, D, H, s.block, tsize, C == 0, False)
     memset(<char*>s.block + w, 0, bb + g)
     s.HP = HP
     s.W = s.block
@@ -1237,23 +1243,22 @@ cdef double _sp_step_par(long long* indptr, int* indices, void* data, bint pix, 
     return loss
 
 
-cdef void _pad_rows_par(void* src, long long n, long long w, void* dst, long long wp,
-                        long long tsize, bint unpad) noexcept nogil:
-    """fn_pad_rows (fn_unpad_rows when ``unpad``) with the rows split between threads
-    (a call of a single step does it once at the start and once at the end)."""
+cdef void _w_rows_par(void* W, long long D, long long H, void* Wl, long long tsize, bint split,
+                      bint back) noexcept nogil:
+    """W (D x H, dense) into Wl, W's layout in the scratch (fn_w_rows: padded rows, or
+    split when ``split`` and H allow it), or back when ``back``, with the rows split
+    between threads (a call of a single step does it once at the start and once at the
+    end)."""
     cdef int t, nt = fn_max_threads()
     cdef long long r0, r1
     if nt > MAX_THREADS:
         nt = MAX_THREADS
-    if n * w * tsize < 65536:
+    if D * H * tsize < 65536:
         nt = 1
     for t in prange(nt, num_threads=nt, schedule="static", chunksize=1):
-        r0 = n * t // nt
-        r1 = n * (t + 1) // nt
-        if unpad:
-            fn_unpad_rows(<char*>src + r0 * wp * tsize, r1 - r0, wp, <char*>dst + r0 * w * tsize, w, tsize)
-        else:
-            fn_pad_rows(<char*>src + r0 * w * tsize, r1 - r0, w, <char*>dst + r0 * wp * tsize, wp, tsize)
+        r0 = D * t // nt
+        r1 = D * (t + 1) // nt
+        fn_w_rows(W, D, H, Wl, r0, r1, tsize, split, back)
 
 
 cdef double _train_step_2layer_sparse(long long* indptr, int* indices, void* data, bint pix,
@@ -1365,7 +1370,7 @@ cdef int _sparse_steps(object indptr, object indices, object data, bint pixels, 
             if bad or not (loss - loss == 0):  # a bad column, NaN or inf: stop here
                 break
         if lr != 0:
-            _pad_rows_par(pad.W, a.D, a.H, a.p[0], pad.HP, ts, True)
+            _w_rows_par(a.p[0], a.D, a.H, pad.W, ts, False, True)
         fn_scratch_give(pad.block)
     if bad:
         raise ValueError(f"train_step_2layer_sparse: {bad} column indices are outside [0, {a.D}) "
