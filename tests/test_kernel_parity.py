@@ -317,8 +317,11 @@ def test_sparse_rows_uint8_blocks(backend_name):
 @pytest.mark.parametrize("pixels", [True, False])
 @pytest.mark.parametrize("act", [0, 1, 2])
 # hidden sizes for the vector loops: under one vector, a vector and a bit (a padded last
-# vector), whole vectors, and more than four vectors (two passes over each row)
-@pytest.mark.parametrize("H", [7, 19, 32, 50, 100])
+# vector), whole vectors, and more than four vectors (two passes over each row).  W in the
+# split layout (whole vectors, then a tail of up to 16 bytes apart: fn_w_main in _sparse.h)
+# where the lanes past whole vectors are at most 16 bytes: float32 19, 20, 50, 100 and
+# float64 10, 50, each side of that edge with 11 and 21
+@pytest.mark.parametrize("H", [7, 10, 11, 19, 20, 21, 32, 50, 100])
 def test_sparse_affine_parity(backend_name, dtype, pixels, act, H):
     ref, got = backend.load("numpy"), backend.load(backend_name)
     X, _, _, (W, b, _, _), _ = _sparse_case(dtype, 1, 37, H, 3, N=5000, pixels=pixels)
