@@ -69,12 +69,12 @@ cdef extern from "_top.h" nogil:
     void fn_top_weights_d(const double* W2, long long H, long long C, long long HP, double* wp, double* wt)
     double fn_top_block_f(const float* parts, long long q, int np, long long n, long long H, long long HP,
                           int act, const float* wp, const float* wt, const float* b2, const long long* Tl,
-                          const long long* idx, long long C, long long B, float mlr, float* h, float* G,
-                          float* sums, float* acc)
+                          const long long* idx, long long C, long long B, float mlr, float* G, float* sums,
+                          float* acc)
     double fn_top_block_d(const double* parts, long long q, int np, long long n, long long H, long long HP,
                           int act, const double* wp, const double* wt, const double* b2, const long long* Tl,
-                          const long long* idx, long long C, long long B, double mlr, double* h, double* G,
-                          double* sums, double* acc)
+                          const long long* idx, long long C, long long B, double mlr, double* G, double* sums,
+                          double* acc)
 
 cdef extern from "_vmath.h" nogil:
     # vectorisable exp and sigmoid, in place (see _vmath.h)
@@ -1210,12 +1210,12 @@ cdef double _sp_step_par(long long* indptr, int* indices, void* data, bint pix, 
             if wp != NULL:
                 if real is float:
                     losses[k] = fn_top_block_f(fwd + r0 * HP, q, PIXEL_BLOCKS, r1 - r0, H, HP, act, wp, wt,
-                                               b2, T, idx + r0, C, B, mlr, h + r0 * H, G + r0 * HP,
-                                               part + k * w, acc + k * H * (64 // sizeof(real)))
+                                               b2, T, idx + r0, C, B, mlr, G + r0 * HP, part + k * w,
+                                               acc + k * H * (64 // sizeof(real)))
                 else:
                     losses[k] = fn_top_block_d(fwd + r0 * HP, q, PIXEL_BLOCKS, r1 - r0, H, HP, act, wp, wt,
-                                               b2, T, idx + r0, C, B, mlr, h + r0 * H, G + r0 * HP,
-                                               part + k * w, acc + k * H * (64 // sizeof(real)))
+                                               b2, T, idx + r0, C, B, mlr, G + r0 * HP, part + k * w,
+                                               acc + k * H * (64 // sizeof(real)))
             else:
                 losses[k] = _top_rows_blas(fwd, q, r0, r1, h, T, idx, W2, b2, act, s, dh, G, mlr, B, H, HP, C,
                                            part + k * w)

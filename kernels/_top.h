@@ -72,15 +72,16 @@ static void fn_top_weights_##S(const T *W2, long long H, long long C, long long 
 }                                                                                           \
                                                                                             \
 /* One block of n rows (see the top of this file).  parts: np sums of n rows of HP, q */    \
-/* entries apart; labels Tl[idx[i]]; h: n rows of H (written); G: n rows of HP */           \
-/* (written; first holds h padded); sums: db2 (C), db1 (H), dW2 (H x C) (written); */       \
+/* entries apart; labels Tl[idx[i]]; G: n rows of HP (written; first holds h, then */      \
+/* mlr * dh, a group of rows at a time once dW2 has read their h); sums: db2 (C), db1 */     \
+/* (H), dW2 (H x C) (written); */                                                           \
 /* acc: scratch of H x L.  Rows go four at a time (their logits summed side by side); */    \
 /* every sum runs in row order, so a row's results do not depend on its group. */           \
 /* Returns the sum of the rows' losses, in row order. */                                    \
 FN_TOP_CLONES static double fn_top_block_##S(const T *parts, long long q, int np,         \
     long long n, long long H, long long HP, int act, const T *wp, const T *wt,            \
     const T *b2, const long long *Tl, const long long *idx, long long C, long long B,     \
-    T mlr, T *__restrict h, T *__restrict G, T *__restrict sums, T *__restrict acc)       \
+    T mlr, T *__restrict G, T *__restrict sums, T *__restrict acc)                        \
 {                                                                                           \
     const long long L = 64 / sizeof(T), nv = HP / L;                                        \
     const fn_yvec_##S zero = {0};                                                           \
@@ -103,7 +104,7 @@ FN_TOP_CLONES static double fn_top_block_##S(const T *parts, long long q, int np
         for (long long l = 0; l < L; l++) b[l] = k * L + l < H ? (IT)-1 : 0;                \
         memcpy(&lanes[k], b, 64);                                                           \
     }                                                                                       \
-    /* h = act(sum of the parts): padded into G (lanes past H zero), unpadded into h */     \
+    /* h = act(sum of the parts), padded into G (lanes past H zero) */                      \
     for (long long i = 0; i < n; i++) {                                                     \
         fn_yvec_##S *g = (fn_yvec_##S *)(G + i * HP);                                       \
         for (long long k = 0; k < nv; k++) {                                                \
@@ -119,7 +120,6 @@ FN_TOP_CLONES static double fn_top_block_##S(const T *parts, long long q, int np
             }                                                                               \
             g[k] = (fn_yvec_##S)((fn_ymask_##S)a & lanes[k]);                               \
         }                                                                                   \
-        memcpy(h + i * H, G + i * HP, H * sizeof(T));                                       \
     }                                                                                       \
     for (long long i = 0; i < n; i += 4) {                                                  \
         const long long rr = n - i < 4 ? n - i : 4;                                         \
@@ -157,7 +157,23 @@ FN_TOP_CLONES static double fn_top_block_##S(const T *parts, long long q, int np
             t[lab] = t[lab] - rs;                                                           \
             memcpy(&ds[r], t, 64);                                                          \
             sdb2 += ds[r];                                                                  \
+        }                                                                                   \
+        /* dW2 += h.T @ ds, rows in order (h: the group's rows of G, not yet overwritten) */ \
+        if (rr == 4) {                                                                      \
+            const T *h0 = G + i * HP, *h1 = h0 + HP, *h2 = h1 + HP, *h3 = h2 + HP;          \
+            for (long long j = 0; j < H; j++) {                                             \
+                fn_yvec_##S a = av[j];                                                      \
+                a += h0[j] * ds[0]; a += h1[j] * ds[1];                                     \
+                a += h2[j] * ds[2]; a += h3[j] * ds[3];                                     \
+                av[j] = a;                                                                  \
+            }                                                                               \
+        } else {                                                                            \
+            for (long long r = 0; r < rr; r++)                                              \
+                for (long long j = 0; j < H; j++) av[j] += G[(i + r) * HP + j] * ds[r];     \
+        }                                                                                   \
+        for (long long r = 0; r < rr; r++) {                                                \
             /* dh = ds @ W2.T, then act'(h); G = mlr * dh */                                \
+            memcpy(t, &ds[r], 64);                                                          \
             fn_yvec_##S d[4] = {zero, zero, zero, zero};                                    \
             for (long long c = 0; c < C; c++)                                               \
                 for (long long k = 0; k < nv; k++) d[k] += t[c] * wtv[c * nv + k];          \
@@ -173,19 +189,6 @@ FN_TOP_CLONES static double fn_top_block_##S(const T *parts, long long q, int np
                 sdb1[k] += d[k];                                                            \
                 g[k] = d[k] * mlr;                                                          \
             }                                                                               \
-        }                                                                                   \
-        /* dW2 += h.T @ ds, rows in order */                                                \
-        if (rr == 4) {                                                                      \
-            const T *h0 = h + i * H, *h1 = h0 + H, *h2 = h1 + H, *h3 = h2 + H;              \
-            for (long long j = 0; j < H; j++) {                                             \
-                fn_yvec_##S a = av[j];                                                      \
-                a += h0[j] * ds[0]; a += h1[j] * ds[1];                                     \
-                a += h2[j] * ds[2]; a += h3[j] * ds[3];                                     \
-                av[j] = a;                                                                  \
-            }                                                                               \
-        } else {                                                                            \
-            for (long long r = 0; r < rr; r++)                                              \
-                for (long long j = 0; j < H; j++) av[j] += h[(i + r) * H + j] * ds[r];      \
         }                                                                                   \
     }                                                                                       \
     memcpy(t, &sdb2, 64);                                                                   \
