@@ -189,7 +189,8 @@ cdef inline int _blas() except -1:
     """Load BLAS on the first kernel call that needs it, not at import: loading
     cython_blas imports the package scipy (0.02 s), and the sparse path of the chapter-5
     experiment (steps with the vector top, evaluation) never multiplies through BLAS.
-    Every def that reaches _gemm calls this first."""
+    Every def that reaches _gemm calls this first (tests/test_backend.py calls each of
+    them first in a fresh process)."""
     if sgemm == NULL or dgemm == NULL:
         _load_blas()
     return 0
@@ -207,9 +208,6 @@ cdef void _gemm(bint ta, bint tb, int M, int N, int K, real alpha, real* A, int 
     """
     cdef char ca = b'T' if ta else b'N'
     cdef char cb = b'T' if tb else b'N'
-    if sgemm == NULL or dgemm == NULL:  # a caller that forgot _blas(): never reached in the tests
-        with gil:
-            _load_blas()
     if real is float:
         sgemm(&cb, &ca, &N, &M, &K, &alpha, B, &ldb, A, &lda, &beta, C, &ldc)
     else:

@@ -267,14 +267,13 @@ typedef T fn_uvec_##S __attribute__((vector_size(64), aligned(sizeof(T))));     
 typedef T fn_hvec_##S __attribute__((vector_size(32)));                                      \
 typedef T fn_qvec_##S __attribute__((vector_size(16)));                                      \
                                                                                             \
-/* the tail lanes of a split row (see fn_w_main) at lanes [off, off + Q) of an output */    \
-/* row of H entries: a whole vector, zero past Q, when the row has one there (a padded */  \
-/* row), else the lanes below H */                                                          \
+/* the tail lanes of a split row (see fn_w_main): lanes [off, H) of an unpadded output */  \
+/* row of H entries, H - off <= Q */                                                        \
 FN_INLINE void fn_put_tail_##S(T *o, long long off, long long H, fn_qvec_##S q)            \
 {                                                                                           \
-    const long long L = 64 / sizeof(T);                                                     \
-    if (off + L <= H) { fn_vec_##S a = {0}; memcpy(&a, &q, sizeof q); memcpy(o + off, &a, sizeof a); } \
-    else { T t[16 / sizeof(T)]; memcpy(t, &q, sizeof q); memcpy(o + off, t, (H - off) * sizeof(T)); } \
+    T t[16 / sizeof(T)];                                                                    \
+    memcpy(t, &q, sizeof q);                                                                \
+    memcpy(o + off, t, (H - off) * sizeof(T));                                              \
 }                                                                                           \
                                                                                             \
 /* vector k of an unpadded output row of H entries, lanes [off, off + L): whole, or the */  \
