@@ -8,6 +8,7 @@ import fastnet
 import fastnet.nets
 from fastnet.train import Trainer
 
+from . import common
 from .common import (
     BACKENDS,
     DTYPES,
@@ -178,23 +179,17 @@ class Inference:
 
 class EpochEvaluation:
     """The Trainer's accuracy over the 60,000 training images, as after every epoch of
-    ``fastnet train`` (uint8 pixels; compiled backends: CSR rows, sparse_predict_2layer)."""
+    ``fastnet train`` (common.EpochEvaluation)."""
 
     params = (BACKENDS,)
     param_names = ["backend"]
 
     def setup(self, backend):
-        require_backend(backend)
         (x, t), _ = mnist_pixels()
-        self.backend = backend
-        with fastnet.use_backend(backend):
-            net = fastnet.nets.TwoLayerNet(784, 50, 10, seed=0, dtype=np.float32)
-            self.trainer = Trainer(net, x, t, iters=1)
-            self.trainer.accuracy(self.trainer.x_train, self.trainer.t_train)  # CSR built, compiled
+        self.evaluate = common.EpochEvaluation(backend, x, t)
 
     def time_train_set(self, backend):
-        with fastnet.use_backend(self.backend):
-            self.trainer.accuracy(self.trainer.x_train, self.trainer.t_train)
+        self.evaluate()
 
 
 class OptimizerUpdate:

@@ -61,3 +61,14 @@ def test_book_loop_is_the_books_loop():
     assert len(losses) == 300 and np.isfinite(losses).all()
     assert not np.array_equal(before, book.network.params["W1"])
     assert np.mean(losses[-30:]) < 0.7 * np.mean(losses[:30])
+
+
+def test_epoch_evaluation_helper_is_the_trainers_accuracy():
+    """common.EpochEvaluation (asv EpochEvaluation and the report's evaluation rows) gives
+    the Trainer's accuracy on the training images, the same on every backend."""
+    rng = np.random.default_rng(2)
+    x = (rng.random((500, 784)) * 255 * (rng.random((500, 784)) < 0.2)).astype(np.uint8)
+    t = rng.integers(0, 10, 500)
+    accuracies = {name: common.EpochEvaluation(name, x, t)() for name in ("numpy", "cython")}
+    assert 0.0 <= accuracies["numpy"] <= 1.0
+    assert abs(accuracies["numpy"] - accuracies["cython"]) <= 1 / 500
