@@ -24,6 +24,7 @@ from fastnet.datasets import (
     load_mnist,
     parse_idx,
 )
+from fastnet.datasets.core import _parsed_cache
 
 # label histograms of the real MNIST files
 TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
@@ -292,3 +293,26 @@ def test_fashion_spec_lists_debian_path():
     assert "/usr/share/datasets/fashion-mnist" in FASHION_MNIST.system_dirs
     assert MNIST.mirrors[0].startswith("http://yann.lecun.com")
     assert replace(MNIST, folder="x").folder == "x"
+
+
+def test_cached_parse_is_mapped_copy_on_write(tmp_path):
+    """The second load maps the cached parse: the same values in a writable array whose
+    writes stay in the process (the next load sees the file unchanged); a cache file cut
+    short is noticed and written again."""
+    arrays, payloads = tiny_files(seed=3)
+    write_files(tmp_path / "tiny", payloads)
+    spec = tiny_spec(payloads)
+    images = arrays["train_img"].reshape(6, 784)
+    (x1, t1), _ = load_dataset(spec, normalize=False, data_dir=tmp_path, download=False)  # parsed
+    (x, t), _ = load_dataset(spec, normalize=False, data_dir=tmp_path, download=False)  # mapped
+    assert type(x) is np.ndarray and x.flags.writeable and x.dtype == np.uint8
+    assert np.array_equal(x, images) and np.array_equal(x1, images) and np.array_equal(t, t1)
+    x[:] = 7
+    (x2, _), _ = load_dataset(spec, normalize=False, data_dir=tmp_path, download=False)
+    assert np.array_equal(x2, images)
+    del x, x2
+    npy, _ = _parsed_cache(tmp_path / "tiny" / FILES["train_img"])
+    whole = npy.stat().st_size
+    npy.write_bytes(npy.read_bytes()[:-100])
+    (x3, _), _ = load_dataset(spec, normalize=False, data_dir=tmp_path, download=False)
+    assert np.array_equal(x3, images) and npy.stat().st_size == whole

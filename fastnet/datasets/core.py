@@ -147,6 +147,15 @@ def _parsed_cache(path: Path) -> tuple[Path, Path]:
     return base.with_name(base.name + ".npy"), base.with_name(base.name + ".json")
 
 
+def _mapped(npy: Path) -> np.ndarray:
+    """A cached parse, mapped copy-on-write rather than read: its pages come from the
+    page cache as they are first used, and writes to the array stay in this process
+    (the file is only ever replaced whole, never written in place).  Reading the 47 MB
+    of MNIST's training images into new memory took 45-80 ms here; mapping them takes
+    under 1 ms, and the pages the run uses cost less to bring in."""
+    return np.load(npy, mmap_mode="c", allow_pickle=False).view(np.ndarray)
+
+
 def _load_file(spec: Dataset, key: str, path: Path, use_cache: bool) -> np.ndarray:
     """Parse (or load the verified ``.npy`` cache of) one data file."""
     stat = path.stat()
@@ -160,9 +169,9 @@ def _load_file(spec: Dataset, key: str, path: Path, use_cache: bool) -> np.ndarr
     if use_cache and npy.exists() and meta.exists():
         try:
             if json.loads(meta.read_text()) == stamp:
-                return np.load(npy, allow_pickle=False)
+                return _mapped(npy)
         except (OSError, ValueError):
-            pass  # a broken cache is rebuilt below
+            pass  # a broken cache is rebuilt below (a short file is a ValueError here)
     array = verify_payload(spec, key, read_payload(path), path)
     if use_cache:
         tmp = npy.with_name(f".{npy.name}.{os.getpid()}.part")
