@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import threading
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -210,7 +211,9 @@ class Trainer:
     ``net.gradient`` + ``optimizer.update`` loop).  ``callbacks`` are called after every
     epoch as ``callback(trainer, record)``; one that returns ``False`` stops training.
     ``checkpoint_dir`` receives ``weights.npz`` and ``metrics.json`` after every epoch
-    and on Ctrl-C.
+    and on Ctrl-C.  An epoch's files are written by a thread of their own while the
+    training goes on (each file replaced atomically); all are on disk when ``fit()``
+    returns or raises, and :meth:`save_checkpoint` writes the current state at once.
 
     ``sparse`` chooses how the fused step and the evaluation read the inputs: as rows
     of non-zeros (CSR, built once per data set) so that the first layer touches only
@@ -281,6 +284,7 @@ class Trainer:
         self.evaluate = evaluate
         self.callbacks = list(callbacks)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self._writer = _CheckpointWriter()
         self.progress = progress
         self.verbose = verbose
         self.stream = sys.stderr if stream is None else stream
@@ -482,7 +486,11 @@ class Trainer:
             where = f"; weights and history saved in {saved}" if saved else ""
             bar.line(f"interrupted after {done} of {self.iters} iterations{where}", self.stream)
             raise TrainingInterrupted(h, saved) from None
+        except BaseException:
+            self._writer.wait(errors=False)  # the checkpoints taken so far are on disk; this error first
+            raise
         h.seconds = time.perf_counter() - start
+        self._writer.wait()  # fit() returns with the last epoch's checkpoint on disk
         return h
 
     def _diverged(self, loss, done):
@@ -511,7 +519,7 @@ class Trainer:
                 text += f"  test acc {h.test_acc[-1]:.4f}"
             if self.verbose:
                 bar.line(text)
-        self.save_checkpoint()
+        self._checkpoint_epoch()
         keep_going = True
         for callback in self.callbacks:
             if callback(self, record) is False:
@@ -519,20 +527,97 @@ class Trainer:
         return keep_going
 
     def save_checkpoint(self):
-        """Write ``weights.npz`` and ``metrics.json`` to ``checkpoint_dir``; returns the folder."""
+        """Write ``weights.npz`` and ``metrics.json`` to ``checkpoint_dir`` now (after the
+        epochs' checkpoints still being written); returns the folder."""
         if self.checkpoint_dir is None:
             return None
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        save_net(self.checkpoint_dir / "weights.npz", self.net)
-        text = self.history.dumps().encode()
-        _io.atomic_write(self.checkpoint_dir / "metrics.json", lambda fh: fh.write(text))
-        return self.checkpoint_dir
+        self._writer.wait()
+        return _write_checkpoint(self.checkpoint_dir, _net_arrays(self.net), self.history.dumps().encode())
+
+    def _checkpoint_epoch(self):
+        """The checkpoint of an epoch's end: taken now, written by the writer's thread."""
+        if self.checkpoint_dir is not None:
+            self._writer.submit(self.checkpoint_dir, _net_arrays(self.net, copy=True), self.history.dumps().encode())
+
+
+def _net_arrays(net: MultiLayerNet, copy: bool = False) -> dict:
+    """What ``save_net`` writes: the parameters (copies if ``copy``) and how to rebuild the net."""
+    meta = {"sizes": np.array(net.sizes), "activation": np.array(net.activation)}
+    params = {k: np.array(v, copy=True) if copy else v for k, v in net.params.items()}
+    return {**params, **{f"__{k}__": v for k, v in meta.items()}}
 
 
 def save_net(path, net: MultiLayerNet):
     """Save a net's parameters with what is needed to rebuild it (``load_net``)."""
-    meta = {"sizes": np.array(net.sizes), "activation": np.array(net.activation)}
-    return _io.save_params(path, {**net.params, **{f"__{k}__": v for k, v in meta.items()}})
+    return _io.save_params(path, _net_arrays(net))
+
+
+class _CheckpointWriter:
+    """Writes the checkpoints taken after each epoch on a thread of its own.
+
+    Each file is still replaced atomically, but the training no longer waits for the
+    disk: on this machine's ext4 a rename over the previous checkpoint sometimes held
+    the loop 20-260 ms (in half of the runs of the chapter-5 experiment, 0.05-0.5 s in
+    all), against 2 ms of work.  A checkpoint is a copy of the weights and the text of
+    metrics.json taken at the epoch's end; when the previous one is still being
+    written, the newer one replaces it in the queue (the files always end up holding
+    the newest).  An error of the writer (disk full, folder gone) is raised by the next
+    ``submit`` or by ``wait``."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._queued = None  # (folder, arrays, metrics bytes) not yet taken by the thread
+        self._busy = False
+        self._error = None
+        self._thread = None
+
+    def submit(self, folder: Path, arrays: dict, metrics: bytes) -> None:
+        with self._cond:
+            self._raise()
+            self._queued = (folder, arrays, metrics)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="fastnet-checkpoints", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def wait(self, errors: bool = True) -> None:
+        """Until every submitted checkpoint is on disk; raises the writer's error (or,
+        with ``errors=False``, forgets it)."""
+        with self._cond:
+            while self._queued is not None or self._busy:
+                self._cond.wait()
+            if errors:
+                self._raise()
+            self._error = None
+
+    def _raise(self):
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _run(self):
+        while True:
+            with self._cond:
+                while self._queued is None:
+                    self._cond.wait()
+                (folder, arrays, metrics), self._queued = self._queued, None
+                self._busy = True
+            try:
+                _write_checkpoint(folder, arrays, metrics)
+            except BaseException as exc:  # handed to the training thread
+                with self._cond:
+                    self._error = exc
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+
+def _write_checkpoint(folder: Path, arrays: dict, metrics: bytes) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    _io.save_params(folder / "weights.npz", arrays)
+    _io.atomic_write(folder / "metrics.json", lambda fh: fh.write(metrics))
+    return folder
 
 
 def load_net(path) -> MultiLayerNet:

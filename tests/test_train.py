@@ -1,6 +1,7 @@
 """Trainer: the fused step equals the book's loop, seeds repeat, Ctrl-C keeps the work."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -147,6 +148,45 @@ def test_callbacks_and_checkpoints(tmp_path):
     again = load_net(tmp_path / "weights.npz")
     assert again.sizes == [64, 10, 10]
     assert all(np.array_equal(again.params[k], net.params[k]) for k in net.params)
+
+
+def test_epoch_checkpoints_do_not_hold_the_training(tmp_path, monkeypatch):
+    """Epoch checkpoints are written by a thread: a disk that takes 0.15 s a checkpoint
+    does not slow the epochs down, a newer checkpoint replaces one still waiting, and
+    fit() returns with the last epoch's files on disk."""
+    import fastnet.train as train_module
+
+    written = []
+    real = train_module._write_checkpoint
+
+    def slow_disk(folder, arrays, metrics):
+        time.sleep(0.15)
+        written.append(json.loads(metrics)["iterations"])
+        return real(folder, arrays, metrics)
+
+    monkeypatch.setattr(train_module, "_write_checkpoint", slow_disk)
+    x, t = _data()
+    net = TwoLayerNet(64, 10, 10, seed=0)
+    seen = []
+    trainer = Trainer(net, x, t, x, t, epochs=6, batch_size=50, checkpoint_dir=tmp_path,
+                      callbacks=[lambda tr, rec: seen.append(time.perf_counter())])
+    h = trainer.fit()
+    assert len(seen) == 6 and seen[-1] - seen[0] < 0.15 * 5  # the epochs did not wait for the disk
+    assert 2 <= len(written) < 6 and written[-1] == 72  # the first and the newest, some skipped
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["iterations"] == 72 == h.iterations and len(saved["train_acc"]) == 6
+    assert all(np.array_equal(load_net(tmp_path / "weights.npz").params[k], net.params[k]) for k in net.params)
+
+
+def test_checkpoint_error_is_raised_by_fit(tmp_path):
+    """A checkpoint that cannot be written (the folder is a file) fails fit() with the
+    writer's error, not silently."""
+    x, t = _data()
+    (tmp_path / "taken").write_text("a file where the folder should be")
+    trainer = Trainer(TwoLayerNet(64, 10, 10, seed=0), x, t, epochs=3, batch_size=50,
+                      checkpoint_dir=tmp_path / "taken")
+    with pytest.raises(OSError):
+        trainer.fit()
 
 
 def test_ctrl_c_keeps_weights_and_history(tmp_path):
