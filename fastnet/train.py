@@ -557,12 +557,13 @@ class _CheckpointWriter:
 
     Each file is still replaced atomically, but the training no longer waits for the
     disk: on this machine's ext4 a rename over the previous checkpoint sometimes held
-    the loop 20-260 ms (in half of the runs of the chapter-5 experiment, 0.05-0.5 s in
-    all), against 2 ms of work.  A checkpoint is a copy of the weights and the text of
-    metrics.json taken at the epoch's end; when the previous one is still being
-    written, the newer one replaces it in the queue (the files always end up holding
-    the newest).  An error of the writer (disk full, folder gone) is raised by the next
-    ``submit`` or by ``wait``."""
+    the loop 20-270 ms (in about one run in three of the chapter-5 experiment), against
+    2 ms of work.  A checkpoint is a copy of the weights and the text of metrics.json
+    taken at the epoch's end; when the previous one is still being written, the newer
+    one replaces it in the queue (the files always end up holding the newest).  The
+    thread ends when the queue is empty (the next checkpoint starts another).  An error
+    of the writer (disk full, folder gone) is raised by the next ``submit`` or by
+    ``wait``."""
 
     def __init__(self):
         self._cond = threading.Condition()
@@ -578,7 +579,6 @@ class _CheckpointWriter:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="fastnet-checkpoints", daemon=True)
                 self._thread.start()
-            self._cond.notify_all()
 
     def wait(self, errors: bool = True) -> None:
         """Until every submitted checkpoint is on disk; raises the writer's error (or,
@@ -598,8 +598,9 @@ class _CheckpointWriter:
     def _run(self):
         while True:
             with self._cond:
-                while self._queued is None:
-                    self._cond.wait()
+                if self._queued is None:
+                    self._thread = None  # under the lock: a submit from now on starts a new one
+                    return
                 (folder, arrays, metrics), self._queued = self._queued, None
                 self._busy = True
             try:

@@ -1,6 +1,7 @@
 """Trainer: the fused step equals the book's loop, seeds repeat, Ctrl-C keeps the work."""
 
 import json
+import threading
 import time
 
 import numpy as np
@@ -172,10 +173,14 @@ def test_epoch_checkpoints_do_not_hold_the_training(tmp_path, monkeypatch):
                       callbacks=[lambda tr, rec: seen.append(time.perf_counter())])
     h = trainer.fit()
     assert len(seen) == 6 and seen[-1] - seen[0] < 0.15 * 5  # the epochs did not wait for the disk
-    assert 2 <= len(written) < 6 and written[-1] == 72  # the first and the newest, some skipped
+    assert len(written) < 6 and written[-1] == 72  # the newest; some were replaced while queued
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["iterations"] == 72 == h.iterations and len(saved["train_acc"]) == 6
     assert all(np.array_equal(load_net(tmp_path / "weights.npz").params[k], net.params[k]) for k in net.params)
+    for thread in threading.enumerate():  # the writer's thread ends with its queue
+        if thread.name == "fastnet-checkpoints":
+            thread.join(2)
+            assert not thread.is_alive()
 
 
 def test_checkpoint_error_is_raised_by_fit(tmp_path):
