@@ -8,6 +8,7 @@ line, ``fastnet: error: …``, and exit with status 2; they never show a traceba
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 
@@ -169,6 +170,7 @@ def _cmd_train(args) -> int:
                       batch_size=args.batch_size, optimizer=args.optimizer, lr=lr, seed=args.seed,
                       gradient=args.gradient, checkpoint_dir=out, progress=progress, verbose=True,
                       callbacks=[share])
+    _collector_back(args)
     try:
         history = trainer.fit()
     except TrainingInterrupted as stop:
@@ -393,6 +395,12 @@ def main(argv=None) -> int:
     # the training figure's worker starts before anything else, so that its import of
     # matplotlib overlaps this process's own start (numpy, the kernels, the data)
     args.figure = _figure_worker() if args.command == "train" and args.plot else None
+    # The set-up (imports, data, the net) runs without the cyclic garbage collector: it
+    # makes some 10^5 objects and no cyclic garbage, and the 44 collections it set off
+    # took 9-14 ms before the training could start.  `train` turns it back on before
+    # the loop (_collector_back); the other commands, short, when they return.
+    args.collector_was_on = gc.isenabled()
+    gc.disable()
     try:
         chosen = getattr(args, "backend_sub", None) or getattr(args, "backend", None)
         if chosen:
@@ -410,8 +418,14 @@ def main(argv=None) -> int:
         print(f"fastnet: error: {' '.join(line.strip() for line in message)}", file=sys.stderr)
         return 2
     finally:
+        _collector_back(args)
         if args.figure is not None:
             args.figure.close()
+
+
+def _collector_back(args) -> None:
+    if getattr(args, "collector_was_on", False):
+        gc.enable()
 
 
 def run() -> None:
