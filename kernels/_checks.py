@@ -1,7 +1,8 @@
 """Argument checks shared by the Python-side wrappers of the compiled backends.
 
-The reference backend needs none (NumPy raises on its own); the Cython backend does
-the same checks in C.  Each check names the argument and both shapes or dtypes.
+The reference backend needs none but ``threads`` (NumPy raises on its own); the
+Cython backend does the same checks in C, and takes ``threads`` from here too.  Each
+check names the argument and both shapes or dtypes.
 """
 
 from __future__ import annotations
@@ -138,3 +139,12 @@ def train_step_2layer(X, T, idx, W1, b1, W2, b2, act, work, rows=None, losses=No
     if T.shape[0] != n_rows:
         raise ValueError(f"X has {n_rows} rows but T has {T.shape[0]} labels")
     return tuple(work)
+
+
+def threads(n, most: int | None = None, setting: str = "") -> int:
+    """``n`` as a number of threads for ``set_num_threads``: an int (not a bool) of at
+    least 1, and at most ``most`` where the backend has a ceiling (named by ``setting``)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1 or (most is not None and n > most):
+        allowed = f"from 1 to {most} ({setting})" if most is not None else "of at least 1"
+        raise ValueError(f"the number of threads must be an integer {allowed}, got {n!r}")
+    return n

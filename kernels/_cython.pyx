@@ -87,6 +87,8 @@ cdef extern from "_vmath.h" nogil:
 import numpy as np
 from importlib.util import find_spec as importlib_find_spec
 
+from ._checks import threads as _threads
+
 cnp.import_array()
 
 NAME = "cython"
@@ -101,9 +103,7 @@ def get_num_threads():
 def set_num_threads(n):
     """Let the kernels called from this thread use ``n`` threads from now on (OpenMP's
     per-thread setting, as ``omp_set_num_threads``).  No kernel's result depends on it."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"the number of threads must be an integer of at least 1, got {n!r}")
-    fn_set_max_threads(n)
+    fn_set_max_threads(_threads(n))
 
 ctypedef fused real:
     float

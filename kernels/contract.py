@@ -144,7 +144,7 @@ def missing(table) -> list[str]:
 
 def describe() -> str:
     """The contract as a text table (used by ``fastnet backends`` and the docs)."""
-    width = max(map(len, KERNELS))
+    width = max(map(len, (*KERNELS, *CONTROLS)))
     return "\n".join(
         f"{name:<{width}}  {sig:<40}  {what}" for name, (sig, what) in (*KERNELS.items(), *CONTROLS.items())
     )

@@ -1115,10 +1115,7 @@ def set_num_threads(n):
     depends on it."""
     import numba
 
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= numba.config.NUMBA_NUM_THREADS:
-        raise ValueError(f"the number of threads must be an integer from 1 to {numba.config.NUMBA_NUM_THREADS} "
-                         f"(NUMBA_NUM_THREADS), got {n!r}")
-    numba.set_num_threads(n)
+    numba.set_num_threads(chk.threads(n, numba.config.NUMBA_NUM_THREADS, "NUMBA_NUM_THREADS"))
 
 
 def sparse_rows(X):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import _checks
 from .contract import LOG_EPS
 
 NAME = "numpy"
@@ -237,8 +238,7 @@ def get_num_threads():
 def set_num_threads(n):
     """Accepted for the same API as the compiled backends; the reference kernels always
     run on the calling thread."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"the number of threads must be an integer of at least 1, got {n!r}")
+    _checks.threads(n)
 
 
 def warmup(dtypes=None):
