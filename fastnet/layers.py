@@ -179,7 +179,9 @@ class SoftmaxWithLoss:
             t = labels(t, x.shape[0], x.shape[1])
             self.loss = k.softmax_loss_labels(x, t, y)
             self._onehot = False
-        self.y, self.t = y, t
+        # backward() must see the labels this loss was computed with, whatever the
+        # caller does to its array in between: keep a copy of our own
+        self.y, self.t = y, t.copy()
         return self.loss
 
     def backward(self, dout=1):

@@ -67,12 +67,23 @@ def same_shape(a, b, name_a: str, name_b: str):
         raise ValueError(f"{name_a} has shape {a.shape} but {name_b} has shape {b.shape}")
 
 
-def labels(t, rows: int):
+def labels(t, rows: int, classes: int):
+    """Integer labels as a C-contiguous int64 array of shape (rows,), each in
+    [0, classes): the kernels index rows by them, so a label out of range is refused
+    here rather than read or written past the end of a row."""
     if not (type(t) is np.ndarray and t.dtype == np.int64 and t.flags.c_contiguous):
         t = np.ascontiguousarray(t, dtype=np.int64)
     if t.shape != (rows,):
         raise ValueError(f"labels have shape {t.shape}, expected ({rows},)")
+    if rows and (t.min() < 0 or t.max() >= classes):
+        raise ValueError(label_error(t, classes))
     return t
+
+
+def label_error(t, classes: int) -> str:
+    """The message for labels ``t`` of which some lie outside [0, classes)."""
+    where = int(np.flatnonzero((t < 0) | (t >= classes))[0])
+    return f"label {int(t[where])} at index {where} is out of range for {classes} classes [0, {classes})"
 
 
 def csr(indptr, indices, data, dtype, who: str):

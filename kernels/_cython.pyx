@@ -87,6 +87,7 @@ cdef extern from "_vmath.h" nogil:
 import numpy as np
 from importlib.util import find_spec as importlib_find_spec
 
+from ._checks import label_error
 from ._checks import threads as _threads
 
 cnp.import_array()
@@ -264,7 +265,21 @@ cdef cnp.ndarray _vec(object a, int tn, str name, Py_ssize_t n, bint writeable):
     return arr
 
 
-cdef cnp.ndarray _labels(object t, Py_ssize_t n):
+cdef cnp.ndarray _labels(object t, Py_ssize_t n, Py_ssize_t C):
+    """Labels as C-contiguous int64 of shape (n,), each in [0, C): the kernels index
+    rows by them without further checks."""
+    cdef cnp.ndarray arr = _label_array(t, n)
+    cdef long long* pt = <long long*>cnp.PyArray_DATA(arr)
+    cdef Py_ssize_t i
+    for i in range(n):
+        if pt[i] < 0 or pt[i] >= C:
+            raise ValueError(label_error(arr, C))
+    return arr
+
+
+cdef cnp.ndarray _label_array(object t, Py_ssize_t n):
+    """Labels as C-contiguous int64 of shape (n,), not yet range-checked (the fused
+    steps check only the labels of their batches' rows)."""
     cdef cnp.ndarray arr
     if (cnp.PyArray_Check(t) and cnp.PyArray_TYPE(<cnp.ndarray>t) == cnp.NPY_INT64
             and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>t)):
@@ -562,7 +577,7 @@ def cross_entropy_labels(y, t):
     cdef int tn = _typenum(y, "y")
     cdef cnp.ndarray ya = _in2(y, tn, "y")
     cdef Py_ssize_t N = ya.shape[0], C = ya.shape[1]
-    cdef cnp.ndarray ta = _labels(t, N)
+    cdef cnp.ndarray ta = _labels(t, N, C)
     cdef double r
     cdef void* py = _p(ya)
     cdef long long* pt = <long long*>_p(ta)
@@ -620,7 +635,7 @@ def softmax_loss_labels(x, t, y):
     cdef int tn = _typenum(x, "x")
     cdef cnp.ndarray xa = _in2(x, tn, "x")
     cdef Py_ssize_t N = xa.shape[0], C = xa.shape[1]
-    cdef cnp.ndarray ta = _labels(t, N)
+    cdef cnp.ndarray ta = _labels(t, N, C)
     cdef cnp.ndarray ya = _out2(y, tn, "y", N, C)
     cdef double r
     cdef void* px = _p(xa)
@@ -645,7 +660,7 @@ def softmax_loss_backward_labels(y, t, double dout, dx):
     cdef int tn = _typenum(y, "y")
     cdef cnp.ndarray ya = _in2(y, tn, "y")
     cdef Py_ssize_t N = ya.shape[0], C = ya.shape[1]
-    cdef cnp.ndarray ta = _labels(t, N)
+    cdef cnp.ndarray ta = _labels(t, N, C)
     cdef cnp.ndarray da = _out2(dx, tn, "dx", N, C)
     cdef void* py = _p(ya)
     cdef long long* pt = <long long*>_p(ta)
@@ -803,7 +818,7 @@ cdef list _net2_args(str who, object X, Py_ssize_t n_rows, object T, object idx,
     cdef int C = W2a.shape[1]
     cdef cnp.ndarray b1a = _vec(b1, tn, "b1", H, True)
     cdef cnp.ndarray b2a = _vec(b2, tn, "b2", C, True)
-    cdef cnp.ndarray Ta = _labels(T, n_rows)
+    cdef cnp.ndarray Ta = _label_array(T, n_rows)
     cdef cnp.ndarray ia = np.ascontiguousarray(idx, dtype=np.int64)
     cdef int want = 1 if losses is None else 2
     if cnp.PyArray_NDIM(ia) != want or ia.size < 1:
@@ -1789,12 +1804,8 @@ def numerical_gradient_2layer(x, t, W1, b1, W2, b2, int act, double h, gW1, gb1,
         raise ValueError(f"W1 has shape {W1.shape}, expected ({D}, {H}) (x {x.shape}, W2 {W2.shape})")
     cdef cnp.ndarray b1a = _vec(b1, tn, "b1", H, False)
     cdef cnp.ndarray b2a = _vec(b2, tn, "b2", C, False)
-    cdef cnp.ndarray ta = _labels(t, B)
+    cdef cnp.ndarray ta = _labels(t, B, C)
     cdef long long* pt = <long long*>_p(ta)
-    cdef Py_ssize_t i
-    for i in range(B):
-        if pt[i] < 0 or pt[i] >= C:
-            raise ValueError(f"label {pt[i]} is out of range for {C} classes")
     cdef cnp.ndarray g1 = _out2(gW1, tn, "gW1", D, H)
     cdef cnp.ndarray g2 = _vec(gb1, tn, "gb1", H, True)
     cdef cnp.ndarray g3 = _out2(gW2, tn, "gW2", H, C)

@@ -11,8 +11,9 @@ Conventions shared by every kernel
   ``float64``.  A kernel never mixes dtypes: a mismatch is the caller's bug and the
   compiled backends raise ``TypeError`` for it.
 * Integer labels ``t`` are 1-D ``int64`` in ``[0, classes)``; one-hot labels are 2-D
-  float arrays of the same dtype as the scores.  Range checks are done once by the
-  caller (:mod:`fastnet.layers`), not in the kernels.
+  float arrays of the same dtype as the scores.  Every kernel that indexes by a label
+  checks it first (O(rows)) and raises ``ValueError`` naming the label: no input may
+  make a kernel read or write outside its arrays.
 * ``out`` / ``dx`` / ``dW`` / ``db`` are caller-provided, C-contiguous, written in
   place and also returned.  Inputs may be non-contiguous (the compiled wrappers make
   a contiguous copy only when they must).

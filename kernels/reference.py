@@ -71,6 +71,7 @@ def softmax(x, out):
 
 
 def cross_entropy_labels(y, t):
+    t = _checks.labels(t, *y.shape)
     batch_size = y.shape[0]
     return float(-np.sum(np.log(y[np.arange(batch_size), t] + LOG_EPS)) / batch_size)
 
@@ -85,6 +86,7 @@ def sum_squared_error(y, t):
 
 
 def softmax_loss_labels(x, t, y):
+    t = _checks.labels(t, *x.shape)
     return cross_entropy_labels(softmax(x, y), t)
 
 
@@ -93,6 +95,7 @@ def softmax_loss_onehot(x, t, y):
 
 
 def softmax_loss_backward_labels(y, t, dout, dx):
+    t = _checks.labels(t, *y.shape)
     batch_size = y.shape[0]
     dx[...] = y
     dx[np.arange(batch_size), t] -= 1

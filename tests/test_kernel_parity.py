@@ -32,6 +32,7 @@ def _close(got, expected, dtype, msg, terms=0.0):
     scale = max(1.0, float(finite.max()) if finite.size else 1.0, terms)
     np.testing.assert_allclose(got, expected, rtol=tol["rtol"], atol=tol["atol"] * scale, err_msg=msg)
 COMPILED = ("numba", "cython")
+BACKENDS = ("numpy", *COMPILED)
 #: whole-net kernels with parity tests of their own (below, and test_numerical_gradient.py)
 WHOLE_NET = {"train_step_2layer", "train_steps_2layer", "numerical_gradient_2layer"}
 #: kernels over CSR rows, with parity tests of their own (below)
@@ -158,6 +159,52 @@ def test_shape_errors_name_both_shapes(backend_name):
         k.relu(np.ones((2, 3)), np.empty((2, 6)))
     with pytest.raises(ValueError, match="C-contiguous"):
         k.relu(np.ones((2, 3)), np.empty((3, 2)).T)
+
+
+LABEL_KERNELS = {
+    "cross_entropy_labels": lambda y, t: (y, t),
+    "softmax_loss_labels": lambda y, t: (y, t, np.full_like(y, np.nan)),
+    "softmax_loss_backward_labels": lambda y, t: (y, t, 1.0, np.full_like(y, np.nan)),
+}
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("name", sorted(LABEL_KERNELS))
+@pytest.mark.parametrize("bad", [2**40, -(2**40), 10**12, 10, 11, -1])
+@pytest.mark.parametrize("row", [0, 4])
+def test_labels_out_of_range_are_refused(backend_name, name, bad, row):
+    """A label outside [0, classes) is an error naming it, never a read or write
+    outside the arrays (labels of 2**40 crashed both compiled backends; 10 on the
+    first row silently wrote the wrong gradient)."""
+    k = backend.load(backend_name)
+    y = np.full((5, 10), 0.1)
+    t = np.array([3, 1, 4, 1, 5], np.int64)
+    t[row] = bad
+    args = LABEL_KERNELS[name](y, t)
+    with pytest.raises(ValueError, match=rf"label {bad} at index {row} is out of range for 10 classes"):
+        getattr(k, name)(*args)
+    if len(args) > 2:  # the output was not written
+        assert np.isnan(args[-1]).all()
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_softmax_with_loss_keeps_its_labels(backend_name):
+    """The layer's backward uses the labels its forward saw, not the caller's array
+    changed in between (which crashed the compiled backends with labels of 2**40)."""
+    from fastnet.layers import SoftmaxWithLoss
+
+    with backend.use_backend(backend_name):
+        x = np.random.default_rng(0).standard_normal((5, 10))
+        t = np.array([3, 1, 4, 1, 5])
+        layer, fresh = SoftmaxWithLoss(), SoftmaxWithLoss()
+        layer.forward(x, t)
+        fresh.forward(x, t.copy())
+        t[:] = 2**40
+        np.testing.assert_array_equal(layer.backward(), fresh.backward())
+        onehot = np.eye(10)[[3, 1, 4, 1, 5]]
+        layer.forward(x, onehot)
+        onehot[:] = 7.0
+        np.testing.assert_array_equal(layer.backward(), fresh.backward())
 
 
 @pytest.mark.parametrize("backend_name", COMPILED)
