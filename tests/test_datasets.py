@@ -6,6 +6,9 @@ import http.server
 import os
 import stat
 import threading
+import time
+import tracemalloc
+import zlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,7 +27,9 @@ from fastnet.datasets import (
     load_mnist,
     parse_idx,
 )
-from fastnet.datasets.core import _parsed_cache
+from fastnet.datasets.core import _parsed_cache, payload_size
+from fastnet.datasets.fetch import download
+from fastnet.datasets.idx import read_payload
 
 # label histograms of the real MNIST files
 TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
@@ -193,8 +198,27 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             payload[-1] ^= 1
             body = gzip.compress(bytes(payload))
         self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
+        if mode == "huge":  # announces a terabyte
+            self.send_header("Content-Length", str(10**12))
+        elif mode not in ("endless", "drip"):
+            self.send_header("Content-Length", str(len(body)))
         self.end_headers()
+        if mode == "endless":  # no length, and more bytes than any data file (bounded here)
+            try:
+                for _ in range(4096):
+                    self.wfile.write(bytes(1 << 16))
+            except OSError:  # the client gave up: what the test wants
+                pass
+            return
+        if mode == "drip":  # a byte every 50 ms for 20 s: never silent long enough to time out
+            try:
+                for _ in range(400):
+                    self.wfile.write(b"\0")
+                    self.wfile.flush()
+                    time.sleep(0.05)
+            except OSError:
+                pass
+            return
         if mode == "drop":
             self.wfile.write(body[: len(body) // 2])
             self.wfile.flush()
@@ -316,3 +340,75 @@ def test_cached_parse_is_mapped_copy_on_write(tmp_path):
     npy.write_bytes(npy.read_bytes()[:-100])
     (x3, _), _ = load_dataset(spec, normalize=False, data_dir=tmp_path, download=False)
     assert np.array_equal(x3, images) and npy.stat().st_size == whole
+
+
+def _gzip_bomb(path: Path, size: int) -> None:
+    """A gzip file of ``size`` zero bytes, written in pieces (it is about size / 1000)."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)
+    with open(path, "wb") as fh:
+        for _ in range(size >> 24):
+            fh.write(packer.compress(bytes(1 << 24)))
+        fh.write(packer.flush())
+
+
+@pytest.mark.parametrize("compressed", [True, False])
+def test_oversized_file_is_refused_within_its_payload(tmp_path, compressed):
+    """A 400 MB payload in a file named for 6 labels (a 0.4 MB gzip bomb, or a plain
+    400 MB file) is refused after reading one byte more than 6 labels take, without
+    holding the rest in memory."""
+    _, payloads = tiny_files()
+    write_files(tmp_path, payloads)
+    path = tmp_path / FILES["train_label"]
+    if compressed:
+        _gzip_bomb(path, 400 << 20)
+    else:
+        with open(path, "wb") as fh:
+            fh.truncate(400 << 20)
+    spec = tiny_spec(payloads)
+    tracemalloc.start()
+    try:
+        with pytest.raises(DatasetError, match=rf"longer than the {payload_size(spec, 'train_label')} bytes"):
+            load_dataset(spec, data_dir=tmp_path, download=False, cache=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, f"peak {peak} bytes"
+
+
+def test_read_payload_limit_is_exact(tmp_path):
+    path = tmp_path / "f.gz"
+    path.write_bytes(gzip.compress(b"x" * 100))
+    assert read_payload(path, 100) == b"x" * 100
+    with pytest.raises(DatasetError, match="longer than the 99 bytes"):
+        read_payload(path, 99)
+
+
+def test_parse_idx_header_of_huge_dimensions_is_refused():
+    """Dimensions whose product overflows int64 are measured exactly, not wrapped."""
+    header = (0x0803).to_bytes(4, "big") + b"".join((2**32 - 1).to_bytes(4, "big") for _ in range(3))
+    with pytest.raises(DatasetError, match="truncated"):
+        parse_idx(header + bytes(10), 3, "x")
+
+
+@pytest.mark.parametrize("mode,why", [
+    ("endless", "sent more than"),
+    ("huge", "announces 1000000000000 bytes"),
+])
+def test_download_over_the_size_cap_is_abandoned(server, mode, why):
+    base, payloads, _ = server
+    with pytest.raises(DatasetError, match=f"{mode}/train-images.*{why}"):
+        load_dataset(tiny_spec(payloads, [base + f"/{mode}/"]), progress=False)
+    assert _cache_files() == []
+
+
+def test_download_deadline(server, tmp_path):
+    """A server that trickles bytes (never silent long enough for the socket timeout)
+    is abandoned at the deadline, and the next mirror is tried."""
+    base, payloads, _ = server
+    name = FILES["train_label"]
+    with pytest.raises(DatasetError, match=r"drip/train-labels.*not finished after 1 s"):
+        download([f"{base}/drip/{name}"], tmp_path / name, lambda p: None, deadline=1.0, progress=False)
+    assert list(tmp_path.iterdir()) == []
+    got = download([f"{base}/drip/{name}", f"{base}/good/{name}"], tmp_path / name, lambda p: None,
+                   deadline=1.0, progress=False)
+    assert gzip.decompress(got.read_bytes()) == payloads["train_label"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from contextlib import contextmanager
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .fetch import download
+from .fetch import download, gzip_bound
 from .idx import DatasetError, parse_idx, read_payload, sha256
 
 KEYS = ("train_img", "train_label", "test_img", "test_label")
@@ -119,6 +120,12 @@ def _expected(spec: Dataset, key: str):
     return 1, spec.counts[split], ()
 
 
+def payload_size(spec: Dataset, key: str) -> int:
+    """The length in bytes of the decompressed IDX payload of ``spec``'s file ``key``."""
+    ndim, count, shape = _expected(spec, key)
+    return 4 + 4 * ndim + count * math.prod(shape)
+
+
 def verify_payload(spec: Dataset, key: str, payload: bytes, source) -> np.ndarray:
     """Check header and checksum of one file's payload; returns the parsed array."""
     ndim, count, shape = _expected(spec, key)
@@ -172,7 +179,7 @@ def _load_file(spec: Dataset, key: str, path: Path, use_cache: bool) -> np.ndarr
                 return _mapped(npy)
         except (OSError, ValueError):
             pass  # a broken cache is rebuilt below (a short file is a ValueError here)
-    array = verify_payload(spec, key, read_payload(path), path)
+    array = verify_payload(spec, key, read_payload(path, payload_size(spec, key)), path)
     if use_cache:
         tmp = npy.with_name(f".{npy.name}.{os.getpid()}.part")
         try:
@@ -221,11 +228,12 @@ def locate(spec: Dataset, data_dir=None, download_missing=True, progress=True) -
         dest = target / FILES[key]
 
         def check(tmp: Path, key=key) -> None:
-            verify_payload(spec, key, read_payload(tmp), f"download of {FILES[key]}")
+            verify_payload(spec, key, read_payload(tmp, payload_size(spec, key)), f"download of {FILES[key]}")
 
         try:
             found[key] = download(
-                [m + FILES[key] for m in spec.mirrors], dest, check, progress=progress
+                [m + FILES[key] for m in spec.mirrors], dest, check, progress=progress,
+                max_bytes=gzip_bound(payload_size(spec, key)),
             )
         except DatasetError as exc:
             raise DatasetError(

@@ -49,20 +49,24 @@ def download(
     dest: Path,
     verify: Callable[[Path], None],
     *,
+    max_bytes: int | None = None,
     timeout: float = 30.0,
+    deadline: float = 300.0,
     progress: bool = True,
     stream=None,
 ) -> Path:
     """Fetch ``dest`` from the first of ``urls`` that delivers a file passing ``verify``.
 
     Each attempt streams into a temporary file beside ``dest``; only a complete file
-    that ``verify`` accepts is renamed to ``dest``.  Whatever goes wrong (HTTP error,
-    dropped connection, short transfer, checksum mismatch, Ctrl-C) the temporary file
-    is removed.  When every mirror fails, :class:`DatasetError` lists each URL and why.
+    that ``verify`` accepts is renamed to ``dest``.  An attempt is abandoned when the
+    server announces or sends more than ``max_bytes``, when it is silent for
+    ``timeout`` seconds, or when it has not finished within ``deadline`` seconds.
+    Whatever goes wrong (HTTP error, dropped connection, short transfer, too long or
+    too slow a transfer, checksum mismatch, Ctrl-C) the temporary file is removed.
+    When every mirror fails, :class:`DatasetError` lists each URL and why.
     """
     import http.client  # here, not at import: loading data from disk needs no network code
     import urllib.error
-    import urllib.request
 
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -72,23 +76,7 @@ def download(
         tmp = Path(tmp_name)
         try:
             with os.fdopen(fd, "wb") as out:
-                with urllib.request.urlopen(url, timeout=timeout) as response:
-                    length = response.headers.get("Content-Length")
-                    total = int(length) if length and length.isdigit() else None
-                    bar = _Progress(f"downloading {dest.name}", total, stream) if progress else None
-                    received = 0
-                    while True:
-                        chunk = response.read(CHUNK)
-                        if not chunk:
-                            break
-                        out.write(chunk)
-                        received += len(chunk)
-                        if bar:
-                            bar.update(len(chunk))
-                    if bar:
-                        bar.close()
-                    if total is not None and received != total:
-                        raise DatasetError(f"transfer ended after {received} of {total} bytes")
+                _fetch(url, out, dest.name, max_bytes, timeout, deadline, progress, stream)
             verify(tmp)
             os.replace(tmp, dest)
             return dest
@@ -100,3 +88,42 @@ def download(
     raise DatasetError(
         f"could not download {dest.name}:\n  " + "\n  ".join(failures)
     )
+
+
+def _fetch(url, out, name, max_bytes, timeout, deadline, progress, stream) -> None:
+    """Stream ``url`` into the open file ``out`` within the limits of :func:`download`."""
+    import urllib.request
+
+    give_up = time.monotonic() + deadline
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        length = response.headers.get("Content-Length")
+        total = int(length) if length and length.isdigit() else None
+        if max_bytes is not None and total is not None and total > max_bytes:
+            raise DatasetError(f"the server announces {total} bytes; the file has at most {max_bytes}")
+        bar = _Progress(f"downloading {name}", total, stream) if progress else None
+        received = 0
+        while True:
+            # read1: whatever has arrived (up to CHUNK), so that a trickle of bytes
+            # still comes back here to be held against the deadline
+            chunk = response.read1(CHUNK)
+            if not chunk:
+                break
+            received += len(chunk)
+            if max_bytes is not None and received > max_bytes:
+                raise DatasetError(f"the server sent more than {max_bytes} bytes, more than the file has")
+            out.write(chunk)
+            if bar:
+                bar.update(len(chunk))
+            if time.monotonic() > give_up:
+                raise DatasetError(f"not finished after {deadline:.0f} s ({received} bytes received)")
+        if bar:
+            bar.close()
+        if total is not None and received != total:
+            raise DatasetError(f"transfer ended after {received} of {total} bytes")
+
+
+def gzip_bound(payload: int) -> int:
+    """The most bytes a gzip file of a ``payload``-byte file can take: deflate's stored
+    blocks add 5 bytes per 16 KiB at worst, the gzip header and trailer a few dozen
+    (a file name in the header is allowed a kilobyte)."""
+    return payload + 5 * (payload // 16384 + 1) + 1024

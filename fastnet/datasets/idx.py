@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import zlib
 from pathlib import Path
 
@@ -19,15 +20,29 @@ class DatasetError(Exception):
     """A data file that is missing, corrupt, or cannot be fetched: the message says which and why."""
 
 
-def read_payload(path: Path) -> bytes:
-    """The decompressed bytes of ``path`` (``.gz`` is decompressed, anything else read as is)."""
-    raw = Path(path).read_bytes()
-    if raw[:2] != b"\x1f\x8b":
-        return raw
+def read_payload(path: Path, limit: int | None = None) -> bytes:
+    """The decompressed bytes of ``path`` (``.gz`` is decompressed, anything else read as is).
+
+    With ``limit``, a file whose payload is longer is refused after reading (and
+    decompressing) ``limit + 1`` bytes: a small file that decompresses to gigabytes
+    costs no more memory than the payload it should hold.
+    """
+    path = Path(path)
+    size = -1 if limit is None else limit + 1
     try:
-        return gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as exc:
+        with open(path, "rb") as fh:
+            if fh.read(2) != b"\x1f\x8b":
+                fh.seek(0)
+                data = fh.read(size)
+            else:
+                fh.seek(0)
+                with gzip.GzipFile(fileobj=fh) as gz:
+                    data = gz.read(size)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise DatasetError(f"{path} is not a valid gzip file ({exc}); it may be truncated") from exc
+    if limit is not None and len(data) > limit:
+        raise DatasetError(f"{path}: the payload is longer than the {limit} bytes its data set's files hold")
+    return data
 
 
 def sha256(data: bytes) -> str:
@@ -56,7 +71,7 @@ def parse_idx(payload: bytes, ndim: int, source, count: int | None = None, shape
         raise DatasetError(f"{source}: header says {dims[0]} items, expected {count}")
     if shape is not None and tuple(dims[1:]) != tuple(shape):
         raise DatasetError(f"{source}: header says items of shape {dims[1:]}, expected {tuple(shape)}")
-    expected_len = header_len + int(np.prod(dims))
+    expected_len = header_len + math.prod(dims)
     if len(payload) != expected_len:
         raise DatasetError(
             f"{source}: payload is {len(payload)} bytes but the header {dims} needs {expected_len}"
