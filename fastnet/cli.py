@@ -21,12 +21,37 @@ def _user_errors():
     from .backend import BackendError
     from .datasets import DatasetError
 
-    return (BackendError, DatasetError, FileNotFoundError, PermissionError, ValueError, TypeError,
-            pickle.UnpicklingError, FloatingPointError)
+    # OSError: a full disk, a folder where a file should be, a path under a file ...;
+    # MemoryError: sizes beyond this machine (numpy says how much it could not allocate)
+    return (BackendError, DatasetError, OSError, ValueError, TypeError, pickle.UnpicklingError,
+            FloatingPointError, MemoryError)
 
 
 class CLIError(Exception):
     """A mistake in the command line that the user can fix."""
+
+
+class RunFailed(Exception):
+    """The command ran but its result is not usable (a diverged or chance-level
+    training run): one line, exit status 1; what the run wrote is kept."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors on one line like every other mistake."""
+
+    def error(self, message):
+        self.exit(2, f"fastnet: error: {self.prog.removeprefix('fastnet ')}: {message}\n")
+
+
+def _positive(text: str) -> int:
+    """An option that counts something: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _cmd_demo(args) -> int:
@@ -156,10 +181,16 @@ def _cmd_train(args) -> int:
     if iters is None and args.epochs is None:
         iters = 10000
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} is a file; give a folder (it is made if missing)")
+    try:  # before the data and the training: a bad --out fails now, not after the first epoch
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CLIError(f"--out {out}: {exc.strerror or exc}") from None
     (x_train, t_train), (x_test, t_test) = _load_dataset(args.dataset, args.data_dir, normalize=False)
     net = MultiLayerNet(x_train.shape[1], args.hidden, 10, activation=args.activation,
                         weight_init_std=args.weight_init_std, dtype=args.dtype, seed=args.seed)
-    out = Path(args.out)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     print(f"fastnet train: {args.dataset}, {'-'.join(map(str, net.sizes))} {args.activation}, "
           f"{iters if iters else str(args.epochs) + ' epochs'}{' iterations' if iters else ''}, "
@@ -176,6 +207,9 @@ def _cmd_train(args) -> int:
     except TrainingInterrupted as stop:
         print(f"fastnet: interrupted; weights and metrics so far are in {stop.saved}", file=sys.stderr)
         return 130
+    except FloatingPointError as exc:  # diverged: keep what it came to, for a look
+        trainer.save_checkpoint()
+        raise RunFailed(f"{exc}; the weights and metrics are in {out}") from None
     finally:
         share.restore()
     history.config["dataset"] = args.dataset
@@ -200,12 +234,16 @@ def _cmd_train(args) -> int:
     print(f"done: {history.iterations} iterations in {history.seconds:.2f} s "
           f"({history.seconds / history.iterations * 1e6:.0f} us/iter incl. evaluation), {final}; "
           f"total {time.perf_counter() - start:.2f} s; wrote {', '.join(written)} to {out}")
+    problem = history.collapsed(classes=net.sizes[-1])
+    if problem:
+        raise RunFailed(f"{problem}; the weights and metrics are in {out}")
     return 0
 
 
 def _load_any_net(path):
     from pathlib import Path
 
+    from ._validate import describe_nonfinite
     from .io import load_book_params
     from .nets import ThreeLayerNet
     from .train import load_net
@@ -213,9 +251,12 @@ def _load_any_net(path):
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no weights file at {path}")
-    if path.suffix == ".pkl":
-        return ThreeLayerNet(load_book_params(path))
-    return load_net(path)
+    net = ThreeLayerNet(load_book_params(path)) if path.suffix == ".pkl" else load_net(path)
+    for key, value in net.params.items():
+        problem = describe_nonfinite(value, f"{path}: {key}")
+        if problem:
+            raise ValueError(f"{problem}: these weights cannot classify anything")
+    return net
 
 
 def _confusion(pred, t, classes=10):
@@ -259,14 +300,14 @@ def _cmd_predict(args) -> int:
     net = _load_any_net(args.weights)
     for path in args.images:
         try:
-            with Image.open(path) as img:
+            with Image.open(path) as img:  # reads the header only: check the size before decoding
+                if img.size != (28, 28):
+                    raise CLIError(f"{path} is {img.size[0]}x{img.size[1]}; fastnet predict takes 28x28 images")
                 gray = img.convert("L")
-                if gray.size != (28, 28):
-                    raise CLIError(f"{path} is {gray.size[0]}x{gray.size[1]}; fastnet predict takes 28x28 images")
                 x = np.asarray(gray, dtype=np.float32).reshape(1, 784) / 255.0
         except FileNotFoundError:
             raise FileNotFoundError(f"no image at {path}") from None
-        except OSError as exc:
+        except (OSError, Image.DecompressionBombError) as exc:
             raise CLIError(f"cannot read {path} as an image ({exc})") from None
         if args.invert:
             x = 1.0 - x
@@ -300,7 +341,7 @@ def _cmd_gradcheck(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fastnet",
         description="The toolkit of 'Deep Learning from Scratch' (chapters 3-5) with compiled kernels.",
     )
@@ -329,9 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dataset", default="mnist", help="mnist (default) or fashion-mnist")
     train.add_argument("--hidden", default=[50], type=_hidden_sizes, help="hidden layer size, or sizes like 100,50 (default 50)")
     train.add_argument("--activation", choices=["relu", "sigmoid"], default="relu")
-    train.add_argument("--iters", type=int, default=None, help="iterations (default 10000)")
-    train.add_argument("--epochs", type=int, default=None, help="epochs instead of --iters")
-    train.add_argument("--batch-size", type=int, default=100)
+    train.add_argument("--iters", type=_positive, default=None, help="iterations (default 10000)")
+    train.add_argument("--epochs", type=_positive, default=None, help="epochs instead of --iters")
+    train.add_argument("--batch-size", type=_positive, default=100)
     train.add_argument("--lr", type=float, default=None,
                        help="learning rate (default: sgd 0.1, momentum 0.01, adam 0.001)")
     train.add_argument("--optimizer", choices=["sgd", "momentum", "adam"], default="sgd")
@@ -360,9 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--weight-init-std", default=0.01,
                        type=lambda v: v if v in ("he", "xavier") else float(v))
     check.add_argument("--dtype", choices=["float32", "float64"], default="float64")
-    check.add_argument("--batch-size", type=int, default=100)
-    check.add_argument("--batches", type=int, default=1, help="how many random batches (default 1)")
-    check.add_argument("--subset", type=int, default=None,
+    check.add_argument("--batch-size", type=_positive, default=100)
+    check.add_argument("--batches", type=_positive, default=1, help="how many random batches (default 1)")
+    check.add_argument("--subset", type=_positive, default=None,
                        help="check this many random elements per parameter (big nets)")
     check.add_argument("--seed", type=int, default=0)
     check.add_argument("--backend", dest="backend_sub", default=None)
@@ -411,16 +452,35 @@ def main(argv=None) -> int:
     except CLIError as exc:
         print(f"fastnet: error: {exc}", file=sys.stderr)
         return 2
+    except RunFailed as exc:
+        print(f"fastnet: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # before the training loop (imports, data): nothing to keep yet
+        print("fastnet: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # the reader went away: run() ends quietly
+        raise
     except _user_errors() as exc:
         if os.environ.get("FASTNET_DEBUG"):
             raise  # developers: the whole traceback
-        message = str(exc).strip().splitlines()
-        print(f"fastnet: error: {' '.join(line.strip() for line in message)}", file=sys.stderr)
+        print(f"fastnet: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     finally:
         _collector_back(args)
         if args.figure is not None:
             args.figure.close()
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message of ``exc`` on one line; an OSError with the path it concerns, a
+    MemoryError said as such."""
+    if isinstance(exc, OSError) and exc.strerror:
+        text = f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    else:
+        text = str(exc).strip() or type(exc).__name__
+    if isinstance(exc, MemoryError):
+        text = f"not enough memory ({text})"
+    return " ".join(line.strip() for line in text.splitlines())
 
 
 def _collector_back(args) -> None:
@@ -444,6 +504,9 @@ def run() -> None:
     try:
         code = main()
         sys.stdout.flush()
+    except KeyboardInterrupt:  # before main() could catch it (its own imports)
+        print("fastnet: interrupted", file=sys.stderr)
+        code = 130
     except BrokenPipeError:
         try:  # nothing more can reach the reader; later flushes must not fail again
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

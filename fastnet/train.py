@@ -20,6 +20,7 @@ import math
 import sys
 import threading
 import time
+import zipfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -127,6 +128,21 @@ class History:
     def __post_init__(self):
         if not isinstance(self.loss, _Losses):
             self.loss = _Losses(self.loss)
+
+    def collapsed(self, classes: int) -> str | None:
+        """Why this run learned nothing, or None: its last accuracy on the training data
+        is no better than guessing (at most 1.5 / classes) and its loss never came down
+        from where it started (the mean of the last tenth of the steps is no lower than
+        that of the first ten).  A short run that is still learning is not collapsed."""
+        if not self.train_acc or not self.loss or self.train_acc[-1] > 1.5 / classes:
+            return None
+        first = float(np.mean(self.loss[:10]))
+        last = float(np.mean(self.loss[-max(len(self.loss) // 10, 1):]))
+        if last < first:
+            return None
+        return (f"the run learned nothing: training accuracy {self.train_acc[-1]:.4f} is chance level for "
+                f"{classes} classes and the loss went from {first:.4g} to {last:.4g} (the learning rate "
+                f"{self.config.get('lr')} is likely too large)")
 
     def dumps(self) -> str:
         """metrics.json: one line per field.  json's C encoder runs only without
@@ -272,8 +288,8 @@ class Trainer:
                 if problem:
                     raise ValueError(problem)
         self.batch_size = int(batch_size)
-        if not 1 <= self.batch_size:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if not 1 <= self.batch_size <= n:
+            raise ValueError(f"batch_size must be from 1 to the {n} training rows, got {batch_size}")
         self.iter_per_epoch = max(n // self.batch_size, 1)
         self.iters = int(iters) if iters is not None else int(epochs) * self.iter_per_epoch
         if self.iters < 1:
@@ -284,6 +300,8 @@ class Trainer:
         self.evaluate = evaluate
         self.callbacks = list(callbacks)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        if self.checkpoint_dir is not None:
+            repair_checkpoint(self.checkpoint_dir)
         self._writer = _CheckpointWriter()
         self.progress = progress
         self.verbose = verbose
@@ -615,26 +633,66 @@ class _CheckpointWriter:
 
 
 def _write_checkpoint(folder: Path, arrays: dict, metrics: bytes) -> Path:
+    """``weights.npz`` carries the metrics of its own epoch (``__metrics__``, the bytes
+    of metrics.json), so the checkpoint is one unit that a rename replaces whole;
+    ``metrics.json`` is a copy written after it.  A process killed between the two
+    renames leaves metrics.json an epoch behind: :func:`repair_checkpoint` (run by the
+    next Trainer given that folder) writes it again from weights.npz."""
     folder.mkdir(parents=True, exist_ok=True)
-    _io.save_params(folder / "weights.npz", arrays)
+    _io.save_params(folder / "weights.npz", {**arrays, "__metrics__": np.frombuffer(metrics, np.uint8)})
     _io.atomic_write(folder / "metrics.json", lambda fh: fh.write(metrics))
     return folder
 
 
+def repair_checkpoint(folder) -> None:
+    """Make ``folder``'s checkpoint whole again after a process died writing it: the
+    temporary files of dead writers are removed, and metrics.json is rewritten from
+    the metrics that weights.npz carries when the two differ."""
+    folder = Path(folder)
+    _io.remove_stale_parts(folder)
+    try:
+        with np.load(folder / "weights.npz", allow_pickle=False) as data:
+            if "__metrics__" not in data.files:
+                return
+            metrics = data["__metrics__"].tobytes()
+        current = (folder / "metrics.json").read_bytes() if (folder / "metrics.json").exists() else None
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return  # no checkpoint here, or not one of ours: nothing to repair
+    if current != metrics:
+        _io.atomic_write(folder / "metrics.json", lambda fh: fh.write(metrics))
+
+
 def load_net(path) -> MultiLayerNet:
-    """Rebuild the net saved by :func:`save_net` (or any ``.npz`` of ``W1, b1, …``)."""
+    """Rebuild the net saved by :func:`save_net` (or any ``.npz`` of ``W1, b1, …``).
+
+    The layer sizes are read off the weights themselves, which must chain (``W{i}``
+    2-D, ``b{i}`` of its width, ``W{i+1}`` as many rows); a ``__sizes__`` entry must
+    agree with them.  Anything else is a ValueError naming the file and the entry."""
     data = _io.load_params(path)
     params = {k: v for k, v in data.items() if not k.startswith("__")}
-    if "__sizes__" in data:
-        sizes = [int(s) for s in data["__sizes__"]]
-        activation = str(data["__activation__"])
-    else:
-        n = sum(1 for k in params if k.startswith("W"))
-        if n == 0:
-            raise ValueError(f"{path} holds no weights W1, b1, …")
-        sizes = [params["W1"].shape[0]] + [params[f"W{i}"].shape[1] for i in range(1, n + 1)]
-        activation = "relu"
-    dtype = params["W1"].dtype
-    net = MultiLayerNet(sizes[0], sizes[1:-1], sizes[-1], activation=activation, dtype=dtype, seed=0)
+    n = 0
+    while f"W{n + 1}" in params:
+        n += 1
+    if n == 0:
+        raise ValueError(f"{path} holds no weights W1, b1, … (found {', '.join(sorted(data)) or 'nothing'})")
+    extra = sorted(set(params) - {f"{p}{i}" for p in "Wb" for i in range(1, n + 1)})
+    if extra:
+        raise ValueError(f"{path}: unexpected entries {', '.join(extra)} beside W1..W{n}, b1..b{n}")
+    sizes = []
+    for i in range(1, n + 1):
+        W, b = params[f"W{i}"], params.get(f"b{i}")
+        if W.ndim != 2 or W.dtype.kind != "f":
+            raise ValueError(f"{path}: W{i} must be a 2-D float array, got shape {W.shape} of {W.dtype}")
+        if sizes and W.shape[0] != sizes[-1]:
+            raise ValueError(f"{path}: W{i} has shape {W.shape} but W{i - 1} has {sizes[-1]} columns")
+        if b is None or b.shape != (W.shape[1],):
+            raise ValueError(f"{path}: b{i} must have shape ({W.shape[1]},) to go with W{i} {W.shape}"
+                             f", got {'nothing' if b is None else b.shape}")
+        sizes += [W.shape[0], W.shape[1]] if i == 1 else [W.shape[1]]
+    if "__sizes__" in data and [int(s) for s in np.ravel(data["__sizes__"])] != sizes:
+        raise ValueError(f"{path}: __sizes__ {data['__sizes__'].tolist()} disagrees with the weights' {sizes}")
+    activation = str(data["__activation__"]) if "__activation__" in data else "relu"
+    net = MultiLayerNet(sizes[0], sizes[1:-1], sizes[-1], activation=activation,
+                        dtype=params["W1"].dtype, seed=0)
     net.set_params(params)
     return net

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..io import atomic_write, remove_stale_parts
 from .fetch import download, gzip_bound
 from .idx import DatasetError, parse_idx, read_payload, sha256
 
@@ -181,15 +182,11 @@ def _load_file(spec: Dataset, key: str, path: Path, use_cache: bool) -> np.ndarr
             pass  # a broken cache is rebuilt below (a short file is a ValueError here)
     array = verify_payload(spec, key, read_payload(path, payload_size(spec, key)), path)
     if use_cache:
-        tmp = npy.with_name(f".{npy.name}.{os.getpid()}.part")
         try:
-            npy.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as fh:
-                np.save(fh, array)
-            os.replace(tmp, npy)
-            meta.write_text(json.dumps(stamp))
+            atomic_write(npy, lambda fh: np.save(fh, array))
+            atomic_write(meta, lambda fh: fh.write(json.dumps(stamp).encode()))
         except OSError:
-            tmp.unlink(missing_ok=True)  # no writable cache: parse again next time
+            pass  # no writable cache: parse again next time
     return array
 
 
@@ -259,6 +256,8 @@ def load_dataset(
     dtype = np.dtype(dtype)
     if dtype.kind != "f":
         raise ValueError(f"dtype must be a float type, got {dtype}")
+    for folder in (cache_dir() / "parsed", cache_dir() / spec.folder):
+        remove_stale_parts(folder)  # what writers killed mid-file left behind
     paths = locate(spec, data_dir, download_missing=download, progress=progress)
     with _small_pages():
         return _assemble(spec, paths, normalize, flatten, one_hot_label, dtype, cache)

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from ..io import part_name
 from .idx import DatasetError
 
 CHUNK = 1 << 16
@@ -72,7 +73,7 @@ def download(
     dest.parent.mkdir(parents=True, exist_ok=True)
     failures = []
     for url in urls:
-        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=part_name(dest), suffix=".part")
         tmp = Path(tmp_name)
         try:
             with os.fdopen(fd, "wb") as out:
