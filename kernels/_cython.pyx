@@ -8,6 +8,7 @@
 # checking back on).
 
 cimport numpy as cnp
+from libc.limits cimport INT_MAX
 from libc.math cimport log
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
@@ -291,6 +292,14 @@ cdef cnp.ndarray _label_array(object t, Py_ssize_t n):
     return arr
 
 
+cdef int _blas_dim(cnp.ndarray a, int axis, str name) except -1:
+    """Dimension ``axis`` of ``a`` as the C int that BLAS takes (refused when larger)."""
+    cdef Py_ssize_t n = a.shape[axis]
+    if n > INT_MAX:
+        raise ValueError(f"{name} has shape {(<object>a).shape}; BLAS takes dimensions below 2**31")
+    return <int>n
+
+
 cdef inline void* _p(cnp.ndarray a) noexcept:
     return cnp.PyArray_DATA(a)
 
@@ -488,7 +497,7 @@ def _affine_act(x, W, b, out, int act):
     cdef int tn = _typenum(x, "x")
     cdef cnp.ndarray xa = _in2(x, tn, "x")
     cdef cnp.ndarray Wa = _in2(W, tn, "W")
-    cdef int N = xa.shape[0], D = xa.shape[1], M = Wa.shape[1]
+    cdef int N = _blas_dim(xa, 0, "x"), D = _blas_dim(xa, 1, "x"), M = _blas_dim(Wa, 1, "W")
     if Wa.shape[0] != D:
         raise ValueError(f"x has shape {x.shape} but W has shape {W.shape}: "
                          f"x's {D} columns must equal W's rows")
@@ -526,7 +535,7 @@ def affine_backward(x, W, dout, dW, db, dx=None):
     cdef cnp.ndarray xa = _in2(x, tn, "x")
     cdef cnp.ndarray Wa = _in2(W, tn, "W")
     cdef cnp.ndarray da = _in2(dout, tn, "dout")
-    cdef int N = xa.shape[0], D = xa.shape[1], M = Wa.shape[1]
+    cdef int N = _blas_dim(xa, 0, "x"), D = _blas_dim(xa, 1, "x"), M = _blas_dim(Wa, 1, "W")
     if Wa.shape[0] != D or da.shape[0] != N or da.shape[1] != M:
         raise ValueError(f"x {x.shape}, W {W.shape} and dout {dout.shape} do not fit "
                          "x (N, D), W (D, M), dout (N, M)")
