@@ -122,6 +122,8 @@ def train_step_2layer(X, T, idx, W1, b1, W2, b2, act, work, rows=None, losses=No
     if act not in (1, 2):
         raise ValueError(f"act must be 1 (relu) or 2 (sigmoid), got {act}")
     dt = dtype_of(W1, "W1")
+    if W1.ndim != 2:
+        raise ValueError(f"W1 must be 2-D, got shape {W1.shape}")
     xb = work[0]
     B = len(idx) if hasattr(idx, "__len__") else -1
     D, H = W1.shape

@@ -821,6 +821,7 @@ cdef list _net2_args(str who, object X, Py_ssize_t n_rows, object T, object idx,
     if len(work) != 8:
         raise ValueError(f"work must hold 8 buffers (xb, h, s, dh, dW1, db1, dW2, db2), got {len(work)}")
     cdef int tn = _typenum(W1, "W1")
+    _rows_of_W1(W1)  # 2-D, before its shape is read
     cdef cnp.ndarray W1a = _out2(W1, tn, "W1", W1.shape[0], W1.shape[1])
     cdef int D = W1a.shape[0], H = W1a.shape[1]
     cdef cnp.ndarray W2a = _out2(W2, tn, "W2", H, W2.shape[1] if W2.ndim == 2 else -1)

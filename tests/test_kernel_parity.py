@@ -588,6 +588,9 @@ def test_sparse_step_bad_input(backend_name):
         k.train_step_2layer_sparse(indptr, indices.astype(np.int64), data, T, idx, *params, 0.1, 1, work)
     with pytest.raises(TypeError, match="data"):
         k.train_step_2layer_sparse(indptr, indices, data.astype(np.float32), T, idx, *params, 0.1, 1, work)
+    flat = [params[0].reshape(-1), *params[1:]]  # W1 1-D: its shape was read past its end
+    with pytest.raises(ValueError, match="W1 must be 2-D"):
+        k.train_step_2layer_sparse(indptr, indices, data, T, idx, *flat, 0.1, 1, work)
     T[idx[0]] = 7
     with pytest.raises(ValueError, match="out of range"):
         k.train_step_2layer_sparse(indptr, indices, data, T, idx, *params, 0.1, 1, work)
