@@ -166,7 +166,7 @@ def _frombuffer(buf, dtype, shape, order):
     """Protocol 5's form of an array: its bytes in the pickle, then shape and order."""
     if not isinstance(buf, (bytes, bytearray)) or not isinstance(dtype, np.dtype) or order not in "CF":
         raise UnsafePickleError("refusing an array made from anything but the pickle's own bytes")
-    array = np.frombuffer(buf, dtype=dtype)
+    array = np.frombuffer(buf, dtype=dtype).copy()  # holds no export of the pickle's buffer
     return array.reshape(shape[::-1]).T if order == "F" else array.reshape(shape)
 
 

@@ -75,15 +75,16 @@ def test_environment_variable():
     assert bad.returncode != 0 and "FASTNET_BACKEND='nope'" in bad.stderr
 
 
-def test_import_is_fast_and_lazy():
+def test_import_is_lazy():
+    """Importing the package and its layers loads no compiled backend (their cost is paid
+    on first use)."""
     code = (
-        "import sys, time; t = time.perf_counter(); import fastnet, fastnet.nets, fastnet.layers; "
-        "print(time.perf_counter() - t, 'numba' in sys.modules, 'fastnet.kernels._cython' in sys.modules)"
+        "import sys; import fastnet, fastnet.nets, fastnet.layers; "
+        "print('numba' in sys.modules, 'fastnet.kernels._cython' in sys.modules)"
     )
     out = _run(code)
-    seconds, numba_loaded, cython_loaded = out.stdout.split()
+    numba_loaded, cython_loaded = out.stdout.split()
     assert numba_loaded == "False" and cython_loaded == "False"
-    assert float(seconds) < 1.0
 
 
 @pytest.mark.skipif("cython" not in backend.available_backends(), reason="the Cython extension is not built")

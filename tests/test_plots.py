@@ -83,9 +83,7 @@ def test_figure_worker_draws_what_plot_history_draws(tmp_path):
     proc = worker._proc
     try:
         assert os.getsid(proc.pid) != os.getsid(0)
-        start = time.perf_counter()
-        worker.ready()
-        assert time.perf_counter() - start < 0.1
+        assert worker.ready() is False  # still importing matplotlib: ready() does not wait for it
         deadline = time.time() + 120
         while not worker.ready() and time.time() < deadline:
             time.sleep(0.01)
