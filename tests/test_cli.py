@@ -101,11 +101,23 @@ def test_user_errors_are_one_line(args, message):
     assert "Traceback" not in result.stderr
 
 
-def test_missing_data_is_one_line(tmp_path):
-    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
-    result = subprocess.run([sys.executable, "-m", "fastnet", "evaluate", "--weights", __file__,
-                             "--data-dir", str(tmp_path)], capture_output=True, text=True, env=env)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
+def test_missing_data_is_one_line(tmp_path, book_weights, capsys, monkeypatch):
+    """Good weights, no data and no reachable mirror: the multi-line DatasetError (the
+    folders looked in, each mirror's failure, what to do) is printed as one line."""
+    from dataclasses import replace
+
+    import fastnet.datasets
+
+    monkeypatch.setattr(fastnet.datasets, "MNIST", replace(fastnet.datasets.MNIST, mirrors=("http://127.0.0.1:9/",)))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    empty = tmp_path / "data"
+    empty.mkdir()
+    assert main(["evaluate", "--weights", str(book_weights), "--data-dir", str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fastnet: error: MNIST: "), err
+    for named in (str(empty / "mnist"), str(tmp_path / "cache" / "fastnet" / "mnist"),
+                  "http://127.0.0.1:9/train-images-idx3-ubyte.gz", "--data-dir", "FASTNET_DATA"):
+        assert named in err, named
 
 
 def test_corrupt_weights_file(tmp_path):
