@@ -109,9 +109,10 @@ def train_step_2layer(X, T, idx, W1, b1, W2, b2, act, work, rows=None, losses=No
     if losses is not None:
         if not lr > 0:
             raise ValueError(f"these kernels run SGD steps: lr must be > 0, got {lr}")
-        if type(idx) is not np.ndarray or idx.dtype != np.int64 or idx.ndim != 2 or idx.size == 0 \
-                or not idx.flags.c_contiguous:
-            raise TypeError("idx must be a non-empty C-contiguous 2-D int64 array (steps, batch)")
+        if type(idx) is not np.ndarray or idx.dtype != np.int64 or not idx.flags.c_contiguous:
+            raise TypeError("idx must be a C-contiguous int64 array (steps, batch)")
+        if idx.ndim != 2 or idx.size == 0:
+            raise ValueError(f"idx must be a non-empty 2-D array (steps, batch) of row numbers, got shape {idx.shape}")
         if (type(losses) is not np.ndarray or losses.dtype != np.float64 or losses.shape != (idx.shape[0],)
                 or not losses.flags.c_contiguous or not losses.flags.writeable):
             raise ValueError(f"losses must be a writeable C-contiguous float64 array of shape ({idx.shape[0]},)")

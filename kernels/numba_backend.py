@@ -607,7 +607,7 @@ def _check_rows(indptr, nnz, rows, row0, n):
     for i in range(n):
         r = rows[i] if rows.size else row0 + i
         if r < 0 or r >= n_rows:
-            raise IndexError("a row number is out of range for the CSR rows")
+            raise IndexError("a batch index is out of range for the CSR rows")
         if indptr[r] < 0 or indptr[r] > indptr[r + 1] or indptr[r + 1] > nnz:
             raise ValueError("indptr is not a valid CSR row pointer")
 

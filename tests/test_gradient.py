@@ -41,7 +41,7 @@ def test_numerical_gradient_restores_x_when_f_raises():
             raise RuntimeError("boom")
         return a.sum()
 
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="boom"):
         numerical_gradient(f, x)
     assert x.tolist() == [1.0, 2.0, 3.0]
     assert calls[2][1] == pytest.approx(2.0001)

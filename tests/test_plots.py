@@ -112,7 +112,7 @@ def test_figure_worker_that_dies_or_fails_draws_here(tmp_path):
     assert path.read_bytes() == plot_history(history, tmp_path / "b.png", title="t").read_bytes()
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    with FigureWorker.start() as worker, pytest.raises(OSError):
+    with FigureWorker.start() as worker, pytest.raises(OSError, match="File exists|Not a directory"):
         worker.plot(history, blocker / "a.png")
     with FigureWorker.start() as worker:  # closed while it imports: ended at once
         proc = worker._proc

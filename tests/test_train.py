@@ -197,7 +197,7 @@ def test_checkpoint_error_is_raised_by_fit(tmp_path):
     (tmp_path / "taken").write_text("a file where the folder should be")
     trainer = Trainer(TwoLayerNet(64, 10, 10, seed=0), x, t, epochs=3, batch_size=50,
                       checkpoint_dir=tmp_path / "taken")
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="File exists|Not a directory"):
         trainer.fit()
 
 
