@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 import os
 import sys
 
@@ -41,6 +42,17 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"fastnet: error: {self.prog.removeprefix('fastnet ')}: {message}\n")
+
+
+def _non_negative(text: str) -> float:
+    """A finite number of at least 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -190,11 +202,13 @@ def _cmd_train(args) -> int:
         raise CLIError(f"--out {out}: {exc.strerror or exc}") from None
     (x_train, t_train), (x_test, t_test) = _load_dataset(args.dataset, args.data_dir, normalize=False)
     net = MultiLayerNet(x_train.shape[1], args.hidden, 10, activation=args.activation,
-                        weight_init_std=args.weight_init_std, dtype=args.dtype, seed=args.seed)
+                        weight_init_std=args.weight_init_std, weight_decay_lambda=args.weight_decay,
+                        dtype=args.dtype, seed=args.seed)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     print(f"fastnet train: {args.dataset}, {'-'.join(map(str, net.sizes))} {args.activation}, "
           f"{iters if iters else str(args.epochs) + ' epochs'}{' iterations' if iters else ''}, "
-          f"batch {args.batch_size}, {args.optimizer} lr {lr}, {net.dtype.name}, "
+          f"batch {args.batch_size}, {args.optimizer} lr {lr}"
+          f"{f', weight decay {args.weight_decay:g}' if args.weight_decay else ''}, {net.dtype.name}, "
           f"backend {backend.get_backend()}, seed {args.seed}", flush=True)
     share = _CoreShare(figure)
     trainer = Trainer(net, x_train, t_train, x_test, t_test, iters=iters, epochs=args.epochs,
@@ -379,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--weight-init-std", default=0.01,
                        type=lambda v: v if v in ("he", "xavier") else float(v),
                        help="initial weight scale: a number (default 0.01), he or xavier")
+    train.add_argument("--weight-decay", type=_non_negative, default=0.0,
+                       help="the book's weight decay lambda: loss + lambda/2 sum(W^2) (default 0)")
     train.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--data-dir", default=None, help="folder holding the data set files")

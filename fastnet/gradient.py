@@ -181,6 +181,10 @@ def numerical_gradient_net(net, x, t, h: float = H):
         x2, t_idx, params["W1"], params["b1"], params["W2"], params["b2"],
         _ACT_CODES[net.activation], h, grads["W1"], grads["b1"], grads["W2"], grads["b2"],
     )
+    lam = getattr(net, "weight_decay_lambda", 0.0)
+    if lam:  # the central difference of 0.5 * lam * w**2 is lam * w exactly
+        for key in ("W1", "W2"):
+            grads[key] += grads[key].dtype.type(lam) * params[key]
     return grads
 
 

@@ -61,9 +61,11 @@ class MultiLayerNet:
     """Sequential net: ``(Affine → activation) × len(hidden_size_list) → Affine → softmax``.
 
     Parameters follow the book's ``MultiLayerNet``: ``input_size``, ``hidden_size_list``,
-    ``output_size``, ``activation`` ('relu' or 'sigmoid') and ``weight_init_std`` (a
-    number, or 'he'/'xavier').  fastnet adds ``dtype`` (float64 as in the book, or
-    float32) and ``seed``/``rng`` for reproducible initial weights.
+    ``output_size``, ``activation`` ('relu' or 'sigmoid'), ``weight_init_std`` (a
+    number, or 'he'/'xavier') and ``weight_decay_lambda`` (chapter 6: the loss gains
+    ``0.5 * lambda * sum(W**2)`` over every weight matrix, each weight's gradient
+    ``lambda * W``; biases are not decayed).  fastnet adds ``dtype`` (float64 as in the
+    book, or float32) and ``seed``/``rng`` for reproducible initial weights.
 
     Weights are drawn as ``weight_init_std * standard_normal`` and biases are zero.
     """
@@ -75,6 +77,7 @@ class MultiLayerNet:
         output_size: int,
         activation: str = "relu",
         weight_init_std=0.01,
+        weight_decay_lambda=0.0,
         *,
         dtype=np.float64,
         seed=None,
@@ -82,6 +85,9 @@ class MultiLayerNet:
     ):
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        self.weight_decay_lambda = float(weight_decay_lambda)
+        if not (self.weight_decay_lambda >= 0 and np.isfinite(self.weight_decay_lambda)):
+            raise ValueError(f"weight_decay_lambda must be a finite number >= 0, got {weight_decay_lambda!r}")
         sizes = [int(input_size), *(int(h) for h in hidden_size_list), int(output_size)]
         if min(sizes) < 1:
             raise ValueError(f"layer sizes must be positive, got {sizes}")
@@ -146,7 +152,15 @@ class MultiLayerNet:
         value = self.lastLayer.forward(y, t)
         if not np.isfinite(value):
             self._explain_nonfinite(x)
+        if self.weight_decay_lambda:
+            value += self.weight_decay()
         return value
+
+    def weight_decay(self) -> float:
+        """The loss's weight-decay term, ``0.5 * lambda * sum(W**2)`` over every W."""
+        lam = self.weight_decay_lambda
+        return sum(0.5 * lam * float(np.sum(np.square(self.params[f"W{i}"], dtype=np.float64)))
+                   for i in range(1, self.n_affine + 1))
 
     def _explain_nonfinite(self, x):
         problem = describe_nonfinite(np.asarray(x, dtype=float), "the input x")
@@ -204,9 +218,10 @@ class MultiLayerNet:
         else:
             first.backward(dout)
         grads = {}
+        lam = self.dtype.type(self.weight_decay_lambda)
         for i in range(1, self.n_affine + 1):
             affine = self.layers[f"Affine{i}"]
-            grads[f"W{i}"] = affine.dW
+            grads[f"W{i}"] = affine.dW + lam * affine.W if lam else affine.dW
             grads[f"b{i}"] = affine.db
         return grads
 

@@ -310,10 +310,10 @@ class Trainer:
         if gradient not in ("backprop", "numerical"):
             raise ValueError(f"gradient must be 'backprop' or 'numerical', got {gradient!r}")
         self.gradient = gradient
-        two_layer = net.n_affine == 2
-        if fused is True and (not two_layer or gradient == "numerical"):
-            raise ValueError("the fused training step needs a two-layer net and backprop")
-        self.fused = two_layer and gradient == "backprop" if fused == "auto" else bool(fused)
+        fusable = net.n_affine == 2 and gradient == "backprop" and not net.weight_decay_lambda
+        if fused is True and not fusable:
+            raise ValueError("the fused training step needs a two-layer net, backprop and no weight decay")
+        self.fused = fusable if fused == "auto" else bool(fused)
         if self.fused and self.x_train.dtype.kind == "f" and self.x_train.dtype != net.dtype:
             self.x_train = self.x_train.astype(net.dtype)  # once: the kernel takes one dtype
         if sparse not in ("auto", True, False):
@@ -375,8 +375,9 @@ class Trainer:
             self.optimizer.update(net.params, grads)
             return loss
         grads = net.gradient(xb, self.t_train[idx])
+        loss = net.lastLayer.loss + (net.weight_decay() if net.weight_decay_lambda else 0.0)
         self.optimizer.update(net.params, grads)
-        return net.lastLayer.loss
+        return loss
 
     def _prepare_fused(self):
         """Work buffers and the kernels of the fused path, once per fit() (the backend
@@ -454,6 +455,7 @@ class Trainer:
             "batch_size": self.batch_size, "optimizer": getattr(self.optimizer, "name", type(self.optimizer).__name__),
             "lr": getattr(self.optimizer, "lr", None), "seed": self.seed, "fused": self.fused,
             "iter_per_epoch": self.iter_per_epoch, "gradient": self.gradient, "train_size": int(self.x_train.shape[0]),
+            "weight_decay": self.net.weight_decay_lambda,
         }
         self._sparse = self.use_sparse()
         h.config["sparse"] = self._sparse

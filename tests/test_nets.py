@@ -165,3 +165,29 @@ def test_net_input_errors():
 def test_float32_net_accepts_float64_input(any_backend):
     net = TwoLayerNet(4, 3, 2, seed=0, dtype=np.float32)
     assert net.predict(np.zeros((2, 4))).dtype == np.float32
+
+
+def test_weight_decay_is_the_books(any_backend, rng):
+    """Chapter 6's MultiLayerNet(weight_decay_lambda=...): the loss gains 0.5 * lambda *
+    sum(W**2) over every W (not the biases), each W's gradient lambda * W; backprop agrees
+    with the numerical gradient of that loss, on two and three layers."""
+    x, t = rng.standard_normal((6, 8)), rng.integers(0, 3, 6)
+    for hidden in ([5], [5, 4]):
+        plain = MultiLayerNet(8, hidden, 3, weight_init_std=0.5, seed=3)
+        decayed = MultiLayerNet(8, hidden, 3, "relu", 0.5, 0.1, seed=3)  # the book's positional order
+        for key in plain.params:
+            decayed.params[key][...] = plain.params[key] + 0.1  # biases too: they must not decay
+        for key in plain.params:
+            plain.params[key][...] = decayed.params[key]
+        squares = sum(float(np.sum(decayed.params[k] ** 2)) for k in decayed.params if k.startswith("W"))
+        assert decayed.loss(x, t) == pytest.approx(plain.loss(x, t) + 0.05 * squares, rel=1e-12)
+        g_plain, g_decayed = plain.gradient(x, t), decayed.gradient(x, t)
+        for key in plain.params:
+            extra = 0.1 * decayed.params[key] if key.startswith("W") else 0.0
+            np.testing.assert_allclose(g_decayed[key], g_plain[key] + extra, rtol=1e-12, atol=1e-15, err_msg=key)
+        _check_gradients(decayed, x, t, 1e-6)
+
+
+def test_weight_decay_refused_when_not_a_number():
+    with pytest.raises(ValueError, match="weight_decay_lambda must be a finite number >= 0, got -1"):
+        MultiLayerNet(4, [3], 2, weight_decay_lambda=-1)

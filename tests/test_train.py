@@ -310,3 +310,27 @@ def test_metrics_json_keeps_every_loss_through_appends_and_changes():
     h.loss = [1.5, 2.5]  # a plain list: encoded whole
     check()
     assert History(loss=[1.0]).loss.json() == "[1.0]"
+
+
+def test_weight_decay_trains_on_the_layer_path(rng):
+    """A net with weight decay is trained by the book's loop (the fused kernels have no
+    decay term yet): the same weights as gradient + update by hand, and each recorded
+    loss includes 0.5 * lambda * sum(W**2), as the book's network.loss does."""
+    x, t = _data()
+    net = MultiLayerNet(64, [10], 10, weight_decay_lambda=0.01, seed=0)
+    copy = MultiLayerNet(64, [10], 10, weight_decay_lambda=0.01, seed=0)
+    trainer = Trainer(net, x, t, iters=3, batch_size=20, seed=5, lr=0.1)
+    assert not trainer.fused
+    with pytest.raises(ValueError, match="no weight decay"):
+        Trainer(net, x, t, iters=3, fused=True)
+    h = trainer.fit()
+    batches, xf = np.random.default_rng(5), x / 255.0  # the Trainer's pixels as floats
+    for loss in h.loss:
+        idx = batches.integers(0, len(x), 20)
+        assert loss == pytest.approx(copy.loss(xf[idx], t[idx]), rel=1e-12)
+        grads = copy.gradient(xf[idx], t[idx])
+        for key in copy.params:
+            copy.params[key] -= 0.1 * grads[key]
+    for key in net.params:
+        np.testing.assert_allclose(net.params[key], copy.params[key], rtol=1e-12, atol=1e-15)
+    assert h.config["weight_decay"] == 0.01
