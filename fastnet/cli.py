@@ -254,6 +254,70 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_search(args) -> int:
+    """The book's chapter-6 hyperparameter search, on Dask."""
+    import time
+
+    from . import search as s
+
+    try:
+        space = s.Space(lr=s.parse_range(args.lr), weight_decay=s.parse_range(args.weight_decay),
+                        hidden=s.parse_hidden(args.hidden), optimizer=s.Choice(tuple(args.optimizer.split(","))),
+                        batch_size=s.parse_range(args.batch_size, int),
+                        activation=s.Choice(tuple(args.activation.split(","))),
+                        seed=s.parse_range(args.trial_seed, int))
+    except s.SearchError as exc:
+        raise CLIError(str(exc)) from None
+    from .optim import OPTIMIZERS
+
+    for name in space.dims["optimizer"].values:
+        if name not in OPTIMIZERS:
+            raise CLIError(f"--optimizer: unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+    for name in space.dims["activation"].values:
+        if name not in ("relu", "sigmoid"):
+            raise CLIError(f"--activation: {name!r} is not relu or sigmoid")
+    scheduler = args.scheduler or os.environ.get("FASTNET_SCHEDULER") or None
+    try:
+        import distributed  # noqa: F401
+    except ImportError:
+        raise CLIError('fastnet search runs on Dask: pip install "fastnet[search]"') from None
+    (x_train, t_train), _ = _load_dataset(args.dataset, args.data_dir, normalize=False)
+    total = len(space.grid()) if args.grid else args.trials
+    where = scheduler or f"a local cluster of {args.workers or _cores()} worker processes"
+    print(f"fastnet search: {total} trials of {args.epochs} epochs on {args.dataset} "
+          f"({args.train_size or len(x_train)} training images, {args.validation:.0%} of them for validation), "
+          f"on {where}; results in {args.out}", flush=True)
+    started = time.perf_counter()
+    count = [0]
+
+    def report(record):
+        count[0] += 1
+        c = record["config"]
+        acc = f"val acc {record['val_acc'][-1]:.4f}" if record["val_acc"] else "no epoch"
+        print(f"trial {record['trial']:>4} ({count[0]}/{total}): {acc} {record['status']:>8}  lr {c['lr']:.2e} "
+              f"decay {c['weight_decay']:.2e}  {record['seconds']:.1f} s on {record['worker']}", flush=True)
+
+    try:
+        records = s.search(x_train, t_train, space, trials=args.trials, grid=args.grid, epochs=args.epochs,
+                           train_size=args.train_size, validation=args.validation, seed=args.seed, out=args.out,
+                           resume=args.resume, scheduler=scheduler, workers=args.workers, backend=args.backend_sub
+                           or os.environ.get("FASTNET_BACKEND", "auto"), dtype=args.dtype, on_result=report)
+    except s.SearchError as exc:
+        raise CLIError(str(exc)) from None
+    except KeyboardInterrupt:
+        print(f"fastnet: interrupted; the finished trials are in {args.out}/{s.RESULTS} (--resume goes on)",
+              file=sys.stderr)
+        return 130
+    print(f"\n{len(records)} trials in {args.out}/{s.RESULTS}; {time.perf_counter() - started:.1f} s this run")
+    print(s.table(records, args.top))
+    try:
+        written = [s.plot_search(records, f"{args.out}/search.png"), s.plot_scatter(records, f"{args.out}/scatter.png")]
+        print("figures: " + ", ".join(map(str, written)))
+    except ImportError as exc:
+        print(f"fastnet: no figures ({exc})", file=sys.stderr)
+    return 0
+
+
 def _load_any_net(path):
     from pathlib import Path
 
@@ -424,6 +488,39 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--seed", type=int, default=0)
     check.add_argument("--backend", dest="backend_sub", default=None)
     check.set_defaults(func=_cmd_gradcheck)
+
+    find = sub.add_parser(
+        "search", help="hyperparameter search on Dask (the book's chapter 6)",
+        description="Random (or --grid) search: each trial a Trainer run on the training set less a "
+        "validation split, results appended to OUT/results.jsonl as they finish.  A range is "
+        "LOW:HIGH[:log] (with :N points for --grid), a choice a,b,c; hidden sizes 100,100 or "
+        "100,100/50,50,50.  Runs on a local Dask cluster, or on --scheduler tcp://HOST:PORT.",
+    )
+    find.add_argument("--trials", type=_positive, default=100, help="random trials (default 100)")
+    find.add_argument("--grid", action="store_true", help="every combination instead of random draws")
+    find.add_argument("--epochs", type=_positive, default=50, help="epochs per trial (default 50)")
+    find.add_argument("--train-size", type=_positive, default=None,
+                      help="training images used (default all; the book: 500)")
+    find.add_argument("--validation", type=float, default=0.2, help="fraction held out (default 0.2)")
+    find.add_argument("--hidden", default="100,100,100,100,100,100", help="hidden sizes, or choices a/b")
+    find.add_argument("--lr", default="1e-6:1e-2:log", help="learning rate range (default 1e-6:1e-2:log)")
+    find.add_argument("--weight-decay", default="1e-8:1e-4:log", help="weight decay range (default 1e-8:1e-4:log)")
+    find.add_argument("--optimizer", default="sgd", help="optimizer(s): sgd, momentum, adam (default sgd)")
+    find.add_argument("--batch-size", default="100", help="batch size(s) (default 100)")
+    find.add_argument("--activation", default="relu", help="relu, sigmoid or both (default relu)")
+    find.add_argument("--trial-seed", default="0", help="the trials' seed(s) for weights and batches (default 0)")
+    find.add_argument("--seed", type=int, default=0, help="the search's seed: draws and the split (default 0)")
+    find.add_argument("--dataset", default="mnist")
+    find.add_argument("--data-dir", default=None)
+    find.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    find.add_argument("--out", default="search-run", help="output folder (default search-run)")
+    find.add_argument("--resume", action="store_true", help="keep the trials in --out and run the rest")
+    find.add_argument("--scheduler", default=None,
+                      help="a running Dask scheduler, tcp://HOST:PORT (default $FASTNET_SCHEDULER, else local)")
+    find.add_argument("--workers", type=_positive, default=None, help="local worker processes (default: cores)")
+    find.add_argument("--top", type=_positive, default=10, help="rows of the ranked table (default 10)")
+    find.add_argument("--backend", dest="backend_sub", default=None)
+    find.set_defaults(func=_cmd_search)
 
     evaluate = sub.add_parser("evaluate", help="accuracy and confusion matrix of saved weights")
     evaluate.add_argument("--weights", required=True,

@@ -187,6 +187,11 @@ cdef int _load_blas() except -1:
     return 0
 
 
+def _blas_loaded():
+    """Whether BLAS has been loaded in this process (for the tests of its lazy load)."""
+    return sgemm != NULL and dgemm != NULL
+
+
 cdef inline int _blas() except -1:
     """Load BLAS on the first kernel call that needs it, not at import: loading
     cython_blas imports the package scipy (0.02 s), and the sparse path of the chapter-5
