@@ -294,7 +294,7 @@ def search(x, t, space: Space, *, trials=100, grid=False, epochs=50, train_size=
                                processes=True, dashboard_address=None)
     client = None
     try:
-        client = Client(cluster if cluster is not None else scheduler, timeout="30s")
+        client = Client(cluster if cluster is not None else scheduler)  # (distributed.comm.timeouts.connect)
         [shared] = client.scatter([data], broadcast=True)  # once per worker, not once per trial
         futures = [client.submit(run_trial, job, shared, epochs, backend, dtype, key=f"fastnet-trial-{job['trial']}",
                                  retries=retries, pure=False) for job in todo]
