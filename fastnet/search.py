@@ -297,6 +297,7 @@ def search(x, t, space: Space, *, trials=100, grid=False, epochs=50, train_size=
     ``if __name__ == "__main__":`` (the workers import the script's main module).
     """
     try:
+        import dask
         from distributed import Client, LocalCluster, as_completed
     except ImportError:
         raise SearchError('fastnet search runs on Dask: pip install "fastnet[search]"') from None
@@ -320,8 +321,10 @@ def search(x, t, space: Space, *, trials=100, grid=False, epochs=50, train_size=
         return load_results(results_path)
     cluster = None
     if scheduler is None:
-        cluster = LocalCluster(n_workers=workers or len(os.sched_getaffinity(0)), threads_per_worker=1,
-                               processes=True, dashboard_address=None)
+        # no statistical profiler in our workers: it samples the trial's thread every 10 ms
+        with dask.config.set({"distributed.worker.profile.enabled": False}):
+            cluster = LocalCluster(n_workers=workers or len(os.sched_getaffinity(0)), threads_per_worker=1,
+                                   processes=True, dashboard_address=None)
     client = None
     try:
         client = Client(cluster if cluster is not None else scheduler)  # (distributed.comm.timeouts.connect)
