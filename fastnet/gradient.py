@@ -236,21 +236,30 @@ class GradcheckReport:
 
 
 def _relu_kinks(net, x, eps):
-    """For a two-layer ReLU net: which elements of W1 and b1 move some sample's hidden
-    pre-activation across 0 within +-eps.  There the central difference straddles the
-    kink of ReLU and legitimately differs from backprop's one-sided derivative."""
+    """For a ReLU net of any depth: which elements of each W{k} and b{k} before a ReLU move
+    some sample's pre-activation z{k} across 0 within +-eps (a weight W{k}[i, j] moves
+    z{k}[:, j] by eps * h{k-1}[:, i], a bias b{k}[j] by eps).  There the central
+    difference straddles the kink of ReLU and legitimately differs from backprop's
+    one-sided derivative (a dead unit makes the next layer's z exactly its bias: a kink
+    for that bias).  What a perturbation does to the layers above is not followed."""
     p = net.params
-    if getattr(net, "activation", None) != "relu" or len(getattr(net, "sizes", ())) != 3:
+    sizes = getattr(net, "sizes", ())
+    if getattr(net, "activation", None) != "relu" or len(sizes) < 3:
         return {}
-    x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
-    a = np.abs(x @ p["W1"].astype(np.float64) + p["b1"]) / eps  # (B, H)
-    ax = np.abs(x)
-    w1 = np.zeros(p["W1"].shape, dtype=bool)
-    for i in range(x.shape[0]):
-        near = np.flatnonzero(a[i] <= ax[i].max())
-        if near.size:
-            w1[:, near] |= (ax[i][:, None] >= a[i][near][None, :]) & (ax[i][:, None] > 0)
-    return {"W1": w1, "b1": (a <= 1.0).any(axis=0)}
+    h = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+    kinks = {}
+    for k in range(1, len(sizes) - 1):
+        z = h @ p[f"W{k}"].astype(np.float64) + p[f"b{k}"]
+        a = np.abs(z) / eps  # (B, units)
+        ah = np.abs(h)
+        w = np.zeros(p[f"W{k}"].shape, dtype=bool)
+        for i in range(h.shape[0]):
+            near = np.flatnonzero(a[i] <= ah[i].max())
+            if near.size:
+                w[:, near] |= (ah[i][:, None] >= a[i][near][None, :]) & (ah[i][:, None] > 0)
+        kinks[f"W{k}"], kinks[f"b{k}"] = w, (a <= 1.0).any(axis=0)
+        h = np.maximum(z, 0)
+    return kinks
 
 
 def gradcheck(net, x, t, *, eps: float = H, atol=None, rtol=None, params=None, subset=None,

@@ -181,3 +181,16 @@ def test_numba_compiled_f_runs_the_loop_compiled():
     x = np.array([[3.0, 2.0]]).reshape(2)
     np.testing.assert_allclose(numerical_gradient(f, x), [6.0, 36.0], rtol=1e-7)
     assert x.tolist() == [3.0, 2.0]
+
+
+def test_gradcheck_counts_kinks_of_deep_nets(rng):
+    """A dead hidden unit makes the next layer's pre-activation exactly its bias, 0: the
+    central difference of that bias straddles ReLU's kink (0.5 against backprop's 0).
+    Found by tests/fuzz_inputs.py as `fastnet gradcheck --hidden 1,2` reporting FAILED."""
+    net = MultiLayerNet(8, [1, 2], 3, seed=0)
+    net.params["W1"][...] = -1.0  # the one unit of the first hidden layer never fires
+    x = rng.random((5, 8))
+    report = gradcheck(net, x, rng.integers(0, 3, 5))
+    assert report.passed, str(report)
+    assert report["b2"]["kinks"] == 2 and report["W2"]["kinks"] == 0
+    assert gradcheck(net, x, rng.integers(0, 3, 5), include_kinks=True).passed is False
