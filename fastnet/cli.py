@@ -300,8 +300,9 @@ def _cmd_search(args) -> int:
     try:
         records = s.search(x_train, t_train, space, trials=args.trials, grid=args.grid, epochs=args.epochs,
                            train_size=args.train_size, validation=args.validation, seed=args.seed, out=args.out,
-                           resume=args.resume, scheduler=scheduler, workers=args.workers, backend=args.backend_sub
-                           or os.environ.get("FASTNET_BACKEND", "auto"), dtype=args.dtype, on_result=report)
+                           resume=args.resume, scheduler=scheduler, workers=args.workers, dtype=args.dtype,
+                           backend=args.backend_sub or args.backend or os.environ.get("FASTNET_BACKEND", "auto"),
+                           on_result=report)
     except s.SearchError as exc:
         raise CLIError(str(exc)) from None
     except KeyboardInterrupt:
