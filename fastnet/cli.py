@@ -110,7 +110,7 @@ def _cmd_backends(args) -> int:
     return 0
 
 
-DEFAULT_LR = {"sgd": 0.1, "momentum": 0.01, "adam": 0.001}
+DEFAULT_LR = {"sgd": 0.1, "momentum": 0.01, "adagrad": 0.01, "adam": 0.001}
 
 
 def _hidden_sizes(text: str) -> list[int]:
@@ -453,8 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=_positive, default=None, help="epochs instead of --iters")
     train.add_argument("--batch-size", type=_positive, default=100)
     train.add_argument("--lr", type=float, default=None,
-                       help="learning rate (default: sgd 0.1, momentum 0.01, adam 0.001)")
-    train.add_argument("--optimizer", choices=["sgd", "momentum", "adam"], default="sgd")
+                       help="learning rate (default: sgd 0.1, momentum 0.01, adagrad 0.01, adam 0.001)")
+    train.add_argument("--optimizer", choices=["sgd", "momentum", "adagrad", "adam"], default="sgd")
     train.add_argument("--weight-init-std", default=0.01,
                        type=lambda v: v if v in ("he", "xavier") else float(v),
                        help="initial weight scale: a number (default 0.01), he or xavier")
@@ -506,7 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
     find.add_argument("--hidden", default="100,100,100,100,100,100", help="hidden sizes, or choices a/b")
     find.add_argument("--lr", default="1e-6:1e-2:log", help="learning rate range (default 1e-6:1e-2:log)")
     find.add_argument("--weight-decay", default="1e-8:1e-4:log", help="weight decay range (default 1e-8:1e-4:log)")
-    find.add_argument("--optimizer", default="sgd", help="optimizer(s): sgd, momentum, adam (default sgd)")
+    find.add_argument("--optimizer", default="sgd", help="optimizer(s): sgd, momentum, adagrad, adam (default sgd)")
     find.add_argument("--batch-size", default="100", help="batch size(s) (default 100)")
     find.add_argument("--activation", default="relu", help="relu, sigmoid or both (default relu)")
     find.add_argument("--trial-seed", default="0", help="the trials' seed(s) for weights and batches (default 0)")

@@ -1,4 +1,4 @@
-"""Optimisers: the book's SGD, plus Momentum and Adam (chapter 6 of the book).
+"""Optimisers: the book's SGD, plus Momentum, AdaGrad and Adam (chapter 6 of the book).
 
 Each updates a dict of parameter arrays in place from a dict of gradients, as the
 book's ``optimizer.update(params, grads)`` does.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["SGD", "Momentum", "Adam", "make_optimizer"]
+__all__ = ["SGD", "Momentum", "AdaGrad", "Adam", "make_optimizer"]
 
 
 class SGD:
@@ -46,6 +46,31 @@ class Momentum(SGD):
             np.multiply(grad, params[key].dtype.type(self.lr), out=t)  # lr * dW, in place
             v -= t
             params[key] += v
+
+
+class AdaGrad(SGD):
+    """``h += dW * dW;  W -= lr * dW / (sqrt(h) + 1e-7)``, as the book writes it."""
+
+    name = "adagrad"
+
+    def __init__(self, lr: float = 0.01):
+        super().__init__(lr)
+        self.h = None
+
+    def update(self, params, grads):
+        """The book's two lines into one scratch array per parameter: the same operations
+        in the same order, so the same bits (tests/test_optim.py)."""
+        if self.h is None:
+            self.h = {key: np.zeros_like(value) for key, value in params.items()}
+            self._t = {key: np.empty_like(value) for key, value in params.items()}
+        for key, grad in grads.items():
+            h, t = self.h[key], self._t[key]
+            np.multiply(grad, grad, out=t)
+            h += t
+            np.sqrt(h, out=t)
+            t += 1e-7
+            np.divide(np.multiply(grad, params[key].dtype.type(self.lr)), t, out=t)
+            params[key] -= t
 
 
 class Adam(SGD):
@@ -86,11 +111,12 @@ class Adam(SGD):
             params[key] -= u
 
 
-OPTIMIZERS = {"sgd": SGD, "momentum": Momentum, "adam": Adam}
+OPTIMIZERS = {"sgd": SGD, "momentum": Momentum, "adagrad": AdaGrad, "adam": Adam}
 
 
 def make_optimizer(optimizer, lr=None):
-    """An optimiser object from a name ('sgd', 'momentum', 'adam') or an object with ``update``."""
+    """An optimiser object from a name ('sgd', 'momentum', 'adagrad', 'adam') or an object
+    with ``update``."""
     if hasattr(optimizer, "update"):
         return optimizer
     key = str(optimizer).lower()

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from fastnet.optim import SGD, Adam, Momentum, make_optimizer
+from fastnet.optim import SGD, AdaGrad, Adam, Momentum, make_optimizer
 
 
 class BookMomentum:
@@ -16,6 +16,18 @@ class BookMomentum:
         for key in params:
             self.v[key] = self.momentum * self.v[key] - params[key].dtype.type(self.lr) * grads[key]
             params[key] += self.v[key]
+
+
+class BookAdaGrad:
+    def __init__(self, lr):
+        self.lr, self.h = lr, None
+
+    def update(self, params, grads):
+        if self.h is None:
+            self.h = {key: np.zeros_like(val) for key, val in params.items()}
+        for key in params:
+            self.h[key] += grads[key] * grads[key]
+            params[key] -= params[key].dtype.type(self.lr) * grads[key] / (np.sqrt(self.h[key]) + 1e-7)
 
 
 class BookAdam:
@@ -35,8 +47,9 @@ class BookAdam:
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("make", [lambda: (Momentum(0.05), BookMomentum(0.05)), lambda: (Adam(0.01), BookAdam(0.01))],
-                         ids=["momentum", "adam"])
+@pytest.mark.parametrize("make", [lambda: (Momentum(0.05), BookMomentum(0.05)), lambda: (Adam(0.01), BookAdam(0.01)),
+                                  lambda: (AdaGrad(0.05), BookAdaGrad(0.05))],
+                         ids=["momentum", "adam", "adagrad"])
 def test_same_bits_as_the_book(dtype, make):
     ours, book = make()
     rng = np.random.default_rng(0)
@@ -57,6 +70,7 @@ def test_sgd_and_names():
     SGD(0.5).update(p, {"W": np.full(3, 2, np.float32)})
     np.testing.assert_array_equal(p["W"], np.zeros(3, np.float32))
     assert isinstance(make_optimizer("Adam"), Adam) and make_optimizer("momentum", 0.2).lr == 0.2
+    assert isinstance(make_optimizer("adagrad"), AdaGrad) and make_optimizer("adagrad").lr == 0.01
     with pytest.raises(ValueError, match="unknown optimizer"):
         make_optimizer("rmsprop")
     with pytest.raises(ValueError, match="positive"):
