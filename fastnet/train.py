@@ -217,7 +217,7 @@ class Trainer:
 
     Give ``iters`` (the book: 10000) or ``epochs``; one epoch is
     ``max(len(x_train) // batch_size, 1)`` iterations, as in the book.  ``optimizer`` is
-    'sgd' (the book's), 'momentum', 'adam' or an object with ``update(params, grads)``.
+    'sgd' (the book's), 'momentum', 'adagrad', 'adam' or an object with ``update(params, grads)``.
     ``seed`` fixes the batches: the same seed, net and backend give identical results.
 
     ``gradient='numerical'`` trains with the book's chapter-4 numerical gradient (fast

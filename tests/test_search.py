@@ -175,7 +175,8 @@ def test_scheduler_and_workers_with_one_killed_mid_search(tmp_path, mnist_dir, d
     the other, and the file ends with each trial once."""
     address, workers = dask_processes
     out = tmp_path / "run"
-    search = subprocess.Popen(_search_command(out, address, "--trials", "6", "--epochs", "40", "--train-size", "1500",
+    # enough trials that some are left when the first is written, however busy the machine
+    search = subprocess.Popen(_search_command(out, address, "--trials", "12", "--epochs", "40", "--train-size", "1500",
                                               "--data-dir", str(mnist_dir.parent)),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for(lambda: len(_lines(out / s.RESULTS)) >= 1 or search.poll() is not None, 240, "the first trial")
@@ -184,8 +185,8 @@ def test_scheduler_and_workers_with_one_killed_mid_search(tmp_path, mnist_dir, d
     written = len(_lines(out / s.RESULTS))
     stdout, stderr = search.communicate(timeout=300)
     assert search.returncode == 0, stderr
-    _each_trial_once(out, 6)
-    assert "6 trials in" in stdout and "rank trial val acc" in stdout
+    _each_trial_once(out, 12)
+    assert "12 trials in" in stdout and "rank trial val acc" in stdout
     later = [json.loads(line)["worker"] for line in _lines(out / s.RESULTS)[written:]]
     assert later and all(not w.endswith(f":{workers[0].pid}") for w in later)  # all on the worker left
     assert (out / "search.png").stat().st_size > 0 and (out / "scatter.png").stat().st_size > 0
@@ -194,7 +195,7 @@ def test_scheduler_and_workers_with_one_killed_mid_search(tmp_path, mnist_dir, d
 def test_interrupted_search_resumes(tmp_path, mnist_dir, dask_processes):
     address, _ = dask_processes
     out = tmp_path / "run"
-    argv = _search_command(out, address, "--trials", "8", "--epochs", "30", "--train-size", "1500",
+    argv = _search_command(out, address, "--trials", "24", "--epochs", "20", "--train-size", "1500",
                            "--data-dir", str(mnist_dir.parent))
     search = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for(lambda: len(_lines(out / s.RESULTS)) >= 1 or search.poll() is not None, 240, "the first trial")
@@ -203,11 +204,11 @@ def test_interrupted_search_resumes(tmp_path, mnist_dir, dask_processes):
     assert search.returncode == 130, stderr
     assert stderr.strip().endswith("(--resume goes on)") and "Traceback" not in stderr
     before = _lines(out / s.RESULTS)
-    assert 1 <= len(before) < 8
+    assert 1 <= len(before) < 24
     done = subprocess.run(argv + ["--resume"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert _lines(out / s.RESULTS)[: len(before)] == before  # kept as they were
-    _each_trial_once(out, 8)
+    _each_trial_once(out, 24)
 
 
 @pytest.mark.parametrize("argv,message", [
