@@ -164,7 +164,7 @@ def _reconstruct(cls, shape, typecode):
 
 def _frombuffer(buf, dtype, shape, order):
     """Protocol 5's form of an array: its bytes in the pickle, then shape and order."""
-    if not isinstance(buf, (bytes, bytearray)) or not isinstance(dtype, np.dtype) or order not in "CF":
+    if not isinstance(buf, (bytes, bytearray)) or not _plain_dtype(dtype) or order not in "CF":
         raise UnsafePickleError("refusing an array made from anything but the pickle's own bytes")
     array = np.frombuffer(buf, dtype=dtype).copy()  # holds no export of the pickle's buffer
     return array.reshape(shape[::-1]).T if order == "F" else array.reshape(shape)
@@ -177,8 +177,36 @@ def _latin1_bytes(text, encoding):
     return text.encode("latin-1")
 
 
-class _ArrayOnlyUnpickler(pickle.Unpickler):
-    """Rebuilds NumPy arrays and plain containers; every other global is refused."""
+def _plain_dtype(dtype) -> bool:
+    """A dtype of plain numbers: no fields, no subarray, no object references."""
+    return (isinstance(dtype, np.dtype) and dtype.kind in "fiub" and not dtype.hasobject
+            and dtype.names is None and dtype.subdtype is None)
+
+
+def _checked_build(self):
+    """BUILD (``obj.__setstate__(state)``) only in the forms numpy writes for plain
+    numeric arrays: a dtype's state without fields, subarray or flags (flags could mark
+    raw bytes as object references), an array's state with a plain dtype and raw bytes."""
+    state, obj = self.stack[-1], self.stack[-2]
+    if isinstance(obj, np.dtype):
+        ok = isinstance(state, tuple) and len(state) == 8 and state[2:5] == (None, None, None) and state[7] == 0
+    elif isinstance(obj, np.ndarray):
+        ok = (isinstance(state, tuple) and len(state) == 5 and _plain_dtype(state[2])
+              and isinstance(state[4], (bytes, bytearray)))
+    else:
+        ok = False
+    if not ok:
+        what = "dtype" if isinstance(obj, np.dtype) else type(obj).__name__
+        raise UnsafePickleError(f"refusing to set the state of a {what} to {str(state)[:80]}")
+    pickle._Unpickler.load_build(self)
+
+
+class _ArrayOnlyUnpickler(pickle._Unpickler):
+    """Rebuilds NumPy arrays and plain containers; every other global is refused, and
+    the state of what it rebuilds is checked first (_checked_build).  The pure-Python
+    unpickler, whose opcodes can be checked one by one (weights files are small)."""
+
+    dispatch = {**pickle._Unpickler.dispatch, pickle.BUILD[0]: _checked_build}
 
     ALLOWED = {
         ("numpy._core.multiarray", "_reconstruct"): _reconstruct,

@@ -103,6 +103,11 @@ class _Reduce:
     (_Reduce(np.ndarray, ((10,), np.dtype(np.float32))), "not callable"),  # uninitialised
     (_Reduce(os.system, ("true",)), "refusing to load posix.system"),
     (_Reduce(np.frombuffer, (b"\0" * 8, np.float32)), "refusing to load numpy"),
+    # an int64 dtype whose state flags it as holding object references (found by the fuzzer:
+    # numpy then treats the array's raw bytes as pointers when it frees it)
+    (_Reduce(np.dtype, ("i8", False, True), (3, "<", None, None, None, -1, -1, 63)), "state of a dtype"),
+    (_Reduce(np._core.multiarray._reconstruct, (np.ndarray, (0,), b"b"),
+             (1, (2,), np.dtype("O"), False, [1, 2])), "state of a dtype"),
 ])
 def test_hostile_pickles_are_refused(tmp_path, value, message):
     path = tmp_path / "w.pkl"
