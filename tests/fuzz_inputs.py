@@ -287,6 +287,13 @@ def main() -> int:
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)
     crashes = 0
+    unraisable = []  # errors raised where Python cannot raise them (freeing an object): crashes too
+
+    def hook(info):
+        unraisable.append(info)
+        sys.__unraisablehook__(info)
+
+    sys.unraisablehook = hook
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["XDG_CACHE_HOME"] = str(Path(tmp) / "cache")
         for what, run in (("IDX files", lambda: fuzz_idx(args.idx, rng, Path(tmp) / "idx")),
@@ -296,7 +303,8 @@ def main() -> int:
             counts = run()
             crashes += counts["crashes"]
             print(f"{what}: " + ", ".join(f"{k} {v}" for k, v in counts.items()), flush=True)
-    return 1 if crashes else 0
+    print(f"errors raised while freeing objects: {len(unraisable)}")
+    return 1 if crashes or unraisable else 0
 
 
 if __name__ == "__main__":
