@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 from pathlib import Path
 
@@ -22,6 +23,13 @@ DATA = Path(os.environ.get("FASTNET_TEST_DATA", ROOT.parent / "shared" / "data")
 
 COMPILED = ("numba", "cython")
 ALL_BACKENDS = ("numpy",) + COMPILED
+
+
+def sigint_default() -> None:
+    """``preexec_fn`` for a child that a test interrupts with SIGINT: a child inherits
+    SIGINT ignored when the tests run in a background job of a non-interactive shell, and
+    Python then installs no KeyboardInterrupt handler, so the signal would do nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def data_path(*parts) -> Path:

@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 
+from conftest import sigint_default
 from fastnet.cli import main
 
 
@@ -132,7 +133,7 @@ def test_ctrl_c_saves_and_exits_130(tmp_path, mnist_dir):
     proc = subprocess.Popen(
         [sys.executable, "-m", "fastnet", "train", "--data-dir", str(mnist_dir.parent), "--iters", "10000000",
          "--out", str(out), "--no-plot", "--no-progress", "--backend", "numpy", "--dtype", "float64"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default,
     )
     deadline = time.time() + 120
     while not (out / "metrics.json").exists() and time.time() < deadline:
@@ -172,7 +173,7 @@ def test_ctrl_c_ends_the_figure_worker(tmp_path, mnist_dir):
     proc = subprocess.Popen(
         [sys.executable, "-m", "fastnet", "train", "--data-dir", str(mnist_dir.parent), "--iters", "10000000",
          "--out", str(out), "--no-progress", "--backend", "cython"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default,
     )
     deadline = time.time() + 120
     while not (out / "metrics.json").exists() and time.time() < deadline:

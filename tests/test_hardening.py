@@ -19,6 +19,7 @@ import zlib
 import numpy as np
 import pytest
 
+from conftest import sigint_default
 from fastnet import io as fio
 from fastnet.cli import main
 from fastnet.io import UnsafePickleError, load_book_params, load_params
@@ -224,7 +225,7 @@ def test_ctrl_c_before_training_is_one_line(tmp_path, mnist_dir):
             "run()\n")
     proc = subprocess.Popen([sys.executable, "-c", hold, "train", "--data-dir", str(mnist_dir.parent),
                              "--no-plot", "--out", str(tmp_path / "r")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default)
     assert proc.stdout.readline() == "loading\n"
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)

@@ -17,6 +17,7 @@ import time
 import numpy as np
 import pytest
 
+from conftest import sigint_default
 from fastnet import search as s
 from fastnet.cli import main
 
@@ -197,7 +198,8 @@ def test_interrupted_search_resumes(tmp_path, mnist_dir, dask_processes):
     out = tmp_path / "run"
     argv = _search_command(out, address, "--trials", "24", "--epochs", "20", "--train-size", "1500",
                            "--data-dir", str(mnist_dir.parent))
-    search = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    search = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=sigint_default)
     _wait_for(lambda: len(_lines(out / s.RESULTS)) >= 1 or search.poll() is not None, 240, "the first trial")
     search.send_signal(signal.SIGINT)
     _, stderr = search.communicate(timeout=120)
