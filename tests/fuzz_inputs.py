@@ -88,15 +88,22 @@ def fuzz_idx(n, rng, folder: Path) -> dict:
                     raw = mutate(raw, rng)  # the compressed stream itself
             (target / FILES[k]).write_bytes(raw)
         counts["files"] += 1
-        try:
-            load_dataset(spec, data_dir=target.parent, download=False, cache=bool(rng.integers(2)))
-            counts["loaded"] += 1
-        except DatasetError:
-            counts["refused"] += 1
-        except Exception:
-            counts["crashes"] += 1
-            traceback.print_exc()
+        cache = bool(rng.integers(2))
+        _tally(counts, DatasetError, lambda: load_dataset(spec, data_dir=target.parent, download=False, cache=cache))
     return counts
+
+
+def _tally(counts, refusal, attempt) -> None:
+    """Run ``attempt``: loaded when it returns, refused when it raises ``refusal``, a
+    crash (with its traceback) when it raises anything else."""
+    try:
+        attempt()
+        counts["loaded"] += 1
+    except refusal:
+        counts["refused"] += 1
+    except Exception:
+        counts["crashes"] += 1
+        traceback.print_exc()
 
 
 def fuzz_pickles(n, rng, folder: Path) -> dict:
@@ -108,19 +115,14 @@ def fuzz_pickles(n, rng, folder: Path) -> dict:
         seeds.append(book.read_bytes())
     counts = {"pickles": 0, "loaded": 0, "refused": 0, "crashes": 0}
     path = folder / "w.pkl"
+    def attempt():
+        for value in load_book_params(path).values():
+            assert value.flags.c_contiguous and value.flags.owndata and value.nbytes <= path.stat().st_size
+
     for _ in range(n):
         path.write_bytes(mutate(seeds[int(rng.integers(len(seeds)))], rng))
         counts["pickles"] += 1
-        try:
-            params = load_book_params(path)
-            for value in params.values():
-                assert value.flags.c_contiguous and value.flags.owndata and value.nbytes <= path.stat().st_size
-            counts["loaded"] += 1
-        except UnsafePickleError:
-            counts["refused"] += 1
-        except Exception:
-            counts["crashes"] += 1
-            traceback.print_exc()
+        _tally(counts, UnsafePickleError, attempt)
     return counts
 
 
