@@ -61,7 +61,8 @@ def _small_net_arrays():
 ])
 def test_evaluate_refuses_bad_weights(tmp_path, capsys, name, arrays, message):
     arrays = dict(arrays)
-    only, replace_ = arrays.pop("_only", False), arrays.pop("_replace", False)
+    only = arrays.pop("_only", False)
+    arrays.pop("_replace", None)  # (these entries replace the net's own: the update below)
     content = {} if only else _small_net_arrays()
     content.update(arrays)
     path = _npz(tmp_path / f"{name}.npz", **content)
