@@ -88,7 +88,8 @@ def fuzz_idx(n, rng, folder: Path) -> dict:
                     raw = mutate(raw, rng)  # the compressed stream itself
             (target / FILES[k]).write_bytes(raw)
         counts["files"] += 1
-        _tally(counts, DatasetError, lambda spec=spec, folder=target.parent, cache=bool(rng.integers(2)):
+        cache = bool(rng.integers(2))
+        _tally(counts, DatasetError, lambda spec=spec, folder=target.parent, cache=cache:
                load_dataset(spec, data_dir=folder, download=False, cache=cache))
     return counts
 
