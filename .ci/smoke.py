@@ -38,7 +38,8 @@ with fastnet.use_backend("cython"):
     net = MultiLayerNet(784, [50], 10, dtype=np.float32, seed=0)
     history = Trainer(net, x_train, t_train, iters=200, seed=0).fit()
 losses = history.loss
-print(f"   200 steps: loss {np.mean(losses[:10]):.3f} -> {np.mean(losses[-10:]):.3f}, train acc {history.train_acc[-1]:.3f}")
+print(f"   200 steps: loss {np.mean(losses[:10]):.3f} -> {np.mean(losses[-10:]):.3f}, "
+      f"train acc {history.train_acc[-1]:.3f}")
 assert len(losses) == 200 and np.mean(losses[-10:]) < 0.6 * np.mean(losses[:10])
 
 with tempfile.TemporaryDirectory() as out:

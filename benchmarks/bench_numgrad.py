@@ -4,9 +4,9 @@ import time
 
 import numpy as np
 
-from fastnet.gradient import gradcheck
 import fastnet
 import fastnet.nets
+from fastnet.gradient import gradcheck
 
 from .common import BACKENDS, batch, reference_numgrad_seconds, require_backend
 

@@ -43,7 +43,8 @@ VENDOR = {
     "bootstrap.min.css": f"{JS}/bootstrap/css/bootstrap.min.css",
 }
 #: the bar-ordering plugin has no Debian package; the graphs this dashboard shows are lines
-ORDERBARS_STUB = "(function ($) { $.plot.plugins.push({init: function () {}, name: 'orderBars', version: 'stub'}); })(jQuery);\n"
+ORDERBARS_STUB = ("(function ($) { $.plot.plugins.push({init: function () {}, name: 'orderBars', "
+                  "version: 'stub'}); })(jQuery);\n")
 
 
 def vendor_assets(html: Path) -> list[str]:

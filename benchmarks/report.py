@@ -113,8 +113,8 @@ def kernels_section(table, rounds):
     W = (0.01 * np.random.default_rng(2).standard_normal((784, 50))).astype(np.float32)
     b = np.zeros(50, np.float32)
     out = np.empty((100, 50), np.float32)
-    cases = {name: (lambda k=common.require_backend(name): k.affine_relu(x32, W, b, out))
-             for name in common.BACKENDS}
+    tables = {name: common.require_backend(name) for name in common.BACKENDS}
+    cases = {name: (lambda k=k: k.affine_relu(x32, W, b, out)) for name, k in tables.items()}
     table.section("affine+ReLU forward, 100×784 · 784×50 float32", measure(cases, rounds), "numpy")
 
 
@@ -282,7 +282,8 @@ def e2e_section(table, rounds: int = 5):
         base = [sys.executable, "-m", "fastnet", "train", "--out", out, "--no-progress"]
         if data:
             base += ["--data-dir", data]
-        commands = {"fastnet train --backend numpy --dtype float64": base + ["--backend", "numpy", "--dtype", "float64"],
+        commands = {"fastnet train --backend numpy --dtype float64":
+                    base + ["--backend", "numpy", "--dtype", "float64"],
                     "fastnet train (auto: cython, float32)": base,
                     "fastnet train --backend numba": base + ["--backend", "numba"]}
         if common.try_torch() is not None:

@@ -8,7 +8,8 @@ The book's chapter-6 search (784-100x6-10, weight decay, lr 10^U(-6,-2), decay
 
 Printed: trials per minute of each, the scaling from 1 to 2 workers, and Dask's overhead
 per trial: each trial run in this process and then sent to a warm 1-worker cluster and
-waited for, alternately, the mean difference against a trial's time.  ``--train-size 500`` is the book's (400 training images); ``--train-size 0``
+waited for, alternately, the mean difference against a trial's time.
+``--train-size 500`` is the book's (400 training images); ``--train-size 0``
 takes the whole training set (48,000 images; give fewer ``--epochs``).
 ``--backend numpy`` times the reference.
 """

@@ -15,6 +15,7 @@ import sys
 
 from . import __version__
 
+
 def _user_errors():
     """Exceptions that are the user's to fix: printed as one line, exit status 2."""
     import pickle
@@ -447,7 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
         "training.png to --out.  Ctrl-C stops and keeps what was trained.",
     )
     train.add_argument("--dataset", default="mnist", help="mnist (default) or fashion-mnist")
-    train.add_argument("--hidden", default=[50], type=_hidden_sizes, help="hidden layer size, or sizes like 100,50 (default 50)")
+    train.add_argument("--hidden", default=[50], type=_hidden_sizes,
+                       help="hidden layer size, or sizes like 100,50 (default 50)")
     train.add_argument("--activation", choices=["relu", "sigmoid"], default="relu")
     train.add_argument("--iters", type=_positive, default=None, help="iterations (default 10000)")
     train.add_argument("--epochs", type=_positive, default=None, help="epochs instead of --iters")

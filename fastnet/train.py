@@ -532,7 +532,8 @@ class Trainer:
         if self.evaluate:
             h.train_acc.append(self.accuracy(self.x_train, self.t_train))
             record["train_acc"] = h.train_acc[-1]
-            text = f"epoch {epoch:3d}  iter {h.iterations:6d}  loss {record['loss']:.4f}  train acc {h.train_acc[-1]:.4f}"
+            text = (f"epoch {epoch:3d}  iter {h.iterations:6d}  loss {record['loss']:.4f}  "
+                    f"train acc {h.train_acc[-1]:.4f}")
             if self.x_test is not None:
                 h.test_acc.append(self.accuracy(self.x_test, self.t_test))
                 record["test_acc"] = h.test_acc[-1]

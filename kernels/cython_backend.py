@@ -28,11 +28,11 @@ from ._cython import (  # noqa: F401  (the kernel table)
     sparse_predict_2layer,
     sparse_rows,
     step,
+    sum_squared_error,
     train_step_2layer,
     train_step_2layer_sparse,
     train_steps_2layer,
     train_steps_2layer_sparse,
-    sum_squared_error,
 )
 
 

@@ -14,8 +14,8 @@ strided inputs contiguous, then calls the jitted ``_name`` function.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange, types
 from llvmlite import ir
+from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 

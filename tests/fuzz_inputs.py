@@ -144,7 +144,8 @@ def fuzz_cli(n, rng, folder: Path) -> dict:
     for i in range(n):
         command = str(rng.choice(list(commands)))
         argv = [command, "--no-progress", "--no-plot"] if command == "train" else [command]
-        for option in rng.choice(commands[command], size=min(int(rng.integers(1, 4)), len(commands[command])), replace=False):
+        size = min(int(rng.integers(1, 4)), len(commands[command]))
+        for option in rng.choice(commands[command], size=size, replace=False):
             argv += [str(option), str(rng.choice(values))]
         if command == "train":
             argv += ["--iters", str(int(rng.choice([1, 50, 700]))), "--out", str(folder / f"out{i}")]
@@ -228,7 +229,8 @@ def spoil(a):
             b.flat[int(rng.integers(b.size))] = [2**40, -(2**40), -1, 10**12, 11, 2**31][int(rng.integers(6))]
         return b
     if what == 1:
-        return a.astype([np.float16, np.int32, np.int64, np.uint8, np.float32, np.float64, np.complex64][int(rng.integers(7))])
+        kinds = [np.float16, np.int32, np.int64, np.uint8, np.float32, np.float64, np.complex64]
+        return a.astype(kinds[int(rng.integers(len(kinds)))])
     if what == 2 and a.ndim == 2:
         return a.T
     if what == 3:

@@ -754,7 +754,8 @@ def test_every_kernel_has_a_parity_test():
     import inspect
 
     tested_elsewhere = {"train_step_2layer": "test_train_step_parity",
-                        "numerical_gradient_2layer": "test_numerical_gradient.test_equals_reference_loop_on_random_data",
+                        "numerical_gradient_2layer":
+                            "test_numerical_gradient.test_equals_reference_loop_on_random_data",
                         "sparse_rows": "test_sparse_rows_parity",
                         "sparse_affine": "test_sparse_affine_parity",
                         "sparse_predict_2layer": "test_sparse_predict_parity",

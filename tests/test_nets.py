@@ -121,7 +121,7 @@ def test_book_training_loop_unchanged(any_backend, rng):
     iters_num, train_size, batch_size, learning_rate = 60, x_train.shape[0], 100, 0.1
     train_loss_list = []
     batches = np.random.default_rng(0)
-    for i in range(iters_num):
+    for _ in range(iters_num):
         batch_mask = batches.choice(train_size, batch_size)
         x_batch = x_train[batch_mask]
         t_batch = t_train[batch_mask]
