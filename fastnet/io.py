@@ -170,6 +170,13 @@ def _frombuffer(buf, dtype, shape, order):
     return array.reshape(shape[::-1]).T if order == "F" else array.reshape(shape)
 
 
+def _dtype(spec, align=False, copy=False):
+    """``numpy.dtype`` as numpy's pickles call it: a type code and two flags."""
+    if not isinstance(spec, str) or not isinstance(align, bool) or not isinstance(copy, bool):
+        raise UnsafePickleError(f"refusing a dtype made from {spec!r}, {align!r}, {copy!r}")
+    return np.dtype(spec, align, copy)
+
+
 def _latin1_bytes(text, encoding):
     """How protocols 0-2 spell bytes: ``_codecs.encode(str, "latin1")``, nothing else."""
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
@@ -211,7 +218,7 @@ class _ArrayOnlyUnpickler(pickle._Unpickler):
     ALLOWED = {
         ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
         ("numpy", "ndarray"): _NDARRAY,
-        ("numpy", "dtype"): np.dtype,
+        ("numpy", "dtype"): _dtype,
         ("numpy._core.numeric", "_frombuffer"): _frombuffer,
         ("_codecs", "encode"): _latin1_bytes,
     }
