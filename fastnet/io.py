@@ -170,11 +170,16 @@ def _frombuffer(buf, dtype, shape, order):
     return array.reshape(shape[::-1]).T if order == "F" else array.reshape(shape)
 
 
+def _flag(value) -> bool:
+    return type(value) in (bool, int) and value in (0, 1)
+
+
 def _dtype(spec, align=False, copy=False):
-    """``numpy.dtype`` as numpy's pickles call it: a type code and two flags."""
-    if not isinstance(spec, str) or not isinstance(align, bool) or not isinstance(copy, bool):
+    """``numpy.dtype`` as numpy's pickles call it: a type code and two flags (bools, or
+    0 and 1 in older pickles such as the book's)."""
+    if not isinstance(spec, str) or not _flag(align) or not _flag(copy):
         raise UnsafePickleError(f"refusing a dtype made from {spec!r}, {align!r}, {copy!r}")
-    return np.dtype(spec, align, copy)
+    return np.dtype(spec, bool(align), bool(copy))
 
 
 def _latin1_bytes(text, encoding):
