@@ -165,8 +165,8 @@ def _roomy_malloc() -> None:
 
     Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which fixes glibc's
     thresholds: every array over 128 KiB is then mapped and unmapped anew, and the
-    layer-by-layer training step, which makes a few such temporaries per layer, ran 58%
-    slower (0.51 against 0.33 s a trial of the book's search).  The mmap threshold goes
+    layer-by-layer training step makes a few such temporaries per layer, each then a
+    fresh mapping and a page fault per page.  The mmap threshold goes
     to 32 MiB (glibc's own ceiling for its dynamic threshold) and the trim threshold to
     twice that, once per process; elsewhere than glibc, nothing."""
     global _MALLOC_SET
@@ -241,14 +241,15 @@ def load_results(path) -> list[dict]:
     if not path.exists():
         return []
     records = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    lines = path.read_text().splitlines()
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
             records[int(record["trial"])] = record
         except (ValueError, KeyError, TypeError):
-            if number < len(path.read_text().splitlines()):
+            if number < len(lines):
                 raise SearchError(f"{path}: line {number} is not a trial record") from None
     return [records[k] for k in sorted(records)]
 
@@ -286,7 +287,7 @@ def _append(fh, record) -> None:
 def local_cluster(workers=None):
     """A LocalCluster of ``workers`` (default: one per core) single-threaded worker
     processes, without Dask's statistical profiler (it samples the trial's thread every
-    10 ms: a trial ran 2-3% slower with it)."""
+    10 ms, taking the GIL from it)."""
     import dask
     from distributed import LocalCluster
 

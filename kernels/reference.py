@@ -71,7 +71,10 @@ def softmax(x, out):
 
 
 def cross_entropy_labels(y, t):
-    t = _checks.labels(t, *y.shape)
+    return _cross_entropy_labels(y, _checks.labels(t, *y.shape))
+
+
+def _cross_entropy_labels(y, t):
     batch_size = y.shape[0]
     return float(-np.sum(np.log(y[np.arange(batch_size), t] + LOG_EPS)) / batch_size)
 
@@ -86,8 +89,8 @@ def sum_squared_error(y, t):
 
 
 def softmax_loss_labels(x, t, y):
-    t = _checks.labels(t, *x.shape)
-    return cross_entropy_labels(softmax(x, y), t)
+    t = _checks.labels(t, *x.shape)  # before y is written
+    return _cross_entropy_labels(softmax(x, y), t)
 
 
 def softmax_loss_onehot(x, t, y):
