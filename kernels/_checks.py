@@ -1,13 +1,17 @@
-"""Argument checks shared by the Python-side wrappers of the compiled backends.
+"""Argument checks shared by the Python-side wrappers of the backends.
 
-The reference backend needs none but ``threads`` (NumPy raises on its own); the
-Cython backend does the same checks in C, and takes ``threads`` from here too.  Each
-check names the argument and both shapes or dtypes.
+The MLP engine's kernels (``*_mlp``) are checked here for all three backends: the
+compiled code behind them trusts what these functions return.  For the older
+kernels the reference backend needs none but ``threads`` (NumPy raises on its own)
+and the Cython backend does the same checks in C.  Each check names the argument and
+both shapes or dtypes.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from .contract import OPT_FIELDS, OPT_KIND, OPT_LR, Act, Opt, mlp_size
 
 FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -153,6 +157,154 @@ def train_step_2layer(X, T, idx, W1, b1, W2, b2, act, work, rows=None, losses=No
     if T.shape[0] != n_rows:
         raise ValueError(f"X has {n_rows} rows but T has {T.shape[0]} labels")
     return tuple(work)
+
+
+# ------------------------------------------------------------------ the MLP engine
+def mlp_net(sizes, act, theta, writeable=False):
+    """The net of an MLP kernel: ``sizes`` as int64 (at least input and output, each
+    >= 1), ``act`` relu or sigmoid, ``theta`` a C-contiguous 1-D float32/float64
+    vector of exactly the length the sizes need.  Returns (sizes, dtype)."""
+    if not (type(sizes) is np.ndarray and sizes.dtype == np.int64 and sizes.flags.c_contiguous):
+        sizes = np.ascontiguousarray(sizes, dtype=np.int64)
+    if sizes.ndim != 1 or sizes.shape[0] < 2 or sizes.min() < 1:
+        raise ValueError(f"sizes must list at least two layer widths, each >= 1, got {sizes.tolist()}")
+    if sizes.max() > 2**31 - 1:
+        raise ValueError(f"a layer of {sizes.max()} units is too wide for BLAS")
+    if act not in (Act.RELU, Act.SIGMOID):
+        raise ValueError(f"act must be {int(Act.RELU)} (relu) or {int(Act.SIGMOID)} (sigmoid), got {act!r}")
+    dt = dtype_of(theta, "theta")
+    want = mlp_size(sizes)
+    if theta.shape != (want,):
+        raise ValueError(f"theta has shape {theta.shape}; layers {sizes.tolist()} need ({want},)")
+    if not theta.flags.c_contiguous or (writeable and not theta.flags.writeable):
+        raise ValueError("theta must be a " + ("writeable " if writeable else "") + "C-contiguous array")
+    return sizes, dt
+
+
+def mlp_rows(X, dt, D):
+    """Dense rows of an MLP kernel: 2-D, D columns, ``dt`` or uint8 pixels, C-contiguous."""
+    if type(X) is not np.ndarray or (X.dtype != dt and X.dtype != np.uint8):
+        raise TypeError(f"X is {getattr(X, 'dtype', type(X).__name__)}; it must be uint8 pixels or theta's {dt}")
+    if X.ndim != 2 or X.shape[1] != D:
+        raise ValueError(f"X has shape {X.shape} but the first layer takes {D} inputs")
+    return X if X.flags.c_contiguous else np.ascontiguousarray(X)
+
+
+def mlp_batches(T, idx, n_rows, classes, ndim):
+    """Labels ``T`` (int64, one per row of X) and batches ``idx`` (int64 row numbers,
+    ``ndim`` 1: one batch; 2: (steps, batch)): every index in [0, n_rows) and the label
+    of every row it names in [0, classes).  Returns (T, idx)."""
+    if type(T) is not np.ndarray or T.dtype != np.int64 or T.ndim != 1 or not T.flags.c_contiguous:
+        raise TypeError("T must be a C-contiguous 1-D int64 array of labels")
+    if T.shape[0] != n_rows:
+        raise ValueError(f"X has {n_rows} rows but T has {T.shape[0]} labels")
+    if type(idx) is not np.ndarray or idx.dtype != np.int64:
+        raise TypeError("idx must be an int64 array of row numbers")
+    if idx.ndim != ndim or idx.size == 0:
+        what = "a non-empty 1-D array" if ndim == 1 else "a non-empty 2-D array (steps, batch)"
+        raise ValueError(f"idx must be {what} of row numbers, got shape {idx.shape}")
+    idx = np.ascontiguousarray(idx)
+    lo, hi = int(idx.min()), int(idx.max())
+    if lo < 0 or hi >= n_rows:
+        raise IndexError(f"batch index {lo if lo < 0 else hi} is out of range for {n_rows} rows")
+    t = T[idx.reshape(-1)]
+    if t.min() < 0 or t.max() >= classes:
+        raise ValueError(label_error(t, classes))
+    return T, idx
+
+
+def mlp_opt(opt, state, theta):
+    """The optimiser record and its state: ``opt`` float64 (OPT_FIELDS,) with a known
+    kind and lr > 0, writeable (Adam counts its iterations in it); ``state`` (2, P) in
+    theta's dtype, writeable and C-contiguous."""
+    if (type(opt) is not np.ndarray or opt.dtype != np.float64 or opt.shape != (OPT_FIELDS,)
+            or not opt.flags.writeable):
+        raise TypeError(f"opt must be a writeable float64 array of {OPT_FIELDS} fields")
+    if opt[OPT_KIND] not in tuple(Opt):
+        raise ValueError(f"opt[0] must be an optimiser code {[int(o) for o in Opt]}, got {opt[OPT_KIND]}")
+    if not opt[OPT_LR] > 0 or not np.isfinite(opt).all():
+        raise ValueError(f"the optimiser needs finite settings and lr > 0, got {opt.tolist()}")
+    out(state, theta.dtype, "state", (2, theta.shape[0]))
+
+
+def mlp_losses(losses, steps):
+    if (type(losses) is not np.ndarray or losses.dtype != np.float64 or losses.shape != (steps,)
+            or not losses.flags.c_contiguous or not losses.flags.writeable):
+        raise ValueError(f"losses must be a writeable C-contiguous float64 array of shape ({steps},)")
+
+
+def mlp_steps(X, T, idx, sizes, act, theta, opt, state, losses, csr_rows=None):
+    """Every argument of ``train_steps_mlp`` (``X`` None and ``csr_rows`` the tuple
+    (indptr, indices, data) for the sparse kernel); returns (X, T, idx, sizes)."""
+    sizes, dt = mlp_net(sizes, act, theta, writeable=True)
+    if X is not None:
+        X = mlp_rows(X, dt, sizes[0])
+    T, idx = mlp_batches(T, idx, X.shape[0] if X is not None else csr_rows[0].shape[0] - 1, sizes[-1], 2)
+    if X is None:
+        csr(*csr_rows, dt, "train_steps_mlp_sparse")
+        csr_batch(csr_rows[0], csr_rows[1], idx)
+    mlp_opt(opt, state, theta)
+    mlp_losses(losses, idx.shape[0])
+    return X, T, idx, sizes
+
+
+def mlp_gradient(X, T, idx, sizes, act, theta, decay, grad):
+    """Every argument of ``mlp_gradient``; returns (X, T, idx, sizes)."""
+    sizes, dt = mlp_net(sizes, act, theta)
+    X = mlp_rows(X, dt, sizes[0])
+    T, idx = mlp_batches(T, idx, X.shape[0], sizes[-1], 1)
+    if not (decay >= 0 and np.isfinite(decay)):
+        raise ValueError(f"decay must be a finite number >= 0, got {decay!r}")
+    out(grad, dt, "grad", theta.shape)
+    return X, T, idx, sizes
+
+
+def mlp_predict(X, sizes, act, theta, labels, csr_rows=None, row0=0):
+    """Every argument of ``predict_mlp`` (``X`` None: ``csr_rows`` (indptr, indices,
+    data) from ``row0`` on, as many as ``labels``); returns (X, sizes)."""
+    sizes, dt = mlp_net(sizes, act, theta)
+    if X is not None:
+        X = mlp_rows(X, dt, sizes[0])
+        rows = X.shape[0]
+    else:
+        csr(*csr_rows, dt, "sparse_predict_mlp")
+        rows = getattr(labels, "shape", (0,))[0]
+        csr_range(csr_rows[0], csr_rows[1], row0, rows)
+    if type(labels) is not np.ndarray or labels.dtype != np.int64 or labels.ndim != 1:
+        raise TypeError("out must be a 1-D int64 array (one label per row)")
+    out(labels, labels.dtype, "out", (rows,))
+    return X, sizes
+
+
+def csr_range(indptr, indices, row0, n):
+    """Rows row0 : row0 + n of CSR rows exist and their pointers are ordered and in range."""
+    if row0 < 0 or row0 + n > indptr.shape[0] - 1:
+        raise IndexError(f"rows {row0}:{row0 + n} are out of range for {indptr.shape[0] - 1} CSR rows")
+    p = indptr[row0 : row0 + n + 1]
+    if n and (p[0] < 0 or p[-1] > indices.shape[0] or np.any(p[1:] < p[:-1])):
+        raise ValueError("indptr is not a valid CSR row pointer")
+
+
+def csr_batch(indptr, indices, idx):
+    """The row pointers of the CSR rows named in ``idx`` are ordered and in range (their
+    column indices are checked by the kernels as they read them)."""
+    rows = idx.reshape(-1)
+    lo, hi = indptr[rows], indptr[rows + 1]
+    if lo.min() < 0 or hi.max() > indices.shape[0] or np.any(hi < lo):
+        raise ValueError("indptr is not a valid CSR row pointer")
+
+
+def mlp_numgrad(x, t, sizes, act, theta, h, grad):
+    """Every argument of ``numerical_gradient_mlp``; returns (x, t, sizes)."""
+    sizes, dt = mlp_net(sizes, act, theta)
+    x = inp(x, dt, "x")
+    if x.shape[1] != sizes[0]:
+        raise ValueError(f"x has shape {x.shape} but the first layer takes {sizes[0]} inputs")
+    t = labels(t, x.shape[0], int(sizes[-1]))
+    if not (h > 0 and np.isfinite(h)):
+        raise ValueError(f"h must be a finite number > 0, got {h!r}")
+    out(grad, dt, "grad", theta.shape)
+    return x, t, sizes
 
 
 def threads(n, most: int | None = None, setting: str = "") -> int:

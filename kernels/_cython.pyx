@@ -9,7 +9,7 @@
 
 cimport numpy as cnp
 from libc.limits cimport INT_MAX
-from libc.math cimport log
+from libc.math cimport log, pow, sqrt
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 from cython.parallel cimport parallel, prange, threadid
@@ -88,6 +88,7 @@ cdef extern from "_vmath.h" nogil:
 import numpy as np
 from importlib.util import find_spec as importlib_find_spec
 
+from . import _checks as _chk
 from ._checks import label_error
 from ._checks import threads as _threads
 
@@ -1839,3 +1840,6 @@ def numerical_gradient_2layer(x, t, W1, b1, W2, b2, int act, double h, gW1, gb1,
                                      <double*>p[7], <double*>p[8], B, D, H, C)
     if status != 0:
         raise MemoryError("numerical_gradient_2layer: out of memory")
+
+
+include "_mlp.pxi"

@@ -25,6 +25,30 @@ Conventions shared by every kernel
 
 from __future__ import annotations
 
+from enum import IntEnum
+
+
+class Act(IntEnum):
+    """The ``act`` argument of every kernel that takes one: a layer's activation."""
+
+    IDENTITY = 0
+    RELU = 1
+    SIGMOID = 2
+
+
+class Opt(IntEnum):
+    """``opt[OPT_KIND]`` of the MLP engine: the optimiser applied inside the kernel."""
+
+    SGD = 1  # p -= lr * g
+    MOMENTUM = 2  # v = beta1 * v - lr * g; p += v
+    ADAGRAD = 3  # h += g * g; p -= lr * g / (sqrt(h) + 1e-7)
+    ADAM = 4  # the book's Adam, with its bias-corrected lr_t; m, v in state[0], state[1]
+
+
+#: The fields of the MLP engine's ``opt`` record (a float64 array of this length).
+OPT_KIND, OPT_LR, OPT_BETA1, OPT_BETA2, OPT_DECAY, OPT_ITER = range(6)
+OPT_FIELDS = 6
+
 #: name -> (signature, what it computes).  The order is the documentation order.
 KERNELS: dict[str, tuple[str, str]] = {
     # element-wise activations
@@ -75,6 +99,43 @@ KERNELS: dict[str, tuple[str, str]] = {
         "scratch of shapes (B,D) (B,H) (B,C) (B,H) (D,H) (H,) (H,C) (C,); lr != 0: SGD "
         "W -= lr*dW in place (dW buffers then unspecified); lr == 0: gradients written to "
         "dW1..db2, parameters untouched. Returns the batch loss before the update",
+    ),
+    # the MLP engine: a whole net of any depth as a flat parameter vector
+    "train_steps_mlp": (
+        "(X, T, idx, sizes, act, theta, opt, state, losses) -> int",
+        "training steps of the net Affine-act-...-Affine-SoftmaxWithLoss with layer sizes "
+        "(int64, D ... C); theta holds W1, b1, W2, b2, ... one after the other (mlp_offsets); "
+        "step k takes rows idx[k] (idx int64 (S, B)) of X (theta's dtype, or uint8 pixels / 255) "
+        "with labels T (int64), writes its loss (+ 0.5 decay sum W**2) to losses[k] (float64, S) "
+        "and applies the optimiser of the record opt (float64, OPT_FIELDS: Opt kind, lr, beta1 or "
+        "momentum, beta2, weight decay, Adam's iteration, counted in place) with its state "
+        "(2, len(theta)) in theta's dtype. Every index and label is checked first; stops after "
+        "the first step whose loss is not finite. Returns the number of steps run",
+    ),
+    "train_steps_mlp_sparse": (
+        "(indptr, indices, data, T, idx, sizes, act, theta, opt, state, losses) -> int",
+        "train_steps_mlp with X given as CSR rows (sparse_rows); the first layer's product and "
+        "its gradient run over the non-zeros only",
+    ),
+    "mlp_gradient": (
+        "(X, T, idx, sizes, act, theta, decay, grad) -> float",
+        "the gradient of the loss (+ 0.5 decay sum W**2) of the batch idx (int64, B) of X into "
+        "grad (theta's shape and dtype, same layout); returns the loss. theta is not changed",
+    ),
+    "predict_mlp": (
+        "(X, sizes, act, theta, out) -> out",
+        "class labels of the net for the rows of X (theta's dtype or uint8 pixels): out[i] = "
+        "argmax of row i's scores (the first maximum; a NaN counts as one), out int64 (rows,)",
+    ),
+    "sparse_predict_mlp": (
+        "(indptr, indices, data, row0, sizes, act, theta, out) -> out",
+        "predict_mlp for CSR rows row0 : row0 + len(out)",
+    ),
+    "numerical_gradient_mlp": (
+        "(x, t, sizes, act, theta, h, grad) -> None",
+        "for every parameter p of theta: (loss(p + h) - loss(p - h)) / 2h, the loss being the "
+        "mean cross-entropy of the net's softmax on the batch x (B, D) with int64 labels t (no "
+        "weight decay); the compiled backends recompute only the rows and layers that p changes",
     ),
     # the first layer over rows stored sparse (MNIST pixels are about 81% zeros)
     "sparse_rows": (
@@ -134,8 +195,24 @@ CONTROLS: dict[str, tuple[str, str]] = {
     ),
 }
 
-#: Added to the probability inside every log, as in the book.
+#: Added to the probability inside every log, as in the book; also AdaGrad's and Adam's
+#: epsilon under the square root's sum, as the book's optimisers write it.
 LOG_EPS = 1e-7
+
+
+def mlp_size(sizes) -> int:
+    """Length of the flat parameter vector of a net with these layer sizes."""
+    return sum(int(a) * int(b) + int(b) for a, b in zip(sizes[:-1], sizes[1:]))
+
+
+def mlp_views(sizes, theta) -> list:
+    """``[(W1, b1), (W2, b2), ...]``: views of the flat vector ``theta`` (its layout)."""
+    views, at = [], 0
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        a, b = int(a), int(b)
+        views.append((theta[at : at + a * b].reshape(a, b), theta[at + a * b : at + a * b + b]))
+        at += a * b + b
+    return views
 
 
 def missing(table) -> list[str]:

@@ -13,7 +13,9 @@ from ._cython import (  # noqa: F401  (the kernel table)
     cross_entropy_labels,
     cross_entropy_onehot,
     get_num_threads,
+    mlp_gradient,
     numerical_gradient_2layer,
+    predict_mlp,
     relu,
     relu_backward,
     set_num_threads,
@@ -26,6 +28,7 @@ from ._cython import (  # noqa: F401  (the kernel table)
     softmax_loss_onehot,
     sparse_affine,
     sparse_predict_2layer,
+    sparse_predict_mlp,
     sparse_rows,
     step,
     sum_squared_error,
@@ -33,6 +36,8 @@ from ._cython import (  # noqa: F401  (the kernel table)
     train_step_2layer_sparse,
     train_steps_2layer,
     train_steps_2layer_sparse,
+    train_steps_mlp,
+    train_steps_mlp_sparse,
 )
 
 

@@ -825,6 +825,307 @@ def _sparse_rows(X):
     return indptr, indices, data
 
 
+# ------------------------------------------------------------------ the MLP engine
+# A net of any depth as one flat parameter vector theta (W1, b1, W2, b2, ...: the
+# layout of contract.mlp_views).  Each call allocates its scratch once: the outputs of
+# every layer for a batch (acts), their gradients (deltas) and the gradient of theta.
+# The arguments are checked by _checks.mlp_* before these functions run.
+@jit
+def _mlp_offsets(sizes):
+    """off[k]: where W_{k+1} starts in theta (b_{k+1} follows it); off[-1] = len(theta)."""
+    L = sizes.size - 1
+    off = np.zeros(L + 1, np.int64)
+    for k in range(L):
+        off[k + 1] = off[k] + sizes[k] * sizes[k + 1] + sizes[k + 1]
+    return off
+
+
+@jit
+def _act_offsets(sizes, B):
+    """aoff[k]: where layer k's outputs (B, sizes[k + 1]) start in the acts buffer."""
+    L = sizes.size - 1
+    aoff = np.zeros(L + 1, np.int64)
+    for k in range(L):
+        aoff[k + 1] = aoff[k] + B * sizes[k + 1]
+    return aoff
+
+
+@jit
+def _weights(theta, sizes, off, k):
+    n_in, n_out = sizes[k], sizes[k + 1]
+    at = off[k] + n_in * n_out
+    return theta[off[k]:at].reshape((n_in, n_out)), theta[at:at + n_out]
+
+
+@jit
+def _rows_view(buf, aoff, k, B):
+    return buf[aoff[k]:aoff[k + 1]].reshape((B, (aoff[k + 1] - aoff[k]) // B))
+
+
+@jit
+def _softmax_loss_delta(S, T, rows):
+    """S (B, C) scores -> (softmax(S) - onehot) / B in place; returns the batch's mean loss."""
+    B, C = S.shape
+    _softmax_rows(S, S)
+    loss = 0.0
+    for i in range(B):
+        loss -= np.log(np.float64(S[i, T[rows[i]]]) + LOG_EPS)
+    scale = S.dtype.type(1.0 / B)
+    for i in range(B):
+        for j in range(C):
+            S[i, j] = S[i, j] * scale
+        S[i, T[rows[i]]] -= scale
+    return loss / B
+
+
+@jit
+def _column_sums(G, out):
+    for j in range(out.size):
+        out[j] = 0
+    for i in range(G.shape[0]):
+        for j in range(out.size):
+            out[j] += G[i, j]
+
+
+@jit
+def _mlp_backprop(theta, grad, sizes, off, act, x, acts, deltas, aoff, T, rows, lo, decay):
+    """Forward from layer lo (its input x when lo is 0, else the outputs of layer lo - 1
+    already in acts), softmax-with-loss, then backward: the gradient of every layer's
+    W (from layer lo on) and b into grad, and for lo = 1 the gradient at layer 0's
+    pre-activation left in deltas (its W is the caller's: the sparse product).
+    Returns the loss, with 0.5 decay sum(W**2) when decay is not 0."""
+    L = sizes.size - 1
+    B = rows.size
+    for k in range(lo, L):
+        W, b = _weights(theta, sizes, off, k)
+        inp = x if k == 0 else _rows_view(acts, aoff, k - 1, B)
+        _affine(inp, W, b, _rows_view(acts, aoff, k, B), act if k < L - 1 else 0)
+    top = _rows_view(acts, aoff, L - 1, B)
+    loss = _softmax_loss_delta(top, T, rows)
+    dz = top
+    for k in range(L - 1, -1, -1):
+        W, b = _weights(theta, sizes, off, k)
+        dW, db = _weights(grad, sizes, off, k)
+        _column_sums(dz, db)
+        if k >= lo:
+            np.dot(x.T if k == 0 else _rows_view(acts, aoff, k - 1, B).T, dz, dW)
+            if decay != 0:
+                d = W.dtype.type(decay)
+                dWf, Wf = dW.reshape(-1), W.reshape(-1)
+                for q in range(Wf.size):
+                    dWf[q] += d * Wf[q]
+        if k > 0:
+            below = _rows_view(deltas, aoff, k - 1, B)
+            np.dot(dz, W.T, below)
+            h = _rows_view(acts, aoff, k - 1, B)
+            if act == 1:
+                _relu_backward(below, h, below)
+            else:
+                _sigmoid_backward(below, h, below)
+            dz = below
+    if decay != 0:
+        for k in range(L):
+            Wf = _weights(theta, sizes, off, k)[0].reshape(-1)
+            s = 0.0
+            for q in range(Wf.size):
+                s += np.float64(Wf[q]) * Wf[q]
+            loss += 0.5 * decay * s
+    return loss
+
+
+@jit
+def _optimizer_update(theta, grad, opt, state, start):
+    """The optimiser of the record opt on theta[start:] from grad (fastnet.optim's
+    formulas, in theta's dtype)."""
+    kind = int(opt[0])
+    one = theta.dtype.type(1)
+    lr = theta.dtype.type(opt[1])
+    eps = theta.dtype.type(LOG_EPS)
+    if kind == 1:
+        for q in range(start, theta.size):
+            theta[q] -= lr * grad[q]
+    elif kind == 2:
+        mom = theta.dtype.type(opt[2])
+        v = state[0]
+        for q in range(start, theta.size):
+            v[q] = v[q] * mom - lr * grad[q]
+            theta[q] += v[q]
+    elif kind == 3:
+        h = state[0]
+        for q in range(start, theta.size):
+            g = grad[q]
+            h[q] += g * g
+            theta[q] -= lr * g / (np.sqrt(h[q]) + eps)
+    else:
+        opt[5] += 1
+        b1, b2, it = opt[2], opt[3], opt[5]
+        lr_t = theta.dtype.type(opt[1] * np.sqrt(1.0 - b2**it) / (1.0 - b1**it))
+        c1, c2 = one - theta.dtype.type(b1), one - theta.dtype.type(b2)
+        m, v = state[0], state[1]
+        for q in range(start, theta.size):
+            g = grad[q]
+            m[q] += c1 * (g - m[q])
+            v[q] += c2 * (g * g - v[q])
+            theta[q] -= lr_t * m[q] / (np.sqrt(v[q]) + eps)
+
+
+@jit
+def _gather(X, rows, div, xb):
+    """xb[i] = X[rows[i]] in xb's dtype, / 255 for uint8 pixels (div 255; else 1, exact)."""
+    for i in range(rows.size):
+        r = rows[i]
+        for j in range(xb.shape[1]):
+            xb[i, j] = X[r, j]
+            xb[i, j] = xb[i, j] / div
+
+
+@jit
+def _mlp_steps(X, div, T, idx, sizes, act, theta, opt, state, losses):
+    S, B = idx.shape
+    off, aoff = _mlp_offsets(sizes), _act_offsets(sizes, B)
+    xb = np.empty((B, sizes[0]), theta.dtype)
+    acts, deltas = np.empty(aoff[-1], theta.dtype), np.empty(aoff[-1], theta.dtype)
+    grad = np.empty_like(theta)
+    for k in range(S):
+        _gather(X, idx[k], div, xb)
+        losses[k] = _mlp_backprop(theta, grad, sizes, off, act, xb, acts, deltas, aoff, T, idx[k], 0, opt[4])
+        _optimizer_update(theta, grad, opt, state, 0)
+        if not np.isfinite(losses[k]):
+            return k + 1
+    return S
+
+
+@jit
+def _mlp_gradient(X, div, T, rows, sizes, act, theta, decay, grad):
+    B = rows.size
+    off, aoff = _mlp_offsets(sizes), _act_offsets(sizes, B)
+    xb = np.empty((B, sizes[0]), theta.dtype)
+    acts, deltas = np.empty(aoff[-1], theta.dtype), np.empty(aoff[-1], theta.dtype)
+    _gather(X, rows, div, xb)
+    return _mlp_backprop(theta, grad, sizes, off, act, xb, acts, deltas, aoff, T, rows, 0, decay)
+
+
+@jit
+def _mlp_steps_sparse(indptr, indices, data, lut, T, idx, sizes, act, theta, opt, state, losses, nt):
+    """_mlp_steps over CSR rows: layer 0 forward and its W's gradient over the non-zeros.
+    Plain SGD without weight decay adds -lr X^T G to W1 directly (no dense dW1).
+    Returns (steps run, column indices outside W1 met)."""
+    S, B = idx.shape
+    off, aoff = _mlp_offsets(sizes), _act_offsets(sizes, B)
+    acts, deltas = np.empty(aoff[-1], theta.dtype), np.empty(aoff[-1], theta.dtype)
+    grad = np.empty_like(theta)
+    none = np.empty((0, sizes[0]), theta.dtype)
+    direct = opt[0] == 1 and opt[4] == 0
+    mlr = theta.dtype.type(-opt[1])
+    W0, b0 = _weights(theta, sizes, off, 0)
+    dW0 = _weights(grad, sizes, off, 0)[0]
+    L = sizes.size - 1
+    for k in range(S):
+        rows = idx[k]
+        cut = _split_rows(indptr, rows, 0, B, nt)
+        h = _rows_view(acts, aoff, 0, B)
+        bad = _sp_forward_par(indptr, indices, data, lut, rows, 0, W0, b0, h, act if L > 1 else 0, cut)
+        losses[k] = _mlp_backprop(theta, grad, sizes, off, act, none, acts, deltas, aoff, T, rows, 1, opt[4])
+        G = _rows_view(deltas, aoff, 0, B) if L > 1 else h
+        if direct:
+            for i in range(B):
+                for j in range(G.shape[1]):
+                    G[i, j] *= mlr
+            bad += _sp_scatter_par(indptr, indices, data, lut, rows, G, W0, cut.size - 1, False)
+            _optimizer_update(theta, grad, opt, state, W0.size)
+        else:
+            bad += _sp_scatter_par(indptr, indices, data, lut, rows, G, dW0, cut.size - 1, True)
+            if opt[4] != 0:
+                d = theta.dtype.type(opt[4])
+                for q in range(W0.size):
+                    grad[q] += d * theta[q]
+            _optimizer_update(theta, grad, opt, state, 0)
+        if bad or not np.isfinite(losses[k]):
+            return k + 1, bad
+    return S, 0
+
+
+@jit
+def _mlp_predict_rows(x, sizes, off, act, theta, acts, aoff, out, i0):
+    """out[i0 + i] = argmax of the net's scores for row i of x (numpy.argmax's choice)."""
+    B = x.shape[0]
+    L = sizes.size - 1
+    for k in range(L):
+        W, b = _weights(theta, sizes, off, k)
+        _affine(x if k == 0 else _rows_view(acts, aoff, k - 1, B), W, b, _rows_view(acts, aoff, k, B),
+                act if k < L - 1 else 0)
+    _argmax_rows(_rows_view(acts, aoff, L - 1, B), out, i0)
+
+
+@jit
+def _argmax_rows(s, out, i0):
+    for i in range(s.shape[0]):
+        k = 0
+        best = s[i, 0]
+        if best == best:
+            for c in range(1, s.shape[1]):
+                v = s[i, c]
+                if v != v:
+                    k = c
+                    break
+                if v > best:
+                    best = v
+                    k = c
+        out[i0 + i] = k
+
+
+#: rows labelled at a time by predict_mlp (their activations stay in cache)
+PREDICT_ROWS = 256
+
+
+@jit
+def _predict_mlp(X, div, sizes, act, theta, out):
+    n = X.shape[0]
+    off = _mlp_offsets(sizes)
+    m = min(PREDICT_ROWS, n)
+    aoff = _act_offsets(sizes, m)
+    xb = np.empty((m, sizes[0]), theta.dtype)
+    acts = np.empty(aoff[-1], theta.dtype)
+    rows = np.arange(n)
+    for i in range(0, n, m):
+        e = min(i + m, n)
+        if e - i < m:
+            m = e - i
+            aoff = _act_offsets(sizes, m)
+            xb = xb[:m]
+        _gather(X, rows[i:e], div, xb)
+        _mlp_predict_rows(xb, sizes, off, act, theta, acts, aoff, out, i)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _sparse_predict_mlp_par(indptr, indices, data, lut, row0, sizes, act, theta, out, cut):
+    """Labels of CSR rows row0 + i, run t of them (cut[t]:cut[t+1]) on thread t,
+    PREDICT_BLOCK rows at a time: the first layer over the non-zeros, the rest dense."""
+    nt = cut.size - 1
+    bad = np.zeros(nt, np.int64)
+    empty = np.empty(0, np.int64)
+    off = _mlp_offsets(sizes)
+    L = sizes.size - 1
+    W0, b0 = _weights(theta, sizes, off, 0)
+    for t in prange(nt):
+        full = _act_offsets(sizes, PREDICT_BLOCK)
+        acts = np.empty(full[-1], theta.dtype)
+        i = cut[t]
+        while i < cut[t + 1]:
+            m = min(PREDICT_BLOCK, cut[t + 1] - i)
+            aoff = _act_offsets(sizes, m)
+            h = _rows_view(acts, aoff, 0, m)
+            bad[t] += _sp_forward_rows(indptr, indices, data, lut, empty, row0 + i, 0, m, W0, b0, h,
+                                       act if L > 1 else 0)
+            for k in range(1, L):
+                W, b = _weights(theta, sizes, off, k)
+                _affine(_rows_view(acts, aoff, k - 1, m), W, b, _rows_view(acts, aoff, k, m),
+                        act if k < L - 1 else 0)
+            _argmax_rows(_rows_view(acts, aoff, L - 1, m), out, i)
+            i += m
+    return bad.sum()
+
+
 @inline
 def _act(v, act):
     if act == 1:
@@ -1242,6 +1543,48 @@ def numerical_gradient_2layer(x, t, W1, b1, W2, b2, act, h, gW1, gb1, gW2, gb2):
     _numgrad_2layer(x, t, W1, b1, W2, b2, int(act), float(h),
                     chk.out(gW1, dt, "gW1", (D, H)), chk.out(gb1, dt, "gb1", (H,)),
                     chk.out(gW2, dt, "gW2", (H, C)), chk.out(gb2, dt, "gb2", (C,)))
+
+
+def _div(X, dtype):
+    return dtype.type(255.0 if X.dtype == np.uint8 else 1.0)
+
+
+def train_steps_mlp(X, T, idx, sizes, act, theta, opt, state, losses):
+    X, T, idx, sizes = chk.mlp_steps(X, T, idx, sizes, act, theta, opt, state, losses)
+    return int(_mlp_steps(X, _div(X, theta.dtype), T, idx, sizes, int(act), theta, opt, state, losses))
+
+
+def train_steps_mlp_sparse(indptr, indices, data, T, idx, sizes, act, theta, opt, state, losses):
+    _, T, idx, sizes = chk.mlp_steps(None, T, idx, sizes, act, theta, opt, state, losses, (indptr, indices, data))
+    done, bad = _mlp_steps_sparse(indptr, indices, data, _LUTS[theta.dtype], T, idx, sizes, int(act), theta, opt,
+                                  state, losses, _threads())
+    if bad:
+        raise ValueError(f"train_steps_mlp_sparse: column indices outside [0, {sizes[0]}) "
+                         "(the weights may be partly updated)")
+    return int(done)
+
+
+def mlp_gradient(X, T, idx, sizes, act, theta, decay, grad):
+    X, T, idx, sizes = chk.mlp_gradient(X, T, idx, sizes, act, theta, decay, grad)
+    return float(_mlp_gradient(X, _div(X, theta.dtype), T, idx, sizes, int(act), theta, float(decay), grad))
+
+
+def predict_mlp(X, sizes, act, theta, out):
+    X, sizes = chk.mlp_predict(X, sizes, act, theta, out)
+    if X.shape[0]:
+        _predict_mlp(X, _div(X, theta.dtype), sizes, int(act), theta, out)
+    return out
+
+
+def sparse_predict_mlp(indptr, indices, data, row0, sizes, act, theta, out):
+    _, sizes = chk.mlp_predict(None, sizes, act, theta, out, (indptr, indices, data), row0)
+    n = out.shape[0]
+    if n:
+        cut = _split_rows(indptr, np.empty(0, np.int64), int(row0), n, _threads())
+        if _sparse_predict_mlp_par(indptr, indices, data, _LUTS[theta.dtype], int(row0), sizes, int(act), theta,
+                                   out, cut):
+            raise ValueError(f"sparse_predict_mlp: column indices outside [0, {sizes[0]})")
+    return out
 
 
 def warmup(dtypes=(np.float32, np.float64)):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _checks
-from .contract import LOG_EPS
+from .contract import LOG_EPS, OPT_BETA1, OPT_BETA2, OPT_DECAY, OPT_ITER, OPT_KIND, OPT_LR, Act, Opt, mlp_views
 
 NAME = "numpy"
 
@@ -149,6 +149,8 @@ def _dense_rows(indptr, indices, data, rows, D, dtype):
     out = np.zeros((len(rows), D), dtype)
     for i, r in enumerate(rows):
         lo, hi = indptr[r], indptr[r + 1]
+        if lo < hi and (indices[lo:hi].min() < 0 or indices[lo:hi].max() >= D):
+            raise ValueError(f"row {r} has a column index out of range for {D} inputs")
         values = data[lo:hi]
         out[i, indices[lo:hi]] = values / dtype.type(255) if data.dtype == np.uint8 else values
     return out
@@ -233,6 +235,131 @@ def numerical_gradient_2layer(x, t, W1, b1, W2, b2, act, h, gW1, gb1, gW2, gb2):
             finally:
                 flat[i] = tmp
             gflat[i] = (fxh1 - fxh2) / (2 * h)
+
+
+# ------------------------------------------------------------------ the MLP engine
+# The net as the book's MultiLayerNet computes it, layer by layer, over the flat
+# parameter vector theta (W1, b1, W2, b2, ... : contract.mlp_views).
+def _batch(X, idx, dtype):
+    return np.divide(X[idx], dtype.type(255), dtype=dtype) if X.dtype == np.uint8 else X[idx]
+
+
+def _forward(x, layers, act):
+    """The activations of every layer: [x, act(x @ W1 + b1), ..., scores]."""
+    hidden = affine_relu if act == Act.RELU else affine_sigmoid
+    outs = [x]
+    for i, (W, b) in enumerate(layers):
+        f = affine if i == len(layers) - 1 else hidden
+        outs.append(f(outs[-1], W, b, np.empty((x.shape[0], W.shape[1]), W.dtype)))
+    return outs
+
+
+def _mlp_loss_gradient(x, t, sizes, act, theta, decay, grad):
+    """Backpropagation as the book's MultiLayerNet.gradient, into ``grad``; returns the loss."""
+    layers, grads = mlp_views(sizes, theta), mlp_views(sizes, grad)
+    outs = _forward(x, layers, act)
+    s = outs[-1]
+    loss = softmax_loss_labels(s, t, s)
+    dout = softmax_loss_backward_labels(s, t, 1.0, s)
+    for i in reversed(range(len(layers))):
+        (W, _), (dW, db) = layers[i], grads[i]
+        dx = np.empty_like(outs[i]) if i else None
+        affine_backward(outs[i], W, dout, dW, db, dx)
+        if decay:
+            dW += W.dtype.type(decay) * W
+        if i:
+            dout = (relu_backward if act == Act.RELU else sigmoid_backward)(dx, outs[i], dx)
+    if decay:
+        loss += sum(0.5 * decay * float(np.sum(np.square(W, dtype=np.float64))) for W, _ in layers)
+    return loss
+
+
+def _optimizer_update(theta, grad, opt, state):
+    """The book's optimisers (fastnet.optim) on the flat vectors."""
+    kind, dt = int(opt[OPT_KIND]), theta.dtype.type
+    lr = dt(opt[OPT_LR])
+    if kind == Opt.SGD:
+        theta -= lr * grad
+    elif kind == Opt.MOMENTUM:
+        v = state[0]
+        v *= dt(opt[OPT_BETA1])
+        v -= lr * grad
+        theta += v
+    elif kind == Opt.ADAGRAD:
+        h = state[0]
+        h += grad * grad
+        theta -= lr * grad / (np.sqrt(h) + dt(LOG_EPS))
+    else:
+        opt[OPT_ITER] += 1
+        b1, b2, it = opt[OPT_BETA1], opt[OPT_BETA2], opt[OPT_ITER]
+        lr_t = opt[OPT_LR] * np.sqrt(1.0 - b2**it) / (1.0 - b1**it)
+        m, v = state
+        m += dt(1 - b1) * (grad - m)
+        v += dt(1 - b2) * (grad**2 - v)
+        theta -= dt(lr_t) * m / (np.sqrt(v) + dt(LOG_EPS))
+
+
+def _mlp_steps(rows_of, T, idx, sizes, act, theta, opt, state, losses):
+    grad = np.empty_like(theta)
+    for k in range(idx.shape[0]):
+        losses[k] = _mlp_loss_gradient(rows_of(idx[k]), T[idx[k]], sizes, act, theta, opt[OPT_DECAY], grad)
+        _optimizer_update(theta, grad, opt, state)
+        if not np.isfinite(losses[k]):
+            return k + 1
+    return idx.shape[0]
+
+
+def train_steps_mlp(X, T, idx, sizes, act, theta, opt, state, losses):
+    X, T, idx, sizes = _checks.mlp_steps(X, T, idx, sizes, act, theta, opt, state, losses)
+    return _mlp_steps(lambda rows: _batch(X, rows, theta.dtype), T, idx, sizes, act, theta, opt, state, losses)
+
+
+def train_steps_mlp_sparse(indptr, indices, data, T, idx, sizes, act, theta, opt, state, losses):
+    csr = (indptr, indices, data)
+    _, T, idx, sizes = _checks.mlp_steps(None, T, idx, sizes, act, theta, opt, state, losses, csr)
+    return _mlp_steps(lambda rows: _dense_rows(*csr, rows, sizes[0], theta.dtype), T, idx, sizes, act, theta,
+                      opt, state, losses)
+
+
+def mlp_gradient(X, T, idx, sizes, act, theta, decay, grad):
+    X, T, idx, sizes = _checks.mlp_gradient(X, T, idx, sizes, act, theta, decay, grad)
+    return _mlp_loss_gradient(_batch(X, idx, theta.dtype), T[idx], sizes, act, theta, decay, grad)
+
+
+def _labels_of(x, sizes, act, theta, out):
+    out[...] = np.argmax(_forward(x, mlp_views(sizes, theta), act)[-1], axis=1)
+    return out
+
+
+def predict_mlp(X, sizes, act, theta, out):
+    X, sizes = _checks.mlp_predict(X, sizes, act, theta, out)
+    return _labels_of(_batch(X, slice(None), theta.dtype), sizes, act, theta, out)
+
+
+def sparse_predict_mlp(indptr, indices, data, row0, sizes, act, theta, out):
+    _, sizes = _checks.mlp_predict(None, sizes, act, theta, out, (indptr, indices, data), row0)
+    x = _dense_rows(indptr, indices, data, range(row0, row0 + out.shape[0]), sizes[0], theta.dtype)
+    return _labels_of(x, sizes, act, theta, out)
+
+
+def _mlp_loss(x, t, sizes, act, theta):
+    s = _forward(x, mlp_views(sizes, theta), act)[-1]
+    return _cross_entropy_labels(softmax(s, s), t)
+
+
+def numerical_gradient_mlp(x, t, sizes, act, theta, h, grad):
+    """The book's loop: perturb each parameter in place, recompute the whole loss twice."""
+    x, t, sizes = _checks.mlp_numgrad(x, t, sizes, act, theta, h, grad)
+    for i in range(theta.size):
+        tmp = theta[i]
+        try:
+            theta[i] = tmp + h
+            fxh1 = _mlp_loss(x, t, sizes, act, theta)
+            theta[i] = tmp - h
+            fxh2 = _mlp_loss(x, t, sizes, act, theta)
+        finally:
+            theta[i] = tmp
+        grad[i] = (fxh1 - fxh2) / (2 * h)
 
 
 def get_num_threads():

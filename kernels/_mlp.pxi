@@ -1,0 +1,636 @@
+# The MLP engine (included by _cython.pyx): a net of any depth as one flat parameter
+# vector theta holding W1, b1, W2, b2, ... one after the other (contract.mlp_views).
+#
+# The arguments are checked once, in Python, by kernels/_checks.py (mlp_*), for all
+# three backends; the code here trusts them.  A layer is a record (_Layer) inside the
+# net's record (_Net): its sizes and where its parameters and outputs lie.  Products
+# go to BLAS (_gemm); the first layer over CSR rows goes through the loops of
+# _sparse.h in their padded layout, split between threads by blocks of pixels.
+
+DEF MAX_LAYERS = 64
+
+# contract.Act, contract.Opt and the fields of the opt record (tests/test_kernel_parity.py
+# checks them against contract.py through _codes())
+cdef enum:
+    ACT_IDENTITY = 0
+    ACT_RELU = 1
+    ACT_SIGMOID = 2
+    OPT_SGD = 1
+    OPT_MOMENTUM = 2
+    OPT_ADAGRAD = 3
+    OPT_ADAM = 4
+    OPT_KIND = 0
+    OPT_LR = 1
+    OPT_BETA1 = 2
+    OPT_BETA2 = 3
+    OPT_DECAY = 4
+    OPT_ITER = 5
+
+
+def _codes():
+    """The codes compiled into this module, as contract.py names them."""
+    return {"Act": {"IDENTITY": ACT_IDENTITY, "RELU": ACT_RELU, "SIGMOID": ACT_SIGMOID},
+            "Opt": {"SGD": OPT_SGD, "MOMENTUM": OPT_MOMENTUM, "ADAGRAD": OPT_ADAGRAD, "ADAM": OPT_ADAM},
+            "fields": [OPT_KIND, OPT_LR, OPT_BETA1, OPT_BETA2, OPT_DECAY, OPT_ITER]}
+
+
+cdef struct _Layer:
+    long long n_in, n_out
+    long long w, b     # where W (n_in x n_out) and b (n_out) start in theta (and in grad)
+    long long out      # where this layer's outputs (B x n_out) start in acts and deltas
+
+
+cdef struct _Net:
+    int L              # layers (Affine), at most MAX_LAYERS
+    int act            # Act of the hidden layers (the top one is softmax-with-loss)
+    int B              # rows per batch
+    long long size     # len(theta)
+    long long outs     # B * (n_out summed over the layers): the length of acts and deltas
+    _Layer layer[MAX_LAYERS]
+
+
+cdef int _net_of(_Net* n, object sizes, int act, long long B) except -1:
+    cdef long long w = 0, o = 0
+    cdef int k
+    if sizes.shape[0] - 1 > MAX_LAYERS:
+        raise ValueError(f"the MLP engine takes at most {MAX_LAYERS} layers, got {sizes.shape[0] - 1}")
+    n.L = sizes.shape[0] - 1
+    n.act = act
+    n.B = <int>B
+    for k in range(n.L):
+        n.layer[k].n_in = sizes[k]
+        n.layer[k].n_out = sizes[k + 1]
+        n.layer[k].w = w
+        n.layer[k].b = w + sizes[k] * sizes[k + 1]
+        n.layer[k].out = o
+        w += sizes[k] * sizes[k + 1] + sizes[k + 1]
+        o += B * sizes[k + 1]
+    n.size = w
+    n.outs = o
+    return 0
+
+
+cdef double _softmax_loss_delta(real* s, long long* T, long long* rows, int B, int C) noexcept nogil:
+    """s (B x C) scores -> (softmax(s) - onehot(t)) / B in place; returns the mean loss."""
+    cdef Py_ssize_t i, j
+    cdef long long t
+    cdef double loss = 0
+    cdef real rs = <real>(1.0 / B)
+    _softmax(s, s, B, C)
+    for i in range(B):
+        t = T[rows[i]]
+        loss -= log(<double>(s[i * C + t] + <real>LOG_EPS))
+        for j in range(C):
+            s[i * C + j] = s[i * C + j] * rs
+        s[i * C + t] = s[i * C + t] - rs
+    return loss / B
+
+
+cdef double _mlp_backprop(_Net* n, real* theta, real* grad, real* x, real* acts, real* deltas,
+                          long long* T, long long* rows, int lo, double decay) noexcept nogil:
+    """Forward from layer lo (input x when lo is 0, else layer lo - 1's outputs already
+    in acts), softmax-with-loss, backward: every layer's db, its dW from layer lo on
+    (+ decay W), and for lo = 1 layer 0's pre-activation gradient left in deltas (its dW
+    is the caller's: the sparse product).  Returns the loss (+ 0.5 decay sum W**2)."""
+    cdef int k, B = n.B, L = n.L
+    cdef Py_ssize_t i, j, q
+    cdef _Layer* ly
+    cdef real* inp
+    cdef real* dz
+    cdef real* below
+    cdef real* W
+    cdef real* dW
+    cdef real* db
+    cdef real d = <real>decay
+    cdef double loss, sq
+    for k in range(lo, L):
+        ly = &n.layer[k]
+        inp = x if k == 0 else acts + n.layer[k - 1].out
+        _affine(inp, theta + ly.w, theta + ly.b, acts + ly.out, B, <int>ly.n_in, <int>ly.n_out,
+                n.act if k < L - 1 else 0)
+    ly = &n.layer[L - 1]
+    dz = acts + ly.out
+    loss = _softmax_loss_delta(dz, T, rows, B, <int>ly.n_out)
+    for k in range(L - 1, -1, -1):
+        ly = &n.layer[k]
+        W, dW, db = theta + ly.w, grad + ly.w, grad + ly.b
+        for j in range(ly.n_out):
+            db[j] = 0
+        for i in range(B):
+            for j in range(ly.n_out):
+                db[j] += dz[i * ly.n_out + j]
+        if k >= lo:
+            inp = x if k == 0 else acts + n.layer[k - 1].out
+            _gemm(True, False, <int>ly.n_in, <int>ly.n_out, B, <real>1, inp, <int>ly.n_in, dz,
+                  <int>ly.n_out, <real>0, dW, <int>ly.n_out)
+            if decay != 0:
+                for q in range(ly.n_in * ly.n_out):
+                    dW[q] += d * W[q]
+        if k > 0:
+            below = deltas + n.layer[k - 1].out
+            _gemm(False, True, B, <int>ly.n_in, <int>ly.n_out, <real>1, dz, <int>ly.n_out, W,
+                  <int>ly.n_out, <real>0, below, <int>ly.n_in)
+            if n.act == 1:
+                _map_relu_backward(below, acts + n.layer[k - 1].out, below, B * ly.n_in)
+            else:
+                _map_sigmoid_backward(below, acts + n.layer[k - 1].out, below, B * ly.n_in)
+            dz = below
+    if decay != 0:
+        for k in range(L):
+            ly = &n.layer[k]
+            sq = 0
+            for q in range(ly.n_in * ly.n_out):
+                sq += <double>theta[ly.w + q] * theta[ly.w + q]
+            loss += 0.5 * decay * sq
+    return loss
+
+
+cdef void _optimizer_update(real* theta, real* grad, double* opt, real* m, real* v,
+                            long long start, long long size) noexcept nogil:
+    """The optimiser of the record opt (contract.Opt, fastnet.optim's formulas in theta's
+    dtype) on theta[start:size] from grad; m and v its state."""
+    cdef long long q
+    cdef int kind = <int>opt[OPT_KIND]
+    cdef real lr = <real>opt[OPT_LR], eps = <real>LOG_EPS, g, b1, c1, c2, lr_t
+    cdef double it
+    if kind == OPT_SGD:
+        for q in range(start, size):
+            theta[q] -= lr * grad[q]
+    elif kind == OPT_MOMENTUM:
+        b1 = <real>opt[OPT_BETA1]
+        for q in range(start, size):
+            m[q] = m[q] * b1 - lr * grad[q]
+            theta[q] += m[q]
+    elif kind == OPT_ADAGRAD:
+        for q in range(start, size):
+            g = grad[q]
+            m[q] += g * g
+            theta[q] -= lr * g / (sqrt(m[q]) + eps)
+    else:
+        opt[OPT_ITER] += 1
+        it = opt[OPT_ITER]
+        lr_t = <real>(opt[OPT_LR] * sqrt(1.0 - pow(opt[OPT_BETA2], it)) / (1.0 - pow(opt[OPT_BETA1], it)))
+        c1 = 1 - <real>opt[OPT_BETA1]
+        c2 = 1 - <real>opt[OPT_BETA2]
+        for q in range(start, size):
+            g = grad[q]
+            m[q] += c1 * (g - m[q])
+            v[q] += c2 * (g * g - v[q])
+            theta[q] -= lr_t * m[q] / (sqrt(v[q]) + eps)
+
+
+cdef int _mlp_steps(_Net* n, real* X, unsigned char* U, long long* T, long long* idx, int S,
+                    real* theta, double* opt, real* m, real* v, double* losses, real* xb, real* acts,
+                    real* deltas, real* grad) noexcept nogil:
+    """S steps on dense rows (X, or U uint8 pixels / 255): batch k is idx[k B : (k + 1) B].
+    Stops after a step whose loss is not finite; returns the number run."""
+    cdef int k
+    cdef long long* rows
+    cdef long long D = n.layer[0].n_in
+    for k in range(S):
+        rows = idx + <Py_ssize_t>k * n.B
+        _gather_rows(X, U, rows, xb, n.B, <int>D)
+        losses[k] = _mlp_backprop(n, theta, grad, xb, acts, deltas, T, rows, 0, opt[OPT_DECAY])
+        _optimizer_update(theta, grad, opt, m, v, 0, n.size)
+        if not (losses[k] - losses[k] == 0):  # NaN or inf: stop here
+            return k + 1
+    return S
+
+
+cdef struct _SparseFirst:
+    # the first layer of a sparse step in the padded layout of _sparse.h (rows of HP)
+    long long* indptr
+    int* indices
+    void* data
+    bint pix
+    void* lut    # the pixel table (_pixel_table) in theta's dtype
+    long long HP
+    void* Wp     # W (D x HP): the weights the forward reads; for direct SGD, updated there
+    void* bp     # b (HP)
+    void* G      # the rows scattered (B x HP): -lr * delta (direct) or delta
+    void* dWp    # the gradient (D x HP) when not direct
+    void* fwd    # the forward's sums over each block of pixels, PIXEL_BLOCKS x (B x HP)
+    bint direct  # plain SGD without weight decay: X^T G scattered into Wp itself
+
+
+cdef long long _sparse_forward(_SparseFirst* f, long long* rows, int B, long long D, long long H,
+                               int act, real* h, int nt) noexcept nogil:
+    """h = act(X[rows] @ W + b) (h unpadded, B x H) by PIXEL_BLOCKS blocks of pixels, block
+    k's partial sums into fwd[k] on thread k mod nt, added up in block order (no sum
+    depends on the thread count).  Returns the column indices outside [0, D) met."""
+    cdef long long bads[PIXEL_BLOCKS]
+    cdef long long q = <long long>B * f.HP, bad = 0
+    cdef int k, tid, nthr
+    with parallel(num_threads=nt):
+        tid = threadid()
+        nthr = fn_num_threads()
+        k = tid
+        while k < PIXEL_BLOCKS:
+            bads[k] = 0
+            _sp_forward_cols(f.indptr, f.indices, f.data, f.pix, <real*>f.lut, rows, B, <real*>f.Wp,
+                             <real*>f.bp if k == 0 else <real*>NULL, <real*>f.fwd + k * q, D, f.HP,
+                             <int>(D * k // PIXEL_BLOCKS), <int>(D * (k + 1) // PIXEL_BLOCKS), &bads[k])
+            k = k + nthr
+    if real is float:
+        fn_sum_parts_f(<float*>f.fwd, q, PIXEL_BLOCKS, B, H, f.HP, h)
+    else:
+        fn_sum_parts_d(<double*>f.fwd, q, PIXEL_BLOCKS, B, H, f.HP, h)
+    if act == 1:
+        _map_relu(h, h, B * H)
+    elif act == 2:
+        _map_sigmoid(h, h, B * H)
+    for k in range(PIXEL_BLOCKS):
+        bad += bads[k]
+    return bad
+
+
+cdef long long _sparse_scatter(_SparseFirst* f, long long* rows, int B, long long D, long long H,
+                               real* dz, real scale, real* dW, int nt) noexcept nogil:
+    """X[rows]^T (scale dz) by the same blocks of pixels: added into Wp (direct), or
+    written to dWp and copied unpadded into dW (D x H).  Each row of W is written by one
+    thread, in image order.  Returns the column indices outside [0, D) met."""
+    cdef long long sbad[PIXEL_BLOCKS]
+    cdef long long bad = 0, HP = f.HP
+    cdef int k, tid, nthr, jlo, jhi
+    cdef Py_ssize_t i, j
+    cdef real* G = <real*>f.G
+    cdef real* target = <real*>f.Wp if f.direct else <real*>f.dWp
+    for i in range(B):
+        for j in range(H):
+            G[i * HP + j] = dz[i * H + j] * scale
+    with parallel(num_threads=nt):
+        tid = threadid()
+        nthr = fn_num_threads()
+        k = tid
+        while k < PIXEL_BLOCKS:
+            sbad[k] = 0
+            jlo = <int>(D * k // PIXEL_BLOCKS)
+            jhi = <int>(D * (k + 1) // PIXEL_BLOCKS)
+            if not f.direct:
+                memset(target + jlo * HP, 0, (jhi - jlo) * HP * sizeof(real))
+            _sp_scatter(f.indptr, f.indices, f.data, f.pix, <real*>f.lut, rows, B, G, target, D, H, HP, jlo, jhi,
+                        &sbad[k])
+            if not f.direct:
+                fn_unpad_rows(target + jlo * HP, jhi - jlo, HP, dW + jlo * H, H, sizeof(real))
+            k = k + nthr
+    for k in range(PIXEL_BLOCKS):
+        bad += sbad[k]
+    return bad
+
+
+cdef int _mlp_steps_sparse(_Net* n, _SparseFirst* f, long long* T, long long* idx, int S, real* theta,
+                           double* opt, real* m, real* v, double* losses, real* acts, real* deltas,
+                           real* grad, long long* bad) noexcept nogil:
+    """_mlp_steps over CSR rows (f): the first layer's forward and its W's gradient over
+    the non-zeros, the layers above with BLAS.  W1 lives in f.Wp during the call (direct)
+    or is copied there after each update; b1 is copied to f.bp after each update.
+    Stops after a step that met a bad column index or a loss that is not finite."""
+    cdef _Layer* ly = &n.layer[0]
+    cdef long long D = ly.n_in, H = ly.n_out, total
+    cdef int k, i, nt
+    cdef long long* rows
+    cdef real* dz
+    cdef real d = <real>opt[OPT_DECAY]
+    cdef long long q
+    cdef int done = S
+    for k in range(S):
+        rows = idx + <Py_ssize_t>k * n.B
+        total = 0
+        for i in range(n.B):
+            total += f.indptr[rows[i] + 1] - f.indptr[rows[i]]
+        nt = fn_max_threads()
+        if nt > PIXEL_BLOCKS:
+            nt = PIXEL_BLOCKS
+        if nt < 1 or total < PARALLEL_NNZ:
+            nt = 1
+        bad[0] += _sparse_forward(f, rows, n.B, D, H, n.act if n.L > 1 else 0, acts + ly.out, nt)
+        losses[k] = _mlp_backprop(n, theta, grad, <real*>NULL, acts, deltas, T, rows, 1, opt[OPT_DECAY])
+        dz = (deltas if n.L > 1 else acts) + ly.out
+        if f.direct:
+            bad[0] += _sparse_scatter(f, rows, n.B, D, H, dz, <real>(-opt[OPT_LR]), <real*>NULL, nt)
+            _optimizer_update(theta, grad, opt, m, v, ly.b, n.size)
+        else:
+            bad[0] += _sparse_scatter(f, rows, n.B, D, H, dz, <real>1, grad + ly.w, nt)
+            if d != 0:
+                for q in range(D * H):
+                    grad[q] += d * theta[q]
+            _optimizer_update(theta, grad, opt, m, v, 0, n.size)
+            fn_pad_rows(theta + ly.w, D, H, f.Wp, f.HP, sizeof(real))
+        memcpy(f.bp, theta + ly.b, H * sizeof(real))
+        if bad[0] or not (losses[k] - losses[k] == 0):
+            done = k + 1
+            break
+    if f.direct:
+        fn_unpad_rows(f.Wp, D, f.HP, theta + ly.w, H, sizeof(real))
+    return done
+
+
+cdef void _argmax_rows(real* s, long long n, long long C, long long* out) noexcept nogil:
+    """out[i] = the first maximum of row i (the first NaN when there is one: numpy.argmax)."""
+    cdef long long i, c, k
+    cdef real best, x
+    for i in range(n):
+        k = 0
+        best = s[i * C]
+        if best == best:
+            for c in range(1, C):
+                x = s[i * C + c]
+                if x != x:
+                    k = c
+                    break
+                if x > best:
+                    best = x
+                    k = c
+        out[i] = k
+
+
+cdef void _mlp_scores_above(_Net* n, real* theta, real* acts, int lo) noexcept nogil:
+    """Layers lo.. of a forward whose layer lo - 1 outputs are in acts (n.B rows)."""
+    cdef int k
+    cdef _Layer* ly
+    for k in range(lo, n.L):
+        ly = &n.layer[k]
+        _affine(acts + n.layer[k - 1].out, theta + ly.w, theta + ly.b, acts + ly.out, n.B, <int>ly.n_in,
+                <int>ly.n_out, n.act if k < n.L - 1 else 0)
+
+
+#: rows labelled at a time by the evaluation kernels (their activations stay in cache)
+DEF PREDICT_ROWS = 256
+
+
+cdef void _mlp_predict_dense(_Net* n, real* X, unsigned char* U, long long rows, real* theta, real* xb,
+                             real* acts, long long* rowno, long long* out) noexcept nogil:
+    cdef long long i, r, m
+    cdef _Layer* ly = &n.layer[0]
+    cdef _Layer* top = &n.layer[n.L - 1]
+    for i in range(0, rows, PREDICT_ROWS):
+        m = rows - i if rows - i < PREDICT_ROWS else PREDICT_ROWS
+        for r in range(m):
+            rowno[r] = i + r
+        n.B = <int>m
+        _gather_rows(X, U, rowno, xb, <int>m, <int>ly.n_in)
+        _affine(xb, theta + ly.w, theta + ly.b, acts + ly.out, <int>m, <int>ly.n_in, <int>ly.n_out,
+                n.act if n.L > 1 else 0)
+        _mlp_scores_above(n, theta, acts, 1)
+        _argmax_rows(acts + top.out, m, top.n_out, out + i)
+
+
+cdef long long _mlp_predict_sparse(_Net* n, _SparseFirst* f, long long row0, long long rows, real* theta,
+                                   real* scratch, long long per_thread, long long* out) noexcept nogil:
+    """Labels of CSR rows row0 + i, PREDICT_ROWS at a time, the blocks shared between the
+    threads (each with its own slice of scratch: rows, the forward's padded sums, acts).
+    Returns the column indices outside [0, D) met."""
+    cdef long long nb = (rows + PREDICT_ROWS - 1) // PREDICT_ROWS, blk, i, m, r
+    cdef long long bads[MAX_THREADS]
+    cdef long long bad = 0
+    cdef int t, nt = fn_max_threads()
+    cdef real* mine
+    cdef long long* rowno
+    if nt > MAX_THREADS:
+        nt = MAX_THREADS
+    if nt > nb:
+        nt = <int>nb
+    if nt < 1:
+        nt = 1
+    for t in range(nt):
+        bads[t] = 0
+    for blk in prange(nb, num_threads=nt, schedule="static", nogil=True):
+        t = threadid()
+        mine = scratch + t * per_thread
+        rowno = <long long*>mine
+        i = blk * PREDICT_ROWS
+        m = rows - i if rows - i < PREDICT_ROWS else PREDICT_ROWS
+        for r in range(m):
+            rowno[r] = row0 + i + r
+        _predict_block(n, f, rowno, m, theta, mine + PREDICT_ROWS * 8 // sizeof(real), &bads[t], out + i)
+    for t in range(nt):
+        bad += bads[t]
+    return bad
+
+
+cdef void _predict_block(_Net* n, _SparseFirst* f, long long* rowno, long long m, real* theta, real* mine,
+                         long long* bad, long long* out) noexcept nogil:
+    """Labels of the m CSR rows rowno (m <= PREDICT_ROWS) with this thread's scratch mine:
+    the first layer's padded output (m x HP), then the net's outputs (acts of n's layout)."""
+    cdef _Net local = n[0]
+    cdef _Layer* ly = &local.layer[0]
+    cdef _Layer* top = &local.layer[local.L - 1]
+    cdef real* padded = mine
+    cdef real* acts = mine + PREDICT_ROWS * f.HP
+    local.B = <int>m
+    _sp_forward_cols(f.indptr, f.indices, f.data, f.pix, <real*>f.lut, rowno, m, <real*>f.Wp, <real*>f.bp,
+                     padded, ly.n_in, f.HP, 0, <int>ly.n_in, bad)
+    if real is float:
+        fn_sum_parts_f(padded, 0, 1, m, ly.n_out, f.HP, acts + ly.out)
+    else:
+        fn_sum_parts_d(padded, 0, 1, m, ly.n_out, f.HP, acts + ly.out)
+    if local.L > 1:
+        if local.act == 1:
+            _map_relu(acts + ly.out, acts + ly.out, m * ly.n_out)
+        else:
+            _map_sigmoid(acts + ly.out, acts + ly.out, m * ly.n_out)
+    _mlp_scores_above(&local, theta, acts, 1)
+    _argmax_rows(acts + top.out, m, top.n_out, out)
+
+
+# ---------------------------------------------------------------- the Python-facing kernels
+def _aligned(long long n, dtype):
+    """n zeros of dtype whose first element is 64-byte aligned (the padded layout's loads)."""
+    dtype = np.dtype(dtype)
+    buf = np.zeros(n + 64 // dtype.itemsize, dtype)
+    start = (-buf.ctypes.data % 64) // dtype.itemsize
+    return buf[start : start + n]
+
+
+cdef class _SparseRows:
+    """The padded first layer of a sparse kernel (_SparseFirst) and the arrays it points into."""
+    cdef _SparseFirst f
+    cdef object keep
+    cdef float lutf[256]
+    cdef double lutd[256]
+
+    def __init__(self, indptr, indices, data, theta, long long D, long long H, long long B, bint direct):
+        dt = theta.dtype
+        cdef long long ts = dt.itemsize
+        cdef long long HP = fn_padded(H, ts)
+        Wp, bp = _aligned(D * HP, dt), _aligned(HP, dt)
+        G, fwd = _aligned(B * HP, dt), _aligned(PIXEL_BLOCKS * B * HP, dt)
+        dWp = None if direct else _aligned(D * HP, dt)
+        self.keep = (indptr, indices, data, Wp, bp, G, fwd, dWp)
+        self.f.indptr = <long long*>_p(indptr)
+        self.f.indices = <int*>_p(indices)
+        self.f.data = _p(data)
+        self.f.pix = data.dtype == np.uint8
+        self.f.HP = HP
+        self.f.Wp, self.f.bp, self.f.G, self.f.fwd = _p(Wp), _p(bp), _p(G), _p(fwd)
+        self.f.dWp = _p(dWp) if dWp is not None else NULL
+        self.f.direct = direct
+        cdef char* pt = <char*>_p(theta)
+        fn_pad_rows(pt, D, H, self.f.Wp, HP, ts)
+        memcpy(self.f.bp, pt + D * H * ts, H * ts)
+        if ts == 4:
+            _pixel_table(self.lutf)
+            self.f.lut = self.lutf
+        else:
+            _pixel_table(self.lutd)
+            self.f.lut = self.lutd
+
+
+cdef tuple _work(_Net* n, dtype, bint batch):
+    """acts, deltas, grad (and the gathered batch when ``batch``) for n."""
+    return (np.empty(n.outs, dtype), np.empty(n.outs, dtype), np.empty(n.size, dtype),
+            np.empty((n.B, n.layer[0].n_in), dtype) if batch else None)
+
+
+def train_steps_mlp(X, T, idx, sizes, int act, theta, opt, state, losses):
+    X, T, idx, sizes = _chk.mlp_steps(X, T, idx, sizes, act, theta, opt, state, losses)
+    _blas()
+    cdef _Net n
+    _net_of(&n, sizes, act, idx.shape[1])
+    acts, deltas, grad, xb = _work(&n, theta.dtype, True)
+    cdef bint f32 = theta.dtype == np.float32, pixels = X.dtype == np.uint8
+    cdef unsigned char* pu = <unsigned char*>_p(X) if pixels else NULL
+    cdef void* px = NULL if pixels else _p(X)
+    cdef long long* pT = <long long*>_p(T)
+    cdef long long* pi = <long long*>_p(idx)
+    cdef int S = idx.shape[0], done
+    cdef double* po = <double*>_p(opt)
+    cdef double* pl = <double*>_p(losses)
+    cdef void* pth = _p(theta)
+    cdef char* pm = <char*>_p(state)
+    cdef long long ts = theta.dtype.itemsize
+    cdef char* pv = pm + n.size * ts
+    cdef void* pa = _p(acts)
+    cdef void* pd = _p(deltas)
+    cdef void* pg = _p(grad)
+    cdef void* pb = _p(xb)
+    with nogil:
+        if f32:
+            done = _mlp_steps(&n, <float*>px, pu, pT, pi, S, <float*>pth, po, <float*>pm, <float*>pv, pl,
+                              <float*>pb, <float*>pa, <float*>pd, <float*>pg)
+        else:
+            done = _mlp_steps(&n, <double*>px, pu, pT, pi, S, <double*>pth, po, <double*>pm, <double*>pv, pl,
+                              <double*>pb, <double*>pa, <double*>pd, <double*>pg)
+    return done
+
+
+def train_steps_mlp_sparse(indptr, indices, data, T, idx, sizes, int act, theta, opt, state, losses):
+    _, T, idx, sizes = _chk.mlp_steps(None, T, idx, sizes, act, theta, opt, state, losses, (indptr, indices, data))
+    _blas()
+    cdef _Net n
+    _net_of(&n, sizes, act, idx.shape[1])
+    acts, deltas, grad, _ = _work(&n, theta.dtype, False)
+    cdef bint direct = opt[OPT_KIND] == OPT_SGD and opt[OPT_DECAY] == 0
+    cdef _SparseRows rows = _SparseRows(indptr, indices, data, theta, n.layer[0].n_in, n.layer[0].n_out, n.B,
+                                        direct)
+    cdef bint f32 = theta.dtype == np.float32
+    cdef long long* pT = <long long*>_p(T)
+    cdef long long* pi = <long long*>_p(idx)
+    cdef int S = idx.shape[0], done
+    cdef long long bad = 0
+    cdef double* po = <double*>_p(opt)
+    cdef double* pl = <double*>_p(losses)
+    cdef void* pth = _p(theta)
+    cdef char* pm = <char*>_p(state)
+    cdef long long ts = theta.dtype.itemsize
+    cdef char* pv = pm + n.size * ts
+    cdef void* pa = _p(acts)
+    cdef void* pd = _p(deltas)
+    cdef void* pg = _p(grad)
+    with nogil:
+        if f32:
+            done = _mlp_steps_sparse(&n, &rows.f, pT, pi, S, <float*>pth, po, <float*>pm, <float*>pv, pl,
+                                     <float*>pa, <float*>pd, <float*>pg, &bad)
+        else:
+            done = _mlp_steps_sparse(&n, &rows.f, pT, pi, S, <double*>pth, po, <double*>pm, <double*>pv, pl,
+                                     <double*>pa, <double*>pd, <double*>pg, &bad)
+    if bad:
+        raise ValueError(f"train_steps_mlp_sparse: {bad} column indices are outside [0, {sizes[0]}) "
+                         "(the weights may be partly updated)")
+    return done
+
+
+def mlp_gradient(X, T, idx, sizes, int act, theta, double decay, grad):
+    X, T, idx, sizes = _chk.mlp_gradient(X, T, idx, sizes, act, theta, decay, grad)
+    _blas()
+    cdef _Net n
+    _net_of(&n, sizes, act, idx.shape[0])
+    acts, deltas, _, xb = _work(&n, theta.dtype, True)
+    cdef bint f32 = theta.dtype == np.float32, pixels = X.dtype == np.uint8
+    cdef unsigned char* pu = <unsigned char*>_p(X) if pixels else NULL
+    cdef void* px = NULL if pixels else _p(X)
+    cdef long long* pT = <long long*>_p(T)
+    cdef long long* pi = <long long*>_p(idx)
+    cdef void* pth = _p(theta)
+    cdef void* pa = _p(acts)
+    cdef void* pd = _p(deltas)
+    cdef void* pg = _p(grad)
+    cdef void* pb = _p(xb)
+    cdef double loss
+    with nogil:
+        if f32:
+            _gather_rows(<float*>px, pu, pi, <float*>pb, n.B, <int>n.layer[0].n_in)
+            loss = _mlp_backprop(&n, <float*>pth, <float*>pg, <float*>pb, <float*>pa, <float*>pd, pT, pi, 0, decay)
+        else:
+            _gather_rows(<double*>px, pu, pi, <double*>pb, n.B, <int>n.layer[0].n_in)
+            loss = _mlp_backprop(&n, <double*>pth, <double*>pg, <double*>pb, <double*>pa, <double*>pd, pT, pi, 0,
+                                 decay)
+    return loss
+
+
+def predict_mlp(X, sizes, int act, theta, out):
+    X, sizes = _chk.mlp_predict(X, sizes, act, theta, out)
+    cdef long long rows = X.shape[0]
+    if rows == 0:
+        return out
+    _blas()
+    cdef _Net n
+    _net_of(&n, sizes, act, min(rows, PREDICT_ROWS))
+    acts, _, _, xb = _work(&n, theta.dtype, True)
+    rowno = np.empty(PREDICT_ROWS, np.int64)
+    cdef bint f32 = theta.dtype == np.float32, pixels = X.dtype == np.uint8
+    cdef unsigned char* pu = <unsigned char*>_p(X) if pixels else NULL
+    cdef void* px = NULL if pixels else _p(X)
+    cdef void* pth = _p(theta)
+    cdef void* pa = _p(acts)
+    cdef void* pb = _p(xb)
+    cdef long long* pr = <long long*>_p(rowno)
+    cdef long long* po = <long long*>_p(out)
+    with nogil:
+        if f32:
+            _mlp_predict_dense(&n, <float*>px, pu, rows, <float*>pth, <float*>pb, <float*>pa, pr, po)
+        else:
+            _mlp_predict_dense(&n, <double*>px, pu, rows, <double*>pth, <double*>pb, <double*>pa, pr, po)
+    return out
+
+
+def sparse_predict_mlp(indptr, indices, data, long long row0, sizes, int act, theta, out):
+    _, sizes = _chk.mlp_predict(None, sizes, act, theta, out, (indptr, indices, data), row0)
+    cdef long long rows = out.shape[0]
+    if rows == 0:
+        return out
+    if sizes.shape[0] > 2:
+        _blas()
+    cdef _Net n
+    _net_of(&n, sizes, act, PREDICT_ROWS)
+    cdef _SparseRows first = _SparseRows(indptr, indices, data, theta, n.layer[0].n_in, n.layer[0].n_out, 0, True)
+    cdef long long ts = theta.dtype.itemsize, lane = 64 // ts
+    # a thread's scratch: PREDICT_ROWS row numbers, the padded first layer, the layers' outputs
+    cdef long long per_thread = (PREDICT_ROWS * 8 // ts + PREDICT_ROWS * first.f.HP + n.outs + lane - 1) // lane * lane
+    cdef int nt = fn_max_threads()
+    if nt > MAX_THREADS:
+        nt = MAX_THREADS
+    scratch = _aligned(per_thread * nt, theta.dtype)
+    cdef bint f32 = theta.dtype == np.float32
+    cdef void* pth = _p(theta)
+    cdef void* ps = _p(scratch)
+    cdef long long* po = <long long*>_p(out)
+    cdef long long bad
+    with nogil:
+        if f32:
+            bad = _mlp_predict_sparse(&n, &first.f, row0, rows, <float*>pth, <float*>ps, per_thread, po)
+        else:
+            bad = _mlp_predict_sparse(&n, &first.f, row0, rows, <double*>pth, <double*>ps, per_thread, po)
+    if bad:
+        raise ValueError(f"sparse_predict_mlp: {bad} column indices are outside [0, {sizes[0]})")
+    return out
