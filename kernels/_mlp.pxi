@@ -87,11 +87,14 @@ cdef double _softmax_loss_delta(real* s, long long* T, long long* rows, int B, i
 
 
 cdef double _mlp_backprop(_Net* n, real* theta, real* grad, real* x, real* acts, real* deltas,
-                          long long* T, long long* rows, int lo, double decay) noexcept nogil:
+                          long long* T, long long* rows, int lo, double decay, double sgd) noexcept nogil:
     """Forward from layer lo (input x when lo is 0, else layer lo - 1's outputs already
     in acts), softmax-with-loss, backward: every layer's db, its dW from layer lo on
     (+ decay W), and for lo = 1 layer 0's pre-activation gradient left in deltas (its dW
-    is the caller's: the sparse product).  Returns the loss (+ 0.5 decay sum W**2)."""
+    is the caller's: the sparse product).  With sgd != 0 (plain SGD, no decay) the
+    layers from lo on are updated in place instead (W -= sgd * dW folded into the
+    product: alpha = -sgd, beta = 1) and grad is not written; a layer's W is used for
+    the gradient below it before it is updated.  Returns the loss (+ 0.5 decay sum W**2)."""
     cdef int k, B = n.B, L = n.L
     cdef Py_ssize_t i, j, q
     cdef _Layer* ly
@@ -119,13 +122,7 @@ cdef double _mlp_backprop(_Net* n, real* theta, real* grad, real* x, real* acts,
         for i in range(B):
             for j in range(ly.n_out):
                 db[j] += dz[i * ly.n_out + j]
-        if k >= lo:
-            inp = x if k == 0 else acts + n.layer[k - 1].out
-            _gemm(True, False, <int>ly.n_in, <int>ly.n_out, B, <real>1, inp, <int>ly.n_in, dz,
-                  <int>ly.n_out, <real>0, dW, <int>ly.n_out)
-            if decay != 0:
-                for q in range(ly.n_in * ly.n_out):
-                    dW[q] += d * W[q]
+        below = NULL
         if k > 0:
             below = deltas + n.layer[k - 1].out
             _gemm(False, True, B, <int>ly.n_in, <int>ly.n_out, <real>1, dz, <int>ly.n_out, W,
@@ -134,7 +131,20 @@ cdef double _mlp_backprop(_Net* n, real* theta, real* grad, real* x, real* acts,
                 _map_relu_backward(below, acts + n.layer[k - 1].out, below, B * ly.n_in)
             else:
                 _map_sigmoid_backward(below, acts + n.layer[k - 1].out, below, B * ly.n_in)
-            dz = below
+        if k >= lo:
+            inp = x if k == 0 else acts + n.layer[k - 1].out
+            if sgd != 0:
+                _gemm(True, False, <int>ly.n_in, <int>ly.n_out, B, <real>(-sgd), inp, <int>ly.n_in, dz,
+                      <int>ly.n_out, <real>1, W, <int>ly.n_out)
+                for j in range(ly.n_out):
+                    theta[ly.b + j] -= <real>sgd * db[j]
+            else:
+                _gemm(True, False, <int>ly.n_in, <int>ly.n_out, B, <real>1, inp, <int>ly.n_in, dz,
+                      <int>ly.n_out, <real>0, dW, <int>ly.n_out)
+                if decay != 0:
+                    for q in range(ly.n_in * ly.n_out):
+                        dW[q] += d * W[q]
+        dz = below
     if decay != 0:
         for k in range(L):
             ly = &n.layer[k]
@@ -187,11 +197,13 @@ cdef int _mlp_steps(_Net* n, real* X, unsigned char* U, long long* T, long long*
     cdef int k
     cdef long long* rows
     cdef long long D = n.layer[0].n_in
+    cdef double sgd = opt[OPT_LR] if opt[OPT_KIND] == OPT_SGD and opt[OPT_DECAY] == 0 else 0
     for k in range(S):
         rows = idx + <Py_ssize_t>k * n.B
         _gather_rows(X, U, rows, xb, n.B, <int>D)
-        losses[k] = _mlp_backprop(n, theta, grad, xb, acts, deltas, T, rows, 0, opt[OPT_DECAY])
-        _optimizer_update(theta, grad, opt, m, v, 0, n.size)
+        losses[k] = _mlp_backprop(n, theta, grad, xb, acts, deltas, T, rows, 0, opt[OPT_DECAY], sgd)
+        if sgd == 0:
+            _optimizer_update(theta, grad, opt, m, v, 0, n.size)
         if not (losses[k] - losses[k] == 0):  # NaN or inf: stop here
             return k + 1
     return S
@@ -304,11 +316,13 @@ cdef int _mlp_steps_sparse(_Net* n, _SparseFirst* f, long long* T, long long* id
         if nt < 1 or total < PARALLEL_NNZ:
             nt = 1
         bad[0] += _sparse_forward(f, rows, n.B, D, H, n.act if n.L > 1 else 0, acts + ly.out, nt)
-        losses[k] = _mlp_backprop(n, theta, grad, <real*>NULL, acts, deltas, T, rows, 1, opt[OPT_DECAY])
+        losses[k] = _mlp_backprop(n, theta, grad, <real*>NULL, acts, deltas, T, rows, 1, opt[OPT_DECAY],
+                                  opt[OPT_LR] if f.direct else 0)
         dz = (deltas if n.L > 1 else acts) + ly.out
         if f.direct:
             bad[0] += _sparse_scatter(f, rows, n.B, D, H, dz, <real>(-opt[OPT_LR]), <real*>NULL, nt)
-            _optimizer_update(theta, grad, opt, m, v, ly.b, n.size)
+            for q in range(H):
+                theta[ly.b + q] -= <real>opt[OPT_LR] * grad[ly.b + q]
         else:
             bad[0] += _sparse_scatter(f, rows, n.B, D, H, dz, <real>1, grad + ly.w, nt)
             if d != 0:
@@ -537,13 +551,16 @@ def train_steps_mlp_sparse(indptr, indices, data, T, idx, sizes, int act, theta,
     cdef void* pa = _p(acts)
     cdef void* pd = _p(deltas)
     cdef void* pg = _p(grad)
+    cdef int threads[MAX_BLAS_LIBS]
     with nogil:
+        _blas_one_thread(threads)
         if f32:
             done = _mlp_steps_sparse(&n, &rows.f, pT, pi, S, <float*>pth, po, <float*>pm, <float*>pv, pl,
                                      <float*>pa, <float*>pd, <float*>pg, &bad)
         else:
             done = _mlp_steps_sparse(&n, &rows.f, pT, pi, S, <double*>pth, po, <double*>pm, <double*>pv, pl,
                                      <double*>pa, <double*>pd, <double*>pg, &bad)
+        _blas_threads_back(threads)
     if bad:
         raise ValueError(f"train_steps_mlp_sparse: {bad} column indices are outside [0, {sizes[0]}) "
                          "(the weights may be partly updated)")
@@ -570,11 +587,12 @@ def mlp_gradient(X, T, idx, sizes, int act, theta, double decay, grad):
     with nogil:
         if f32:
             _gather_rows(<float*>px, pu, pi, <float*>pb, n.B, <int>n.layer[0].n_in)
-            loss = _mlp_backprop(&n, <float*>pth, <float*>pg, <float*>pb, <float*>pa, <float*>pd, pT, pi, 0, decay)
+            loss = _mlp_backprop(&n, <float*>pth, <float*>pg, <float*>pb, <float*>pa, <float*>pd, pT, pi, 0, decay,
+                                 0)
         else:
             _gather_rows(<double*>px, pu, pi, <double*>pb, n.B, <int>n.layer[0].n_in)
             loss = _mlp_backprop(&n, <double*>pth, <double*>pg, <double*>pb, <double*>pa, <double*>pd, pT, pi, 0,
-                                 decay)
+                                 decay, 0)
     return loss
 
 
@@ -626,11 +644,14 @@ def sparse_predict_mlp(indptr, indices, data, long long row0, sizes, int act, th
     cdef void* ps = _p(scratch)
     cdef long long* po = <long long*>_p(out)
     cdef long long bad
+    cdef int threads[MAX_BLAS_LIBS]
     with nogil:
+        _blas_one_thread(threads)
         if f32:
             bad = _mlp_predict_sparse(&n, &first.f, row0, rows, <float*>pth, <float*>ps, per_thread, po)
         else:
             bad = _mlp_predict_sparse(&n, &first.f, row0, rows, <double*>pth, <double*>ps, per_thread, po)
+        _blas_threads_back(threads)
     if bad:
         raise ValueError(f"sparse_predict_mlp: {bad} column indices are outside [0, {sizes[0]})")
     return out

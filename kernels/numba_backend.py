@@ -20,6 +20,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from . import _checks as chk
+from ._blas import one_thread
 from .contract import LOG_EPS
 
 NAME = "numba"
@@ -1556,8 +1557,9 @@ def train_steps_mlp(X, T, idx, sizes, act, theta, opt, state, losses):
 
 def train_steps_mlp_sparse(indptr, indices, data, T, idx, sizes, act, theta, opt, state, losses):
     _, T, idx, sizes = chk.mlp_steps(None, T, idx, sizes, act, theta, opt, state, losses, (indptr, indices, data))
-    done, bad = _mlp_steps_sparse(indptr, indices, data, _LUTS[theta.dtype], T, idx, sizes, int(act), theta, opt,
-                                  state, losses, _threads())
+    with one_thread():
+        done, bad = _mlp_steps_sparse(indptr, indices, data, _LUTS[theta.dtype], T, idx, sizes, int(act), theta,
+                                      opt, state, losses, _threads())
     if bad:
         raise ValueError(f"train_steps_mlp_sparse: column indices outside [0, {sizes[0]}) "
                          "(the weights may be partly updated)")
@@ -1581,8 +1583,10 @@ def sparse_predict_mlp(indptr, indices, data, row0, sizes, act, theta, out):
     n = out.shape[0]
     if n:
         cut = _split_rows(indptr, np.empty(0, np.int64), int(row0), n, _threads())
-        if _sparse_predict_mlp_par(indptr, indices, data, _LUTS[theta.dtype], int(row0), sizes, int(act), theta,
-                                   out, cut):
+        with one_thread():
+            bad = _sparse_predict_mlp_par(indptr, indices, data, _LUTS[theta.dtype], int(row0), sizes, int(act),
+                                          theta, out, cut)
+        if bad:
             raise ValueError(f"sparse_predict_mlp: column indices outside [0, {sizes[0]})")
     return out
 
