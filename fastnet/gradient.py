@@ -9,7 +9,7 @@ when ``f`` is a Numba-compiled function the loop itself runs compiled.
 a sequential net, computed by the active backend: the reference re-runs the whole net
 twice per parameter, as the book does; the compiled backends evaluate the same two
 losses but recompute only what the one parameter changes (see the kernel
-``numerical_gradient_2layer``).  :func:`gradcheck` compares backprop with it.
+``numerical_gradient_mlp``).  :func:`gradcheck` compares backprop with it.
 """
 
 from __future__ import annotations
@@ -136,9 +136,6 @@ def _numerical_gradient_compiled(f, x, h):
 
 
 # ------------------------------------------------------------------ nets
-_ACT_CODES = {"relu": 1, "sigmoid": 2}
-
-
 def _integer_labels(t, rows, classes):
     t = np.asarray(t)
     if t.ndim == 2:
@@ -155,9 +152,10 @@ def _integer_labels(t, rows, classes):
 def numerical_gradient_net(net, x, t, h: float = H):
     """``{name: gradient}`` for every parameter of ``net`` by central differences.
 
-    Exactly what the book's ``net.numerical_gradient(x, t)`` computes.  A two-layer net
-    with integer or one-hot labels goes through the active backend's
-    ``numerical_gradient_2layer`` kernel; anything else runs the book's generic loop.
+    Exactly what the book's ``net.numerical_gradient(x, t)`` computes.  A
+    ``MultiLayerNet`` of any depth with integer or one-hot labels goes through the
+    active backend's ``numerical_gradient_mlp`` kernel; anything else runs the book's
+    generic loop.
     """
     from .backend import kernels
 
@@ -166,7 +164,7 @@ def numerical_gradient_net(net, x, t, h: float = H):
     x2 = x2.reshape(x2.shape[0], -1)
     sizes = getattr(net, "sizes", None)
     t_idx = None
-    if sizes is not None and len(sizes) == 3 and getattr(net, "activation", None) in _ACT_CODES:
+    if sizes is not None and hasattr(net, "flat_params"):
         t_idx = _integer_labels(t, x2.shape[0], sizes[-1])
     if t_idx is None:
 
@@ -176,15 +174,14 @@ def numerical_gradient_net(net, x, t, h: float = H):
         return {key: numerical_gradient(loss_W, value, h) for key, value in params.items()}
     if x2.shape[1] != sizes[0]:
         raise ValueError(f"x has shape {np.shape(x)} but W1 has shape {params['W1'].shape}")
-    grads = {key: np.empty_like(value) for key, value in params.items()}
-    kernels().numerical_gradient_2layer(
-        x2, t_idx, params["W1"], params["b1"], params["W2"], params["b2"],
-        _ACT_CODES[net.activation], h, grads["W1"], grads["b1"], grads["W2"], grads["b2"],
-    )
+    theta = net.flat_params()
+    grad = np.empty_like(theta)
+    kernels().numerical_gradient_mlp(x2, t_idx, net.sizes, net.act_code, theta, h, grad)
+    grads = net._views(grad)
     lam = getattr(net, "weight_decay_lambda", 0.0)
     if lam:  # the central difference of 0.5 * lam * w**2 is lam * w exactly
-        for key in ("W1", "W2"):
-            grads[key] += grads[key].dtype.type(lam) * params[key]
+        for i in range(1, net.n_affine + 1):
+            grads[f"W{i}"] += grads[f"W{i}"].dtype.type(lam) * params[f"W{i}"]
     return grads
 
 

@@ -20,12 +20,15 @@ import numpy as np
 
 from . import gradient as _gradient
 from ._validate import as_float_array, describe_nonfinite, float_dtype
-from .backend import kernels
+from .backend import get_backend, kernels
+from .kernels.contract import Act, mlp_size, mlp_views
 from .layers import Affine, Relu, Sigmoid, SoftmaxWithLoss
 
 __all__ = ["MultiLayerNet", "TwoLayerNet", "ThreeLayerNet", "init_network", "forward", "predict"]
 
 ACTIVATIONS = {"relu": Relu, "sigmoid": Sigmoid}
+#: the kernels' code of each hidden activation (contract.Act)
+ACT_CODES = {"relu": int(Act.RELU), "sigmoid": int(Act.SIGMOID)}
 _FUSED = {Relu: "affine_relu", Sigmoid: "affine_sigmoid"}
 #: rows per chunk when a whole data set goes through ``predict`` for accuracy
 EVAL_BATCH = 2000
@@ -57,6 +60,18 @@ def _labels_to_index(t) -> np.ndarray:
     return np.argmax(t, axis=1) if t.ndim != 1 else t
 
 
+def _batch_rows(x, dtype, width):
+    """A batch as the MLP kernels take it: 2-D rows of ``width`` in ``dtype`` (uint8
+    pixels as they are), C-contiguous."""
+    x = np.asarray(x)
+    if x.dtype != np.uint8:
+        x = as_float_array(x, dtype=dtype)
+    rows = x.reshape(x.shape[0] if x.ndim else 1, -1)
+    if rows.shape[1] != width:
+        raise ValueError(f"x has shape {x.shape} but the net takes {width} inputs per row")
+    return np.ascontiguousarray(rows)
+
+
 class MultiLayerNet:
     """Sequential net: ``(Affine → activation) × len(hidden_size_list) → Affine → softmax``.
 
@@ -68,6 +83,8 @@ class MultiLayerNet:
     book, or float32) and ``seed``/``rng`` for reproducible initial weights.
 
     Weights are drawn as ``weight_init_std * standard_normal`` and biases are zero.
+    ``params`` and the Affine layers' ``W`` and ``b`` are views of one flat vector
+    (:meth:`flat_params`), which the compiled MLP kernels train in place.
     """
 
     def __init__(
@@ -95,11 +112,11 @@ class MultiLayerNet:
         self.activation = activation
         self.sizes = sizes
         gen = _rng(seed, rng)
-        self.params = {}
+        self._theta = np.zeros(mlp_size(sizes), self.dtype)
+        self.params = self._views(self._theta)
         for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:]), start=1):
             scale = _init_scale(weight_init_std, activation, fan_in)
-            self.params[f"W{i}"] = (scale * gen.standard_normal((fan_in, fan_out))).astype(self.dtype)
-            self.params[f"b{i}"] = np.zeros(fan_out, dtype=self.dtype)
+            self.params[f"W{i}"][...] = scale * gen.standard_normal((fan_in, fan_out))
         self.layers = OrderedDict()
         n = self.n_affine
         for i in range(1, n + 1):
@@ -108,11 +125,69 @@ class MultiLayerNet:
                 name = "Relu" if activation == "relu" else "Sigmoid"
                 self.layers[f"{name}{i}"] = ACTIVATIONS[activation]()
         self.lastLayer = SoftmaxWithLoss()
+        self._bound = dict(self.params)
 
     # --------------------------------------------------------------- structure
     @property
     def n_affine(self) -> int:
         return len(self.sizes) - 1
+
+    @property
+    def act_code(self) -> int:
+        """The kernels' code of the hidden activation (contract.Act)."""
+        return ACT_CODES[self.activation]
+
+    def _views(self, theta) -> dict:
+        """``{W1: ..., b1: ..., ...}``: the views of ``theta`` in the engine's layout."""
+        return {f"{name}{i}": a for i, pair in enumerate(mlp_views(self.sizes, theta), start=1)
+                for name, a in zip("Wb", pair)}
+
+    def flat_params(self) -> np.ndarray:
+        """The parameters as one vector ``W1, b1, W2, b2, ...`` (row-major), whose views
+        are ``params`` and the Affine layers' ``W`` and ``b``: a change to either is a
+        change to the other.  When a ``params`` entry was replaced by another array (as
+        the book's code may do), the vector is rebuilt from ``params`` and everything is
+        bound to it again; the shapes must still chain."""
+        theta = self._theta
+        if all(self.params.get(k) is v for k, v in self._bound.items()):
+            return theta
+        shapes = {}
+        for i in range(1, self.n_affine + 1):
+            for name in "Wb":
+                key = f"{name}{i}"
+                if key not in self.params:
+                    raise ValueError(f"params has no {key}")
+                shapes[key] = np.shape(self.params[key])
+        for i in range(1, self.n_affine + 1):
+            W, b = shapes[f"W{i}"], shapes[f"b{i}"]
+            want = (self.sizes[i - 1], self.sizes[i])
+            if W != want:
+                if len(W) == 2 and i > 1 and W[0] != shapes[f"W{i - 1}"][-1]:
+                    raise ValueError(f"params W{i} has shape {W} but W{i - 1} has shape {shapes[f'W{i - 1}']}: "
+                                     "the layers do not chain")
+                raise ValueError(f"params W{i} has shape {W}; this net's layer {i} is {want}")
+            if b != (want[1],):
+                raise ValueError(f"params b{i} has shape {b} but W{i} has shape {W}")
+        theta = np.empty_like(self._theta)
+        views = self._views(theta)
+        for key, view in views.items():
+            view[...] = as_float_array(self.params[key], key, dtype=self.dtype)
+        self._bind(theta)
+        return theta
+
+    def _bind(self, theta) -> None:
+        self._theta = theta
+        views = self._views(theta)
+        self.params.update(views)
+        for i in range(1, self.n_affine + 1):
+            affine = self.layers[f"Affine{i}"]
+            affine.W, affine.b = views[f"W{i}"], views[f"b{i}"]
+        self._bound = dict(views)
+
+    def _compiled(self) -> bool:
+        """Whether the fused MLP kernels serve ``gradient`` and ``accuracy`` (the compiled
+        backends; the reference backend keeps the book's layer-by-layer path)."""
+        return get_backend() != "numpy"
 
     def set_params(self, params) -> None:
         """Copy ``params`` (a dict ``W1, b1, …``) into this net's arrays, checking shapes."""
@@ -184,6 +259,11 @@ class MultiLayerNet:
             raise ValueError(f"x has {n} rows but t has {t.shape[0]} labels")
         if n == 0:
             raise ValueError("accuracy of an empty batch is undefined")
+        if self._compiled():  # one kernel call: predict_mlp labels every row
+            labels = np.empty(n, np.int64)
+            kernels().predict_mlp(_batch_rows(x, self.dtype, self.sizes[0]), self.sizes, self.act_code,
+                                  self.flat_params(), labels)
+            return int(np.count_nonzero(labels == t)) / float(n)
         correct = 0
         for start in range(0, n, batch_size):
             y = self.predict(x[start : start + batch_size])
@@ -200,12 +280,17 @@ class MultiLayerNet:
         return _gradient.numerical_gradient_net(self, x, t)
 
     def gradient(self, x, t):
-        """The gradient of ``loss`` by backpropagation through ``layers``.
+        """The gradient of ``loss`` by backpropagation: ``{W1: dW1, b1: db1, ...}``.
 
-        As in the book: forward, ``lastLayer.backward(1)``, then every layer's
-        ``backward`` in reverse order.  The first Affine layer skips ``dx``, which
-        nothing uses.
+        On the compiled backends the whole net's forward and backward run in one kernel
+        call (``mlp_gradient``); the result is the same up to rounding, in new arrays,
+        and ``lastLayer.loss`` is set as the layers would set it.  On the reference
+        backend it is the book's loop: forward, ``lastLayer.backward(1)``, then every
+        layer's ``backward`` in reverse order (the first Affine layer skips ``dx``,
+        which nothing uses).
         """
+        if self._compiled():
+            return self._fused_gradient(x, t)
         self.loss(x, t)
         dout = self.lastLayer.backward(1)
         layers = list(self.layers.values())
@@ -224,6 +309,22 @@ class MultiLayerNet:
             grads[f"W{i}"] = affine.dW + lam * affine.W if lam else affine.dW
             grads[f"b{i}"] = affine.db
         return grads
+
+    def _fused_gradient(self, x, t):
+        rows = _batch_rows(x, self.dtype, self.sizes[0])
+        labels = _labels_to_index(t)
+        if labels.shape != (rows.shape[0],):
+            raise ValueError(f"t has shape {np.shape(t)} but x has {rows.shape[0]} rows")
+        if labels.dtype.kind not in "iu":
+            raise TypeError(f"labels t must be integers or one-hot rows, got {labels.dtype}")
+        theta = self.flat_params()
+        grad = np.empty_like(theta)
+        loss = kernels().mlp_gradient(rows, labels.astype(np.int64), np.arange(rows.shape[0], dtype=np.int64),
+                                      self.sizes, self.act_code, theta, self.weight_decay_lambda, grad)
+        if not np.isfinite(loss):
+            self._explain_nonfinite(x)
+        self.lastLayer.loss = loss - self.weight_decay() if self.weight_decay_lambda else loss
+        return self._views(grad)
 
 
 class TwoLayerNet(MultiLayerNet):

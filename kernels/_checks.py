@@ -105,60 +105,6 @@ def csr(indptr, indices, data, dtype, who: str):
         raise ValueError(f"{who}: data has {data.shape[0]} entries but indices {indices.shape[0]}")
 
 
-def train_step_2layer(X, T, idx, W1, b1, W2, b2, act, work, rows=None, losses=None, lr=None):
-    """Check every array of a fused two-layer step; returns ``work`` as a tuple.  With
-    ``X`` None (the sparse step) the batch comes from ``rows`` CSR rows and ``xb`` is
-    not used.  With ``losses`` (the multi-step kernels) ``idx`` is (steps, batch) and
-    ``lr`` must be positive."""
-    if losses is not None:
-        if not lr > 0:
-            raise ValueError(f"these kernels run SGD steps: lr must be > 0, got {lr}")
-        if type(idx) is not np.ndarray or idx.dtype != np.int64 or not idx.flags.c_contiguous:
-            raise TypeError("idx must be a C-contiguous int64 array (steps, batch)")
-        if idx.ndim != 2 or idx.size == 0:
-            raise ValueError(f"idx must be a non-empty 2-D array (steps, batch) of row numbers, got shape {idx.shape}")
-        if (type(losses) is not np.ndarray or losses.dtype != np.float64 or losses.shape != (idx.shape[0],)
-                or not losses.flags.c_contiguous or not losses.flags.writeable):
-            raise ValueError(f"losses must be a writeable C-contiguous float64 array of shape ({idx.shape[0]},)")
-        train_step_2layer(X, T, idx[0], W1, b1, W2, b2, act, work, rows)
-        return tuple(work)
-    if len(work) != 8:
-        raise ValueError(f"work must hold 8 buffers (xb, h, s, dh, dW1, db1, dW2, db2), got {len(work)}")
-    if act not in (1, 2):
-        raise ValueError(f"act must be 1 (relu) or 2 (sigmoid), got {act}")
-    dt = dtype_of(W1, "W1")
-    if W1.ndim != 2:
-        raise ValueError(f"W1 must be 2-D, got shape {W1.shape}")
-    xb = work[0]
-    B = len(idx) if hasattr(idx, "__len__") else -1
-    D, H = W1.shape
-    C = W2.shape[1] if getattr(W2, "ndim", 0) == 2 else -1
-    expected = (
-        ("X", X, (getattr(X, "shape", (0,))[0], D)), ("W2", W2, (H, C)), ("b1", b1, (H,)),
-        ("b2", b2, (C,)), ("xb", xb, (B, D)), ("h", work[1], (B, H)), ("s", work[2], (B, C)),
-        ("dh", work[3], (B, H)), ("dW1", work[4], (D, H)), ("db1", work[5], (H,)),
-        ("dW2", work[6], (H, C)), ("db2", work[7], (C,)),
-    )
-    if X is None:  # CSR rows: no dense X, no dense batch
-        expected = tuple(e for e in expected if e[0] not in ("X", "xb"))
-    for name, a, shape in expected:
-        if name == "X" and type(a) is np.ndarray and a.dtype == np.uint8:
-            pass  # pixels, normalised on the fly
-        elif type(a) is not np.ndarray or a.dtype != dt:
-            raise TypeError(f"{name} is {getattr(a, 'dtype', type(a).__name__)}; W1 is {dt}")
-        if a.shape != shape:
-            raise ValueError(f"{name} has shape {a.shape}, expected {shape} (W1 {W1.shape}, W2 {W2.shape})")
-        if not a.flags.c_contiguous:
-            raise ValueError(f"{name} must be C-contiguous")
-    for name, a in (("T", T), ("idx", idx)):
-        if type(a) is not np.ndarray or a.dtype != np.int64 or a.ndim != 1 or not a.flags.c_contiguous:
-            raise TypeError(f"{name} must be a C-contiguous 1-D int64 array")
-    n_rows = X.shape[0] if X is not None else rows
-    if T.shape[0] != n_rows:
-        raise ValueError(f"X has {n_rows} rows but T has {T.shape[0]} labels")
-    return tuple(work)
-
-
 # ------------------------------------------------------------------ the MLP engine
 def mlp_net(sizes, act, theta, writeable=False):
     """The net of an MLP kernel: ``sizes`` as int64 (at least input and output, each

@@ -41,10 +41,6 @@ cdef extern from "_sparse.h" nogil:
                              const double* lut, const long long* rows, long long n, const double* G,
                              double* W, long long D, long long H, long long HP, int jlo, int jhi,
                              long long* bad)
-    void fn_top_argmax_f(const float* h, long long n, long long H, const float* W2, const float* b2,
-                         long long C, const float* wp, float* s, long long* labels)
-    void fn_top_argmax_d(const double* h, long long n, long long H, const double* W2, const double* b2,
-                         long long C, const double* wp, double* s, long long* labels)
     void fn_sum_parts_f(const float* parts, long long q, int np, long long n, long long H, long long HP,
                         float* h)
     void fn_sum_parts_d(const double* parts, long long q, int np, long long n, long long H, long long HP,
@@ -780,203 +776,6 @@ cdef double _top_rows(real* h, long long* T, long long* idx, real* W2, real* b2,
     return loss
 
 
-cdef void _top_reduce(real* h, real* W2, real* b2, double lr, real* s, real* dh, real* db1,
-                      real* dW2, real* db2, int B, int H, int C) noexcept nogil:
-    """The sums over the batch after _top_rows: db2, db1 and dW2 = h.T @ ds; then SGD on
-    W2 and b2 when lr != 0 (dW2 is folded into the product), else dW2 and db2 written."""
-    cdef Py_ssize_t i, j
-    for j in range(C):
-        db2[j] = 0
-    for i in range(B):
-        for j in range(C):
-            db2[j] += s[i * C + j]
-    for j in range(H):
-        db1[j] = 0
-    for i in range(B):
-        for j in range(H):
-            db1[j] += dh[i * H + j]
-    if lr != 0:
-        _gemm(True, False, H, C, B, <real>(-lr), h, H, s, C, <real>1, W2, C)
-        for j in range(C):
-            b2[j] -= <real>lr * db2[j]
-    else:
-        _gemm(True, False, H, C, B, <real>1, h, H, s, C, <real>0, dW2, C)
-
-
-cdef double _step_top(real* h, long long* T, long long* idx, real* W2, real* b2, double lr,
-                      int act, real* s, real* dh, real* db1, real* dW2, real* db2,
-                      int B, int H, int C) noexcept nogil:
-    """Everything of a two-layer step above the first layer's product, on one thread:
-    _top_rows for the whole batch, then _top_reduce (b1 is updated by the caller, from
-    db1).  Returns the batch loss."""
-    cdef double loss = _top_rows(h, T, idx, W2, b2, act, s, dh, B, B, H, C)
-    _top_reduce(h, W2, b2, lr, s, dh, db1, dW2, db2, B, H, C)
-    return loss / B
-
-
-cdef double _train_step_2layer(real* X, unsigned char* U, long long* T, long long* idx, real* W1, real* b1,
-                               real* W2, real* b2, double lr, int act, real* xb, real* h,
-                               real* s, real* dh, real* dW1, real* db1, real* dW2, real* db2,
-                               int B, int D, int H, int C) noexcept nogil:
-    """One SGD step of Affine-act-Affine-SoftmaxWithLoss.  With lr != 0 the weight
-    updates are folded into the gradient products (gemm with alpha = -lr, beta = 1),
-    so dW1 and dW2 are never materialised."""
-    cdef Py_ssize_t j
-    cdef double loss
-    _gather_rows(X, U, idx, xb, B, D)
-    _affine(xb, W1, b1, h, B, D, H, act)
-    loss = _step_top(h, T, idx, W2, b2, lr, act, s, dh, db1, dW2, db2, B, H, C)
-    if lr != 0:
-        _gemm(True, False, D, H, B, <real>(-lr), xb, D, dh, H, <real>1, W1, H)
-        for j in range(H):
-            b1[j] -= <real>lr * db1[j]
-    else:
-        _gemm(True, False, D, H, B, <real>1, xb, D, dh, H, <real>0, dW1, H)
-    return loss
-
-
-cdef struct _Net2:
-    # the checked arguments of a fused two-layer step (_net2_args)
-    int tn, S, B, D, H, C
-    long long* idx
-    long long* T
-    void* p[12]  # W1, b1, W2, b2, xb, h, s, dh, dW1, db1, dW2, db2
-    double* losses
-
-
-cdef list _net2_args(str who, object X, Py_ssize_t n_rows, object T, object idx, object W1,
-                     object b1, object W2, object b2, int act, object work, object losses,
-                     _Net2* a):
-    """Check the arguments of a fused two-layer step and fill ``a``.  ``X`` is None for
-    CSR rows (``n_rows`` of them; xb is then not used).  ``losses`` None: one step,
-    ``idx`` 1-D; else several steps, ``idx`` (S, B) and ``losses`` float64 (S,).  Every
-    batch index and its label is checked here, before any step runs.  Returns the arrays
-    that must stay alive while the pointers are used."""
-    if act != 1 and act != 2:
-        raise ValueError(f"act must be 1 (relu) or 2 (sigmoid), got {act}")
-    if len(work) != 8:
-        raise ValueError(f"work must hold 8 buffers (xb, h, s, dh, dW1, db1, dW2, db2), got {len(work)}")
-    cdef int tn = _typenum(W1, "W1")
-    _rows_of_W1(W1)  # 2-D, before its shape is read
-    cdef cnp.ndarray W1a = _out2(W1, tn, "W1", W1.shape[0], W1.shape[1])
-    cdef int D = W1a.shape[0], H = W1a.shape[1]
-    cdef cnp.ndarray W2a = _out2(W2, tn, "W2", H, W2.shape[1] if W2.ndim == 2 else -1)
-    cdef int C = W2a.shape[1]
-    cdef cnp.ndarray b1a = _vec(b1, tn, "b1", H, True)
-    cdef cnp.ndarray b2a = _vec(b2, tn, "b2", C, True)
-    cdef cnp.ndarray Ta = _label_array(T, n_rows)
-    cdef cnp.ndarray ia = np.ascontiguousarray(idx, dtype=np.int64)
-    cdef int want = 1 if losses is None else 2
-    if cnp.PyArray_NDIM(ia) != want or ia.size < 1:
-        raise ValueError("idx must be a non-empty 1-D array of row numbers" if want == 1 else
-                         "idx must be a non-empty 2-D array (steps, batch) of row numbers")
-    cdef int S = 1 if want == 1 else ia.shape[0]
-    cdef int B = ia.shape[want - 1]
-    cdef cnp.ndarray la = None
-    if losses is not None:
-        if not (cnp.PyArray_Check(losses) and cnp.PyArray_TYPE(<cnp.ndarray>losses) == cnp.NPY_FLOAT64
-                and cnp.PyArray_NDIM(<cnp.ndarray>losses) == 1 and losses.shape[0] == S
-                and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>losses)
-                and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>losses)):
-            raise ValueError(f"losses must be a writeable C-contiguous float64 array of shape ({S},)")
-        la = <cnp.ndarray>losses
-    xb, h, s, dh, dW1, db1, dW2, db2 = work
-    # in the order of a.p, then what else the pointers point into
-    cdef list keep = [W1a, b1a, W2a, b2a, _out2(xb, tn, "xb", B, D) if X is not None else None,
-                      _out2(h, tn, "h", B, H), _out2(s, tn, "s", B, C), _out2(dh, tn, "dh", B, H),
-                      _out2(dW1, tn, "dW1", D, H), _vec(db1, tn, "db1", H, True),
-                      _out2(dW2, tn, "dW2", H, C), _vec(db2, tn, "db2", C, True), Ta, ia, la]
-    cdef long long* pi = <long long*>_p(ia)
-    cdef long long* pt = <long long*>_p(Ta)
-    cdef Py_ssize_t i
-    for i in range(<Py_ssize_t>S * B):
-        if pi[i] < 0 or pi[i] >= n_rows:
-            raise IndexError(f"{who}: batch index {pi[i]} is out of range for {n_rows} rows")
-        if pt[pi[i]] < 0 or pt[pi[i]] >= C:
-            raise ValueError(f"{who}: label {pt[pi[i]]} of row {pi[i]} is out of range for {C} classes")
-    a.tn, a.S, a.B, a.D, a.H, a.C = tn, S, B, D, H, C
-    a.idx, a.T = pi, pt
-    a.losses = <double*>_p(la) if la is not None else NULL
-    for i in range(12):
-        a.p[i] = _p(keep[i]) if keep[i] is not None else NULL
-    return keep
-
-
-cdef object _dense_X(object X, int D):
-    """X of a dense step: uint8 pixels or floats (type checked by the caller), 2-D, D columns."""
-    cdef cnp.ndarray Xa
-    if cnp.PyArray_Check(X) and cnp.PyArray_TYPE(<cnp.ndarray>X) == cnp.NPY_UINT8:
-        Xa = np.ascontiguousarray(X)
-        if cnp.PyArray_NDIM(Xa) != 2:
-            raise ValueError(f"X must be 2-D, got shape {X.shape}")
-    else:
-        Xa = _in2(X, _typenum(X, "X"), "X")
-    if Xa.shape[1] != D:
-        raise ValueError(f"X has shape {X.shape} but W1 has {D} rows")
-    return Xa
-
-
-cdef Py_ssize_t _rows_of_W1(object W1) except -1:
-    _typenum(W1, "W1")
-    if W1.ndim != 2:
-        raise ValueError(f"W1 must be 2-D, got shape {W1.shape}")
-    return W1.shape[0]
-
-
-cdef int _dense_steps(cnp.ndarray Xa, _Net2* a, double lr, int act) except -1:
-    """Run a.S steps of the dense fused step on the batches a.idx[k * a.B : (k + 1) * a.B];
-    a.losses[k] receives the loss of step k.  Stops after a step whose loss is not
-    finite.  Returns the number of steps run."""
-    _blas()
-    cdef bint pixels = cnp.PyArray_TYPE(Xa) == cnp.NPY_UINT8
-    if not pixels and cnp.PyArray_TYPE(Xa) != a.tn:
-        raise TypeError(f"X is {Xa.dtype}; the weights are {'float32' if a.tn == cnp.NPY_FLOAT32 else 'float64'}")
-    cdef unsigned char* pu = <unsigned char*>_p(Xa) if pixels else NULL
-    cdef void* px = NULL if pixels else _p(Xa)
-    cdef int k, done = 0
-    cdef double loss
-    cdef long long* idx
-    with nogil:
-        for k in range(a.S):
-            idx = a.idx + <Py_ssize_t>k * a.B
-            if a.tn == cnp.NPY_FLOAT32:
-                loss = _train_step_2layer(<float*>px, pu, a.T, idx, <float*>a.p[0], <float*>a.p[1],
-                                          <float*>a.p[2], <float*>a.p[3], lr, act, <float*>a.p[4],
-                                          <float*>a.p[5], <float*>a.p[6], <float*>a.p[7], <float*>a.p[8],
-                                          <float*>a.p[9], <float*>a.p[10], <float*>a.p[11],
-                                          a.B, a.D, a.H, a.C)
-            else:
-                loss = _train_step_2layer(<double*>px, pu, a.T, idx, <double*>a.p[0], <double*>a.p[1],
-                                          <double*>a.p[2], <double*>a.p[3], lr, act, <double*>a.p[4],
-                                          <double*>a.p[5], <double*>a.p[6], <double*>a.p[7], <double*>a.p[8],
-                                          <double*>a.p[9], <double*>a.p[10], <double*>a.p[11],
-                                          a.B, a.D, a.H, a.C)
-            a.losses[k] = loss
-            done += 1
-            if not (loss - loss == 0):  # NaN or inf: stop here
-                break
-    return done
-
-
-def train_step_2layer(X, T, idx, W1, b1, W2, b2, double lr, int act, work):
-    cdef _Net2 a
-    cdef double loss
-    Xa = _dense_X(X, _rows_of_W1(W1))
-    keep = _net2_args("train_step_2layer", Xa, Xa.shape[0], T, idx, W1, b1, W2, b2, act, work, None, &a)
-    a.losses = &loss
-    _dense_steps(Xa, &a, lr, act)
-    return loss
-
-
-def train_steps_2layer(X, T, idx, W1, b1, W2, b2, double lr, int act, work, losses):
-    if not lr > 0:
-        raise ValueError(f"train_steps_2layer runs SGD steps: lr must be > 0, got {lr}")
-    cdef _Net2 a
-    Xa = _dense_X(X, _rows_of_W1(W1))
-    keep = _net2_args("train_steps_2layer", Xa, Xa.shape[0], T, idx, W1, b1, W2, b2, act, work, losses, &a)
-    return _dense_steps(Xa, &a, lr, act)
-
-
 # ---------------------------------------------------------------- sparse first layer
 # Rows of X as CSR (indptr int64, indices int32 sorted within each row, data uint8
 # pixels or floats of the parameters' dtype).  The loops are in _sparse.h; here they are
@@ -1320,21 +1119,19 @@ cdef void _w_rows_par(void* W, long long D, long long H, void* Wl, long long tsi
         fn_w_rows(W, D, H, Wl, r0, r1, tsize, split, back)
 
 
-cdef double _train_step_2layer_sparse(long long* indptr, int* indices, void* data, bint pix,
-                                      real* lut, long long* T, long long* idx, _Padded* pad, real* b1,
-                                      real* W2, real* b2, double lr, int act, real* h, real* s, real* dh,
-                                      real* dW1, real* db1, real* dW2, real* db2, int B, int D,
-                                      int H, int C, long long* bad) noexcept nogil:
-    """The step of _train_step_2layer with the first layer over CSR rows and W1 in the
+cdef double _two_layer_sgd_step(long long* indptr, int* indices, void* data, bint pix,
+                               real* lut, long long* T, long long* idx, _Padded* pad, real* b1,
+                               real* W2, real* b2, double lr, int act, real* h, real* s, real* dh,
+                               real* db1, real* dW2, real* db2, int B, int D, int H, int C,
+                               long long* bad) noexcept nogil:
+    """One SGD step of the two-layer net with the first layer over CSR rows and W1 in the
     padded layout (pad.W), in one parallel region (_sp_step_par): the forward by blocks
-    of pixels, the layers above by blocks of rows, then the W1 update (or dW1) scattered
-    by the same blocks of pixels.  One thread when the batch has fewer than
-    PARALLEL_NNZ non-zeros.  ``lut``: the pixel table (_pixel_table)."""
+    of pixels, the layers above by blocks of rows, then the W1 update scattered by the
+    same blocks of pixels.  One thread when the batch has fewer than PARALLEL_NNZ
+    non-zeros.  ``lut``: the pixel table (_pixel_table).  Returns the batch loss."""
     cdef long long HP = pad.HP, total = 0
     cdef int i, nt = fn_max_threads()
-    cdef real mlr = <real>(-lr) if lr != 0 else <real>1
     cdef real* Wp = <real*>pad.W
-    cdef real* G = <real*>pad.G
     memcpy(pad.b, b1, H * sizeof(real))
     for i in range(B):
         total += indptr[idx[i] + 1] - indptr[idx[i]]
@@ -1343,9 +1140,8 @@ cdef double _train_step_2layer_sparse(long long* indptr, int* indices, void* dat
     if nt < 1 or total < PARALLEL_NNZ:
         nt = 1
     return _sp_step_par(indptr, indices, data, pix, lut, idx, Wp, <real*>pad.b, h, D, H, HP, act,
-                        nt, bad, T, W2, b2, s, dh, G, mlr, B, C, lr, b1, db1, dW2, db2,
-                        Wp if lr != 0 else <real*>pad.dW, dW1 if lr == 0 else NULL,
-                        <real*>pad.fwd, <real*>pad.part, <real*>pad.wp, <real*>pad.wt,
+                        nt, bad, T, W2, b2, s, dh, <real*>pad.G, <real>(-lr), B, C, lr, b1, db1, dW2, db2,
+                        Wp, NULL, <real*>pad.fwd, <real*>pad.part, <real*>pad.wp, <real*>pad.wt,
                         <real*>pad.acc) / B
 
 
@@ -1383,80 +1179,73 @@ cdef int _csr_rows_ok(long long* indptr, long long n_rows, long long nnz, long l
     return 0
 
 
-cdef int _sparse_steps(object indptr, object indices, object data, bint pixels, _Net2* a,
-                       double lr, int act) except -1:
-    """Run a.S steps of the sparse fused step (see _dense_steps); the CSR arrays are
-    checked by _csr, ``pixels`` says whether data holds uint8 pixels."""
-    cdef cnp.ndarray pa = <cnp.ndarray>indptr
-    cdef long long* pp = <long long*>_p(pa)
-    _csr_rows_ok(pp, pa.shape[0] - 1, indices.shape[0], a.idx, 0, <long long>a.S * a.B)
-    cdef int* pj = <int*>_p(<cnp.ndarray>indices)
-    cdef void* pd = _p(<cnp.ndarray>data)
-    cdef long long bad = 0
-    cdef int k, done = 0
+cdef int _two_layer_sgd_sparse(indptr, indices, data, T, idx, theta, long long D, long long H, long long C,
+                               double lr, int act, losses) except -1:
+    """train_steps_mlp_sparse for a net of two layers with plain SGD and no weight decay,
+    the arguments checked by _checks.mlp_steps: the step of _sp_step_par, whose layers
+    above the first run in vectors by blocks of rows inside the same parallel region
+    (fn_top_block in _top.h).  The book's run: 60 us a step against 70 us for the
+    general engine on this machine (benchmarks/README.md).  Stops after a step that met
+    a bad column index or whose loss is not finite; returns the number of steps run."""
+    cdef long long* pp = <long long*>_p(indptr)
+    cdef int* pj = <int*>_p(indices)
+    cdef void* pd = _p(data)
+    cdef bint pixels = data.dtype == np.uint8, f32 = theta.dtype == np.float32
+    cdef long long* pT = <long long*>_p(T)
+    cdef long long* pidx = <long long*>_p(idx)
+    cdef double* pl = <double*>_p(losses)
+    cdef int S = idx.shape[0], B = idx.shape[1], k, done = 0
+    cdef long long bad = 0, ts = theta.dtype.itemsize
+    # theta: W1 (D x H), b1, W2 (H x C), b2; scratch: h, s, dh (B rows), db1, dW2, db2
+    cdef char* pw = <char*>_p(theta)
+    cdef void* W1 = pw
+    cdef void* b1 = pw + D * H * ts
+    cdef void* W2 = pw + (D * H + H) * ts
+    cdef void* b2 = pw + (D * H + H + H * C) * ts
+    work = np.empty(B * (H + C + H) + H + H * C + C, theta.dtype)
+    cdef char* pk = <char*>_p(work)
+    cdef void* h = pk
+    cdef void* s = pk + B * H * ts
+    cdef void* dh = pk + B * (H + C) * ts
+    cdef void* db1 = pk + B * (H + C + H) * ts
+    cdef void* dW2 = pk + (B * (H + C + H) + H) * ts
+    cdef void* db2 = pk + (B * (H + C + H) + H + H * C) * ts
     cdef double loss
-    cdef long long* idx
+    cdef long long* rows
     cdef _Padded pad
-    cdef long long ts = 4 if a.tn == cnp.NPY_FLOAT32 else 8
     cdef float lutf[256]
     cdef double lutd[256]
-    _padded_take(&pad, a.p[0], a.D, a.H, a.B, lr == 0, ts, a.C)
+    _padded_take(&pad, W1, D, H, B, False, ts, C)
     with nogil:
-        if a.tn == cnp.NPY_FLOAT32:
+        if f32:
             _pixel_table(lutf)
             if pad.wp != NULL:
-                _top_weights(<float*>a.p[2], a.H, a.C, pad.HP, <float*>pad.wp, <float*>pad.wt)
+                _top_weights(<float*>W2, H, C, pad.HP, <float*>pad.wp, <float*>pad.wt)
         else:
             _pixel_table(lutd)
             if pad.wp != NULL:
-                _top_weights(<double*>a.p[2], a.H, a.C, pad.HP, <double*>pad.wp, <double*>pad.wt)
-        for k in range(a.S):
-            idx = a.idx + <Py_ssize_t>k * a.B
-            if a.tn == cnp.NPY_FLOAT32:
-                loss = _train_step_2layer_sparse(pp, pj, pd, pixels, lutf, a.T, idx, &pad,
-                                                 <float*>a.p[1], <float*>a.p[2], <float*>a.p[3], lr, act,
-                                                 <float*>a.p[5], <float*>a.p[6], <float*>a.p[7],
-                                                 <float*>a.p[8], <float*>a.p[9], <float*>a.p[10],
-                                                 <float*>a.p[11], a.B, a.D, a.H, a.C, &bad)
+                _top_weights(<double*>W2, H, C, pad.HP, <double*>pad.wp, <double*>pad.wt)
+        for k in range(S):
+            rows = pidx + <Py_ssize_t>k * B
+            if f32:
+                loss = _two_layer_sgd_step(pp, pj, pd, pixels, lutf, pT, rows, &pad, <float*>b1, <float*>W2,
+                                           <float*>b2, lr, act, <float*>h, <float*>s, <float*>dh, <float*>db1,
+                                           <float*>dW2, <float*>db2, B, <int>D, <int>H, <int>C, &bad)
             else:
-                loss = _train_step_2layer_sparse(pp, pj, pd, pixels, lutd, a.T, idx, &pad,
-                                                 <double*>a.p[1], <double*>a.p[2], <double*>a.p[3], lr, act,
-                                                 <double*>a.p[5], <double*>a.p[6], <double*>a.p[7],
-                                                 <double*>a.p[8], <double*>a.p[9], <double*>a.p[10],
-                                                 <double*>a.p[11], a.B, a.D, a.H, a.C, &bad)
-            a.losses[k] = loss
+                loss = _two_layer_sgd_step(pp, pj, pd, pixels, lutd, pT, rows, &pad, <double*>b1, <double*>W2,
+                                           <double*>b2, lr, act, <double*>h, <double*>s, <double*>dh,
+                                           <double*>db1, <double*>dW2, <double*>db2, B, <int>D, <int>H, <int>C,
+                                           &bad)
+            pl[k] = loss
             done += 1
             if bad or not (loss - loss == 0):  # a bad column, NaN or inf: stop here
                 break
-        if lr != 0:
-            _w_rows_par(a.p[0], a.D, a.H, pad.W, ts, False, True)
+        _w_rows_par(W1, D, H, pad.W, ts, False, True)
         fn_scratch_give(pad.block)
     if bad:
-        raise ValueError(f"train_step_2layer_sparse: {bad} column indices are outside [0, {a.D}) "
+        raise ValueError(f"train_steps_mlp_sparse: {bad} column indices are outside [0, {D}) "
                          "(the weights may be partly updated)")
     return done
-
-
-def train_step_2layer_sparse(indptr, indices, data, T, idx, W1, b1, W2, b2, double lr, int act, work):
-    cdef _Net2 a
-    cdef double loss
-    cdef bint pixels = _csr(indptr, indices, data, _typenum(W1, "W1"), "train_step_2layer_sparse")
-    keep = _net2_args("train_step_2layer_sparse", None, indptr.shape[0] - 1, T, idx, W1, b1, W2, b2,
-                      act, work, None, &a)
-    a.losses = &loss
-    _sparse_steps(indptr, indices, data, pixels, &a, lr, act)
-    return loss
-
-
-def train_steps_2layer_sparse(indptr, indices, data, T, idx, W1, b1, W2, b2, double lr, int act,
-                              work, losses):
-    if not lr > 0:
-        raise ValueError(f"train_steps_2layer_sparse runs SGD steps: lr must be > 0, got {lr}")
-    cdef _Net2 a
-    cdef bint pixels = _csr(indptr, indices, data, _typenum(W1, "W1"), "train_steps_2layer_sparse")
-    keep = _net2_args("train_steps_2layer_sparse", None, indptr.shape[0] - 1, T, idx, W1, b1, W2,
-                      b2, act, work, losses, &a)
-    return _sparse_steps(indptr, indices, data, pixels, &a, lr, act)
 
 
 cdef tuple _first_layer_args(str who, indptr, indices, data, W, b, int act, str wname, str bname):
@@ -1514,117 +1303,6 @@ def sparse_affine(indptr, indices, data, long long row0, W, b, int act, out):
         fn_scratch_give(pad.block)
     if bad:
         raise ValueError(f"sparse_affine: {bad} column indices are outside [0, {D})")
-    return out
-
-
-# rows of a thread's run worked on at a time by sparse_predict_2layer: their hidden
-# values (64 x H) stay in the core's cache between the two layers
-DEF PREDICT_BLOCK = 64
-
-
-cdef void _predict_run(long long* indptr, int* indices, void* data, bint pix, real* lut,
-                       long long row0, real* W, real* b, real* W2, real* b2, real* wp, long long D,
-                       long long H, long long HP, long long C, int act, long long* cut, int t,
-                       real* h, real* s, long long* labels, long long* bad) noexcept nogil:
-    """Run t of the rows (cut[t]:cut[t + 1]): labels of rows row0 + i, PREDICT_BLOCK at
-    a time through h (PREDICT_BLOCK x H) and s (C): the first layer (_sp_forward, W and b
-    padded), the activation, then fn_top_argmax."""
-    cdef long long i, m
-    bad[0] = 0
-    i = cut[t]
-    while i < cut[t + 1]:
-        m = cut[t + 1] - i
-        if m > PREDICT_BLOCK:
-            m = PREDICT_BLOCK
-        _sp_forward(indptr, indices, data, pix, lut, row0 + i, m, W, b, h, D, H, HP, bad)
-        if act == 1:
-            _map_relu(h, h, m * H)
-        elif act == 2:
-            _map_sigmoid(h, h, m * H)
-        if real is float:
-            fn_top_argmax_f(h, m, H, W2, b2, C, wp, s, labels + i)
-        else:
-            fn_top_argmax_d(h, m, H, W2, b2, C, wp, s, labels + i)
-        i += m
-
-
-def sparse_predict_2layer(indptr, indices, data, long long row0, W1, b1, W2, b2, int act, out):
-    cdef int tn
-    cdef bint pixels
-    cdef cnp.ndarray Wa, ba
-    tn, pixels, Wa, ba = _first_layer_args("sparse_predict_2layer", indptr, indices, data, W1, b1, act,
-                                           "W1", "b1")
-    cdef long long D = Wa.shape[0], H = Wa.shape[1]
-    cdef cnp.ndarray W2a = _in2(W2, tn, "W2")
-    if W2a.shape[0] != H:
-        raise ValueError(f"W2 has shape {W2.shape}, expected ({H}, classes)")
-    cdef long long C = W2a.shape[1]
-    if C < 1:
-        raise ValueError("W2 has no columns (classes)")
-    cdef cnp.ndarray b2a = _vec(b2, tn, "b2", C, False)
-    if not (cnp.PyArray_Check(out) and cnp.PyArray_TYPE(<cnp.ndarray>out) == cnp.NPY_INT64
-            and cnp.PyArray_NDIM(<cnp.ndarray>out) == 1 and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>out)
-            and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>out)):
-        raise TypeError("out must be a writeable C-contiguous 1-D int64 array (one label per row)")
-    cdef long long n = out.shape[0]
-    cdef long long* pp = _row_range(indptr, indices, row0, n)
-    cdef long long bad = 0
-    cdef long long bads[MAX_THREADS]
-    cdef int* pj = <int*>_p(<cnp.ndarray>indices)
-    cdef void* pd = _p(<cnp.ndarray>data)
-    cdef long long* po = <long long*>_p(<cnp.ndarray>out)
-    cdef float lutf[256]
-    cdef double lutd[256]
-    cdef long long cut[MAX_THREADS + 1]
-    cdef int nt, t
-    cdef long long j
-    cdef _Padded pad
-    cdef long long ts = 4 if tn == cnp.NPY_FLOAT32 else 8
-    cdef long long L = 64 // ts
-    # per thread: h (PREDICT_BLOCK x H) and s (C), each rounded to 64 bytes; then W2 padded
-    # to one vector a row (H x L, lanes past C zero; read only when C <= L)
-    cdef long long hbytes = (PREDICT_BLOCK * H * ts + 63) // 64 * 64
-    cdef long long per = hbytes + (C * ts + 63) // 64 * 64
-    nt = _split_rows(pp, row0, n, cut)
-    cdef char* scratch = <char*>malloc(<size_t>(nt * per + H * 64 + 64))
-    if scratch == NULL:
-        raise MemoryError("no memory for the scratch of sparse_predict_2layer")
-    cdef char* base = <char*>((<size_t>scratch + 63) // 64 * 64)
-    cdef char* wp = base + nt * per
-    memset(wp, 0, H * 64)
-    if C <= L:
-        for j in range(H):
-            memcpy(wp + j * 64, <char*>_p(W2a) + j * C * ts, C * ts)
-    try:
-        _padded_take(&pad, _p(Wa), D, H, 0, False, ts)
-    except MemoryError:
-        free(scratch)
-        raise
-    memcpy(pad.b, _p(ba), H * ts)
-    cdef void* pw2 = _p(W2a)
-    cdef void* pb2 = _p(b2a)
-    with nogil:
-        if tn == cnp.NPY_FLOAT32:
-            _pixel_table(lutf)
-        else:
-            _pixel_table(lutd)
-        for t in prange(nt, num_threads=nt, schedule="static", chunksize=1):
-            if tn == cnp.NPY_FLOAT32:
-                _predict_run(pp, pj, pd, pixels, lutf, row0, <float*>pad.W, <float*>pad.b, <float*>pw2,
-                             <float*>pb2, <float*>wp, D, H, pad.HP, C, act, cut, t,
-                             <float*>(base + t * per), <float*>(base + t * per + hbytes),
-                             po, &bads[t])
-            else:
-                _predict_run(pp, pj, pd, pixels, lutd, row0, <double*>pad.W, <double*>pad.b, <double*>pw2,
-                             <double*>pb2, <double*>wp, D, H, pad.HP, C, act, cut, t,
-                             <double*>(base + t * per), <double*>(base + t * per + hbytes),
-                             po, &bads[t])
-        for t in range(nt):
-            bad += bads[t]
-        fn_scratch_give(pad.block)
-    free(scratch)
-    if bad:
-        raise ValueError(f"sparse_predict_2layer: {bad} column indices are outside [0, {D})")
     return out
 
 
@@ -1715,161 +1393,6 @@ cdef void _fill_row(cell* x, Py_ssize_t n, int* indices, cell* data, long long c
         data[q] = x[j]
         q += x[j] != 0
         j += 1
-
-
-# ---------------------------------------------------------------- numerical gradient
-cdef inline double _act_d(double v, int act) noexcept nogil:
-    if act == 1:
-        return 0.0 if v <= 0 else v
-    return 1.0 / (1.0 + fn_exp(-v))
-
-
-cdef inline double _row_loss(double* S, Py_ssize_t i, long long t, Py_ssize_t C, real* col_w,
-                             double dz, Py_ssize_t col, double ds) noexcept nogil:
-    """-log(softmax(S[i] + dz * col_w + ds * e_col)[t] + 1e-7) in double (col_w may be NULL)."""
-    cdef Py_ssize_t c
-    cdef double v, m = -1.0 / 0.0, total = 0, target = 0, e
-    for c in range(C):
-        v = S[i * C + c] + (dz * col_w[c] if col_w != NULL else 0.0) + (ds if c == col else 0.0)
-        if v > m or m != m:
-            m = v
-    for c in range(C):
-        v = S[i * C + c] + (dz * col_w[c] if col_w != NULL else 0.0) + (ds if c == col else 0.0)
-        e = fn_exp(v - m)
-        total = total + e
-        if c == t:
-            target = e
-    return -log(target / total + LOG_EPS)
-
-
-cdef void _numgrad_W1_row(real* x, long long* t, real* W1, real* W2, int act, double h,
-                          double* A, double* Z, double* S, real* gW1, Py_ssize_t k,
-                          Py_ssize_t B, Py_ssize_t D, Py_ssize_t H, Py_ssize_t C,
-                          Py_ssize_t* rows) noexcept nogil:
-    """Gradient of row k of W1: only samples with x[i, k] != 0 change, and with ReLU only
-    those whose unit is on at w + h or w - h; the skipped ones give exactly 0, as the
-    book's loop does."""
-    cdef Py_ssize_t i, j, q, n = 0
-    cdef double w, dp, dm, diff, xi, zp, zm
-    for i in range(B):
-        if x[i * D + k] != 0:
-            rows[n] = i
-            n = n + 1
-    for j in range(H):
-        if n == 0:
-            gW1[k * H + j] = 0
-            continue
-        w = W1[k * H + j]
-        dp = <double>(<real>(w + h)) - w
-        dm = <double>(<real>(w - h)) - w
-        diff = 0
-        for q in range(n):
-            i = rows[q]
-            xi = x[i * D + k]
-            zp = _act_d(A[i * H + j] + xi * dp, act) - Z[i * H + j]
-            zm = _act_d(A[i * H + j] + xi * dm, act) - Z[i * H + j]
-            if zp == 0 and zm == 0:
-                continue
-            diff = diff + (_row_loss(S, i, t[i], C, &W2[j * C], zp, -1, 0.0)
-                           - _row_loss(S, i, t[i], C, &W2[j * C], zm, -1, 0.0))
-        gW1[k * H + j] = <real>(diff / B / (2 * h))
-
-
-cdef int _numgrad_2layer(real* x, long long* t, real* W1, real* b1, real* W2, real* b2, int act,
-                         double h, real* gW1, real* gb1, real* gW2, real* gb2,
-                         Py_ssize_t B, Py_ssize_t D, Py_ssize_t H, Py_ssize_t C) noexcept nogil:
-    cdef double* A = <double*>malloc(B * H * sizeof(double))
-    cdef double* Z = <double*>malloc(B * H * sizeof(double))
-    cdef double* S = <double*>malloc(B * C * sizeof(double))
-    cdef Py_ssize_t* rows
-    cdef Py_ssize_t i, j, k, c
-    cdef double acc, w, dp, dm, diff, zp, zm
-    if A == NULL or Z == NULL or S == NULL:
-        free(A); free(Z); free(S)
-        return -1
-    for i in range(B):
-        for j in range(H):
-            acc = 0
-            for k in range(D):
-                acc = acc + <double>x[i * D + k] * W1[k * H + j]
-            A[i * H + j] = acc + b1[j]
-            Z[i * H + j] = _act_d(A[i * H + j], act)
-        for c in range(C):
-            acc = 0
-            for j in range(H):
-                acc = acc + Z[i * H + j] * W2[j * C + c]
-            S[i * C + c] = acc + b2[c]
-    for k in prange(D, schedule="dynamic"):
-        rows = <Py_ssize_t*>malloc(B * sizeof(Py_ssize_t))
-        if rows != NULL:
-            _numgrad_W1_row(x, t, W1, W2, act, h, A, Z, S, gW1, k, B, D, H, C, rows)
-            free(rows)
-    for j in range(H):
-        w = b1[j]
-        dp = <double>(<real>(w + h)) - w
-        dm = <double>(<real>(w - h)) - w
-        diff = 0
-        for i in range(B):
-            zp = _act_d(A[i * H + j] + dp, act) - Z[i * H + j]
-            zm = _act_d(A[i * H + j] + dm, act) - Z[i * H + j]
-            diff = diff + (_row_loss(S, i, t[i], C, &W2[j * C], zp, -1, 0.0)
-                           - _row_loss(S, i, t[i], C, &W2[j * C], zm, -1, 0.0))
-        gb1[j] = <real>(diff / B / (2 * h))
-    for j in range(H):
-        for c in range(C):
-            w = W2[j * C + c]
-            dp = <double>(<real>(w + h)) - w
-            dm = <double>(<real>(w - h)) - w
-            diff = 0
-            for i in range(B):
-                diff = diff + (_row_loss(S, i, t[i], C, <real*>NULL, 0.0, c, Z[i * H + j] * dp)
-                               - _row_loss(S, i, t[i], C, <real*>NULL, 0.0, c, Z[i * H + j] * dm))
-            gW2[j * C + c] = <real>(diff / B / (2 * h))
-    for c in range(C):
-        w = b2[c]
-        dp = <double>(<real>(w + h)) - w
-        dm = <double>(<real>(w - h)) - w
-        diff = 0
-        for i in range(B):
-            diff = diff + (_row_loss(S, i, t[i], C, <real*>NULL, 0.0, c, dp)
-                           - _row_loss(S, i, t[i], C, <real*>NULL, 0.0, c, dm))
-        gb2[c] = <real>(diff / B / (2 * h))
-    free(A); free(Z); free(S)
-    return 0
-
-
-def numerical_gradient_2layer(x, t, W1, b1, W2, b2, int act, double h, gW1, gb1, gW2, gb2):
-    if act != 1 and act != 2:
-        raise ValueError(f"act must be 1 (relu) or 2 (sigmoid), got {act}")
-    cdef int tn = _typenum(W1, "W1")
-    cdef cnp.ndarray xa = _in2(x, tn, "x")
-    cdef cnp.ndarray W1a = _in2(W1, tn, "W1")
-    cdef cnp.ndarray W2a = _in2(W2, tn, "W2")
-    cdef Py_ssize_t B = xa.shape[0], D = xa.shape[1], H = W2a.shape[0], C = W2a.shape[1]
-    if W1a.shape[0] != D or W1a.shape[1] != H:
-        raise ValueError(f"W1 has shape {W1.shape}, expected ({D}, {H}) (x {x.shape}, W2 {W2.shape})")
-    cdef cnp.ndarray b1a = _vec(b1, tn, "b1", H, False)
-    cdef cnp.ndarray b2a = _vec(b2, tn, "b2", C, False)
-    cdef cnp.ndarray ta = _labels(t, B, C)
-    cdef long long* pt = <long long*>_p(ta)
-    cdef cnp.ndarray g1 = _out2(gW1, tn, "gW1", D, H)
-    cdef cnp.ndarray g2 = _vec(gb1, tn, "gb1", H, True)
-    cdef cnp.ndarray g3 = _out2(gW2, tn, "gW2", H, C)
-    cdef cnp.ndarray g4 = _vec(gb2, tn, "gb2", C, True)
-    cdef void* p[10]
-    p[:] = [_p(xa), _p(W1a), _p(b1a), _p(W2a), _p(b2a), _p(g1), _p(g2), _p(g3), _p(g4), NULL]
-    cdef int status
-    with nogil:
-        if tn == cnp.NPY_FLOAT32:
-            status = _numgrad_2layer(<float*>p[0], pt, <float*>p[1], <float*>p[2], <float*>p[3],
-                                     <float*>p[4], act, h, <float*>p[5], <float*>p[6],
-                                     <float*>p[7], <float*>p[8], B, D, H, C)
-        else:
-            status = _numgrad_2layer(<double*>p[0], pt, <double*>p[1], <double*>p[2], <double*>p[3],
-                                     <double*>p[4], act, h, <double*>p[5], <double*>p[6],
-                                     <double*>p[7], <double*>p[8], B, D, H, C)
-    if status != 0:
-        raise MemoryError("numerical_gradient_2layer: out of memory")
 
 
 include "_mlp.pxi"

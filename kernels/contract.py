@@ -89,22 +89,11 @@ KERNELS: dict[str, tuple[str, str]] = {
         "(y, t, dout, dx) -> dx",
         "dx = (y - t) * dout / rows",
     ),
-    # a whole training step of the book's two-layer net
-    "train_step_2layer": (
-        "(X, T, idx, W1, b1, W2, b2, lr, act, work) -> float",
-        "one mini-batch step of Affine-act-Affine-SoftmaxWithLoss on rows idx (int64) of X "
-        "(the parameters' dtype, or uint8 pixels normalised on the fly to X / 255 in that dtype, "
-        "as load_mnist(normalize=True) does: a quarter of the memory traffic), "
-        "labels T (int64); act 1 relu, 2 sigmoid; work = (xb, h, s, dh, dW1, db1, dW2, db2) "
-        "scratch of shapes (B,D) (B,H) (B,C) (B,H) (D,H) (H,) (H,C) (C,); lr != 0: SGD "
-        "W -= lr*dW in place (dW buffers then unspecified); lr == 0: gradients written to "
-        "dW1..db2, parameters untouched. Returns the batch loss before the update",
-    ),
     # the MLP engine: a whole net of any depth as a flat parameter vector
     "train_steps_mlp": (
         "(X, T, idx, sizes, act, theta, opt, state, losses) -> int",
         "training steps of the net Affine-act-...-Affine-SoftmaxWithLoss with layer sizes "
-        "(int64, D ... C); theta holds W1, b1, W2, b2, ... one after the other (mlp_offsets); "
+        "(int64, D ... C); theta holds W1, b1, W2, b2, ... one after the other, row-major (mlp_views); "
         "step k takes rows idx[k] (idx int64 (S, B)) of X (theta's dtype, or uint8 pixels / 255) "
         "with labels T (int64), writes its loss (+ 0.5 decay sum W**2) to losses[k] (float64, S) "
         "and applies the optimiser of the record opt (float64, OPT_FIELDS: Opt kind, lr, beta1 or "
@@ -148,39 +137,6 @@ KERNELS: dict[str, tuple[str, str]] = {
         "out = act(X[row0 : row0 + len(out)] @ W + b) for CSR rows X (data uint8 pixels / 255 "
         "or W's dtype); act 0 identity, 1 relu, 2 sigmoid; the compiled backends touch only "
         "the non-zeros and split the rows between threads",
-    ),
-    "sparse_predict_2layer": (
-        "(indptr, indices, data, row0, W1, b1, W2, b2, act, out) -> out",
-        "class labels of the two-layer net for CSR rows row0 : row0 + len(out) (as sparse_affine): "
-        "out[i] = argmax(act(x_i @ W1 + b1) @ W2 + b2), the first maximum (a NaN counts as one, "
-        "as numpy.argmax); out int64 1-D. The compiled backends keep each block of rows in cache "
-        "between the layers (the accuracy of every epoch)",
-    ),
-    "train_step_2layer_sparse": (
-        "(indptr, indices, data, T, idx, W1, b1, W2, b2, lr, act, work) -> float",
-        "train_step_2layer with X given as CSR rows (column indices sorted within a row); "
-        "the first layer's product and the W1 update (or dW1) run over the non-zeros only; "
-        "work[0] (xb) is not used",
-    ),
-    # many SGD steps in one call: no Python between steps (the Trainer's fast path)
-    "train_steps_2layer": (
-        "(X, T, idx, W1, b1, W2, b2, lr, act, work, losses) -> int",
-        "train_step_2layer with lr > 0 for each row of idx (S, B), in order: step k trains on "
-        "rows idx[k] and writes its loss to losses[k] (float64, length S). Every index and label "
-        "is checked before the first step; stops after the first step whose loss is not finite. "
-        "Returns the number of steps run",
-    ),
-    "train_steps_2layer_sparse": (
-        "(indptr, indices, data, T, idx, W1, b1, W2, b2, lr, act, work, losses) -> int",
-        "train_steps_2layer with X given as CSR rows (as train_step_2layer_sparse)",
-    ),
-    # the numerical gradient of the same net, by central differences, for every parameter
-    "numerical_gradient_2layer": (
-        "(x, t, W1, b1, W2, b2, act, h, gW1, gb1, gW2, gb2) -> None",
-        "for every parameter p: (loss(p + h) - loss(p - h)) / 2h of the batch x (B, D) with "
-        "int64 labels t, the loss being mean cross-entropy of softmax(act(x@W1+b1)@W2+b2) as "
-        "in the book; the compiled backends recompute only the rows and units that p changes "
-        "and skip inputs that are zero for the whole batch (gradient exactly 0)",
     ),
 }
 

@@ -21,7 +21,7 @@ from numba.extending import intrinsic, overload
 
 from . import _checks as chk
 from ._blas import one_thread
-from .contract import LOG_EPS
+from .contract import LOG_EPS, OPT_DECAY, OPT_KIND, OPT_LR, Opt, mlp_size, mlp_views
 
 NAME = "numba"
 
@@ -307,16 +307,6 @@ def _sl_backward_onehot(y, t, dout, dx):
 
 
 @jit
-def _check_batch(T, idx, n_rows, C):
-    for i in range(idx.size):
-        r = idx[i]
-        if r < 0 or r >= n_rows:
-            raise IndexError("train_step_2layer: a batch index is out of range for X")
-        if T[r] < 0 or T[r] >= C:
-            raise ValueError("train_step_2layer: a label is out of range for the output layer")
-
-
-@jit
 def _step_top(h, T, idx, W2, b2, act, s, dh, db1, dW2, db2):
     """Everything of a two-layer step above the first layer's product: the second
     Affine, softmax-with-loss, dW2, db2, dh (with the old W2, through the activation's
@@ -357,36 +347,6 @@ def _sgd(params, grads, lr):
             pf[k] -= lr * gf[k]
 
 
-@jit
-def _train_step_2layer(X, T, idx, W1, b1, W2, b2, lr, act, div, xb, h, s, dh, dW1, db1, dW2, db2):
-    """One step on rows idx (checked by the caller, _train_steps_2layer)."""
-    B, C = s.shape
-    D = X.shape[1]
-    for i in range(B):
-        r = idx[i]
-        for j in range(D):
-            xb[i, j] = X[r, j]  # exact conversion to the parameters' dtype, then
-            xb[i, j] = xb[i, j] / div  # / 255 for uint8 pixels (load_mnist's), / 1 (exact) else
-    _affine(xb, W1, b1, h, act)
-    loss = _step_top(h, T, idx, W2, b2, act, s, dh, db1, dW2, db2)
-    np.dot(xb.T, dh, dW1)
-    if lr != 0:
-        _sgd((W1, W2), (dW1, dW2), lr)
-        _sgd((b1, b2), (db1, db2), lr)
-    return loss
-
-
-@jit
-def _train_steps_2layer(X, T, idx, W1, b1, W2, b2, lr, act, div, xb, h, s, dh, dW1, db1, dW2, db2, losses):
-    """The steps on the rows of idx (S, B): every index and label checked first; stops
-    after a loss that is not finite.  One step is S = 1."""
-    _check_batch(T, idx.reshape(-1), X.shape[0], s.shape[1])
-    for k in range(idx.shape[0]):
-        losses[k] = _train_step_2layer(X, T, idx[k], W1, b1, W2, b2, lr, act, div, xb, h, s, dh, dW1, db1,
-                                       dW2, db2)
-        if not np.isfinite(losses[k]):
-            return k + 1
-    return idx.shape[0]
 
 
 # ------------------------------------------------------------------ sparse first layer
@@ -613,46 +573,10 @@ def _check_rows(indptr, nnz, rows, row0, n):
             raise ValueError("indptr is not a valid CSR row pointer")
 
 
-@jit
-def _train_step_2layer_sparse(indptr, indices, data, lut, T, idx, W1, b1, W2, b2, lr, act, nt,
-                              h, s, dh, dW1, db1, dW2, db2):
-    """One step on rows idx (checked by the caller, _train_steps_2layer_sparse);
-    returns (loss, number of column indices outside W1)."""
-    B = s.shape[0]
-    cut = _split_rows(indptr, idx, 0, B, nt)
-    bad = _sp_forward_par(indptr, indices, data, lut, idx, 0, W1, b1, h, act, cut)
-    loss = _step_top(h, T, idx, W2, b2, act, s, dh, db1, dW2, db2)
-    if lr != 0:
-        mlr = -lr
-        for i in range(B):
-            for k in range(dh.shape[1]):
-                dh[i, k] = dh[i, k] * mlr
-        bad += _sp_scatter_par(indptr, indices, data, lut, idx, dh, W1, cut.size - 1, False)
-        _sgd((W2,), (dW2,), lr)
-        _sgd((b1, b2), (db1, db2), lr)
-    else:
-        bad += _sp_scatter_par(indptr, indices, data, lut, idx, dh, dW1, cut.size - 1, True)
-    return loss, bad
-
-
-@jit
-def _train_steps_2layer_sparse(indptr, indices, data, lut, T, idx, W1, b1, W2, b2, lr, act, nt,
-                               h, s, dh, dW1, db1, dW2, db2, losses):
-    """As _train_steps_2layer, over CSR rows; returns (steps run, bad column indices)."""
-    flat = idx.reshape(-1)
-    _check_rows(indptr, indices.size, flat, 0, flat.size)
-    _check_batch(T, flat, indptr.size - 1, s.shape[1])
-    for k in range(idx.shape[0]):
-        losses[k], bad = _train_step_2layer_sparse(indptr, indices, data, lut, T, idx[k], W1, b1, W2, b2,
-                                                   lr, act, nt, h, s, dh, dW1, db1, dW2, db2)
-        if bad or not np.isfinite(losses[k]):
-            return k + 1, bad
-    return idx.shape[0], 0
-
-
-# The many-steps kernel with float32 rows of 49 to 64 hidden units (the book's 50) reads
-# W1 in a padded copy: rows of PAD floats, 64-byte aligned, PAD a compile-time constant,
-# so that the loops over a row are four whole vectors (as the Cython side's layout).
+# Plain SGD on a two-layer net of float32 with 49 to 64 hidden units (the book's 50)
+# reads W1 in a padded copy: rows of PAD floats, 64-byte aligned, PAD a compile-time
+# constant, so that the loops over a row are four whole vectors (as the Cython side's
+# layout).  The book's run: 154 us a step against 179 us for the general engine here.
 PAD = 64
 
 
@@ -675,12 +599,10 @@ def _sp_step_pad_par(indptr, indices, data, lut, rows, Wp, bp, hp, act, cut, Gp,
 @jit
 def _train_steps_2layer_sparse_pad(indptr, indices, data, lut, T, idx, W1, b1, W2, b2, lr, act, nt,
                                    h, s, dh, db1, dW2, db2, losses, Wp, bp, hp, Gp):
-    """_train_steps_2layer_sparse (lr > 0) with W1, b1, h and the update rows in the padded
-    buffers Wp, bp, hp, Gp (zero past H); W1 and b1 are copied back at the end, also when
-    a step stops the run."""
-    flat = idx.reshape(-1)
-    _check_rows(indptr, indices.size, flat, 0, flat.size)
-    _check_batch(T, flat, indptr.size - 1, s.shape[1])
+    """SGD steps of the two-layer net over CSR rows (train_steps_mlp_sparse's case) with
+    W1, b1, h and the update rows in the padded buffers Wp, bp, hp, Gp (zero past H); W1
+    and b1 are copied back at the end, also when a step stops the run.  Returns (steps
+    run, column indices outside W1 met)."""
     D, H = W1.shape
     B = s.shape[0]
     for j in range(D):
@@ -733,65 +655,6 @@ def _sparse_affine(indptr, indices, data, lut, row0, W, b, act, out, nt):
     _check_rows(indptr, indices.size, empty, row0, n)
     cut = _split_rows(indptr, empty, row0, n, nt)
     return _sp_forward_par(indptr, indices, data, lut, empty, row0, W, b, out, act, cut)
-
-
-#: rows of a thread's run worked on at a time by sparse_predict_2layer (their hidden
-#: values stay in the core's cache between the two layers)
-PREDICT_BLOCK = 64
-
-
-@jit
-def _top_argmax(h, m, W2, b2, s, labels, i0):
-    """labels[i0 + i] = argmax(h[i] @ W2 + b2) for i < m: the first maximum, the first NaN
-    when there is one (as numpy.argmax); each score sums the products in order, then b2."""
-    H, C = W2.shape
-    for i in range(m):
-        for c in range(C):
-            s[c] = 0
-        for j in range(H):
-            v = h[i, j]
-            for c in range(C):
-                s[c] += v * W2[j, c]
-        k = 0
-        best = s[0] + b2[0]
-        if best == best:
-            for c in range(1, C):
-                v = s[c] + b2[c]
-                if v != v:
-                    k = c
-                    break
-                if v > best:
-                    best = v
-                    k = c
-        labels[i0 + i] = k
-
-
-@njit(cache=True, nogil=True, parallel=True)
-def _sp_predict_par(indptr, indices, data, lut, row0, W1, b1, W2, b2, act, out, cut):
-    """Labels of rows row0 + i, run t of them (cut[t]:cut[t+1]) on thread t, PREDICT_BLOCK
-    rows at a time: the first layer (_sp_forward_rows), then _top_argmax."""
-    nt = cut.size - 1
-    bad = np.zeros(nt, np.int64)
-    empty = np.empty(0, np.int64)
-    for t in prange(nt):
-        h = np.empty((PREDICT_BLOCK, W1.shape[1]), W1.dtype)
-        s = np.empty(W2.shape[1], W1.dtype)
-        i = cut[t]
-        while i < cut[t + 1]:
-            m = min(PREDICT_BLOCK, cut[t + 1] - i)
-            bad[t] += _sp_forward_rows(indptr, indices, data, lut, empty, row0 + i, 0, m, W1, b1, h, act)
-            _top_argmax(h, m, W2, b2, s, out, i)
-            i += m
-    return bad.sum()
-
-
-@jit
-def _sparse_predict(indptr, indices, data, lut, row0, W1, b1, W2, b2, act, out, nt):
-    n = out.shape[0]
-    empty = np.empty(0, np.int64)
-    _check_rows(indptr, indices.size, empty, row0, n)
-    cut = _split_rows(indptr, empty, row0, n, nt)
-    return _sp_predict_par(indptr, indices, data, lut, row0, W1, b1, W2, b2, act, out, cut)
 
 
 @jit
@@ -1098,6 +961,11 @@ def _predict_mlp(X, div, sizes, act, theta, out):
         _mlp_predict_rows(xb, sizes, off, act, theta, acts, aoff, out, i)
 
 
+#: rows of a thread's run labelled at a time by sparse_predict_mlp (their outputs stay in
+#: the core's cache between the layers)
+PREDICT_BLOCK = 64
+
+
 @njit(cache=True, nogil=True, parallel=True)
 def _sparse_predict_mlp_par(indptr, indices, data, lut, row0, sizes, act, theta, out, cut):
     """Labels of CSR rows row0 + i, run t of them (cut[t]:cut[t+1]) on thread t,
@@ -1127,126 +995,131 @@ def _sparse_predict_mlp_par(indptr, indices, data, lut, row0, sizes, act, theta,
     return bad.sum()
 
 
+# ------------------------------------------------------------------ numerical gradient, any depth
+# The book's central difference for every parameter of theta, with the same two losses
+# per parameter but only what the parameter changes recomputed, in float64: a weight
+# W_k[i, j] moves unit j of layer k's pre-activation by d * a[r, i] in the rows r whose
+# input a[r, i] is not 0 (the other rows' losses are unchanged, their difference 0);
+# above it only that row, from a rank-one change of layer k + 1 on.
 @inline
-def _act(v, act):
+def _scores_row_loss(s, n, t):
+    """-log(softmax(s[:n])[t] + 1e-7), subtracting the row's maximum as softmax does."""
+    m = s[0]
+    for c in range(1, n):
+        if s[c] > m or m != m:
+            m = s[c]
+    e = 0.0
+    for c in range(n):
+        e += np.exp(s[c] - m)
+    return -np.log(np.exp(s[t] - m) / e + LOG_EPS)
+
+
+@inline
+def _act64(v, act):
     if act == 1:
-        return 0.0 if v <= 0 else v
-    return 1.0 / (1.0 + _exp64(-v))
-
-
-@inline
-def _row_loss(S, i, t, col_w, dz, col, ds):
-    """-log(softmax(S[i] + dz * col_w + ds * e_col)[t] + 1e-7), in float64.
-
-    One row's loss after a change: ``dz * col_w`` (a hidden unit's output moved by dz,
-    col_w its row of W2) or ``ds`` added to the score of class ``col``."""
-    C = S.shape[1]
-    m = -np.inf
-    for c in range(C):
-        v = np.float64(S[i, c]) + dz * col_w[c] + (ds if c == col else 0.0)
-        if v > m or m != m:
-            m = v
-    total = 0.0
-    target = 0.0
-    for c in range(C):
-        v = np.float64(S[i, c]) + dz * col_w[c] + (ds if c == col else 0.0)
-        e = _exp64(v - m)
-        total += e
-        if c == t:
-            target = e
-    return -np.log(target / total + LOG_EPS)
-
-
-@njit(cache=True, nogil=True, parallel=True)
-def _numgrad_W1(x, t, W1, W2, act, h, A, Z, S, gW1):
-    """First-layer weights, input by input on all cores (each k writes its own row).
-
-    Only the rows whose input k is non-zero change; with ReLU, a row whose unit stays
-    off at w + h and at w - h changes nothing either.  Both skips give exactly what
-    the book's loop gives: the same loss twice, a difference of 0."""
-    B, D = x.shape
-    H = W1.shape[1]
-    two_h = 2 * h
-    for k in prange(D):
-        rows = np.empty(B, np.int64)
-        n = 0
-        for i in range(B):
-            if x[i, k] != 0:
-                rows[n] = i
-                n += 1
-        for j in range(H):
-            if n == 0:
-                gW1[k, j] = 0  # the loss does not depend on W1[k, j] for this batch
-                continue
-            w = W1[k, j]
-            dp = np.float64(w + h) - w  # the perturbation the book's loop really applies
-            dm = np.float64(w - h) - w
-            w2row = W2[j]
-            diff = 0.0
-            for q in range(n):
-                i = rows[q]
-                xi = np.float64(x[i, k])
-                zp = _act(A[i, j] + xi * dp, act) - Z[i, j]
-                zm = _act(A[i, j] + xi * dm, act) - Z[i, j]
-                if zp == 0.0 and zm == 0.0:
-                    continue
-                diff += _row_loss(S, i, t[i], w2row, zp, -1, 0.0) - _row_loss(S, i, t[i], w2row, zm, -1, 0.0)
-            gW1[k, j] = diff / B / two_h
+        return v if v > 0 else 0.0
+    return 1.0 / (1.0 + np.exp(-v))
 
 
 @jit
-def _numgrad_2layer(x, t, W1, b1, W2, b2, act, h, gW1, gb1, gW2, gb2):
-    B, D = x.shape
-    H, C = W2.shape
-    A = np.empty((B, H), np.float64)
-    Z = np.empty((B, H), np.float64)
-    S = np.empty((B, C), np.float64)
-    for i in range(B):
-        for j in range(H):
-            acc = 0.0
-            for k in range(D):
-                acc += np.float64(x[i, k]) * W1[k, j]
-            A[i, j] = acc + b1[j]
-            Z[i, j] = _act(A[i, j], act)
+def _loss_after(r, k, j, dz, sizes, off, W64, Z, A, aoff, B, act, t, bufs, base):
+    """Row r's loss when unit j of layer k's pre-activation moves by dz."""
+    L = sizes.size - 1
+    if k == L - 1:
+        C = sizes[L]
+        s = bufs[0]
+        Zk = _rows_view(Z, aoff, k, B)
         for c in range(C):
-            acc = 0.0
-            for j in range(H):
-                acc += Z[i, j] * W2[j, c]
-            S[i, c] = acc + b2[c]
-    zero_w = np.zeros(C, np.float64)
-    two_h = 2 * h
-    _numgrad_W1(x, t, W1, W2, act, h, A, Z, S, gW1)
-    # first-layer biases: every row
-    for j in range(H):
-        w = b1[j]
-        dp = np.float64(w + h) - w
-        dm = np.float64(w - h) - w
-        w2row = W2[j]
+            s[c] = Zk[r, c]
+        s[j] += dz
+        return _scores_row_loss(s, C, t[r])
+    Zk, Ak = _rows_view(Z, aoff, k, B), _rows_view(A, aoff, k, B)
+    delta = _act64(Zk[r, j] + dz, act) - Ak[r, j]
+    if delta == 0:
+        return base[r]
+    W = _weights(W64, sizes, off, k + 1)[0]
+    Z1 = _rows_view(Z, aoff, k + 1, B)
+    n = sizes[k + 2]
+    cur = bufs[0]
+    for c in range(n):
+        cur[c] = Z1[r, c] + delta * W[j, c]
+    for m in range(k + 2, L + 1):
+        if m == L:
+            return _scores_row_loss(cur, n, t[r])
+        for c in range(n):
+            cur[c] = _act64(cur[c], act)
+        W, b = _weights(W64, sizes, off, m)
+        nxt = bufs[(m - k - 1) % 2]
+        n_out = sizes[m + 1]
+        for c in range(n_out):
+            nxt[c] = b[c]
+        for q in range(n):
+            v = cur[q]
+            if v != 0:
+                for c in range(n_out):
+                    nxt[c] += v * W[q, c]
+        cur, n = nxt, n_out
+    return 0.0  # not reached
+
+
+@jit
+def _numgrad_input(i, k, a_in, sizes, off, act, theta, W64, Z, A, aoff, t, h, base, grad, width):
+    """The gradient of row i of W_k (i an input of layer k), or of b_k when i < 0."""
+    B = a_in.shape[0]
+    W, b = _weights(theta, sizes, off, k)
+    gW, gb = _weights(grad, sizes, off, k)
+    bufs = np.empty((2, width))
+    rows = np.empty(B, np.int64)
+    nr = 0
+    for r in range(B):
+        if i < 0 or a_in[r, i] != 0:
+            rows[nr] = r
+            nr += 1
+    moved = np.empty(3, theta.dtype)
+    for j in range(sizes[k + 1]):
+        moved[2] = W[i, j] if i >= 0 else b[j]
+        moved[0] = moved[2] + h  # the perturbed parameter as the book's array holds it
+        moved[1] = moved[2] - h
+        dp = np.float64(moved[0]) - np.float64(moved[2])
+        dm = np.float64(moved[1]) - np.float64(moved[2])
         diff = 0.0
-        for i in range(B):
-            zp = _act(A[i, j] + dp, act) - Z[i, j]
-            zm = _act(A[i, j] + dm, act) - Z[i, j]
-            diff += _row_loss(S, i, t[i], w2row, zp, -1, 0.0) - _row_loss(S, i, t[i], w2row, zm, -1, 0.0)
-        gb1[j] = diff / B / two_h
-    # second layer: one class score per row moves
-    for j in range(H):
-        for c in range(C):
-            w = W2[j, c]
-            dp = np.float64(w + h) - w
-            dm = np.float64(w - h) - w
-            diff = 0.0
-            for i in range(B):
-                diff += (_row_loss(S, i, t[i], zero_w, 0.0, c, Z[i, j] * dp)
-                         - _row_loss(S, i, t[i], zero_w, 0.0, c, Z[i, j] * dm))
-            gW2[j, c] = diff / B / two_h
-    for c in range(C):
-        w = b2[c]
-        dp = np.float64(w + h) - w
-        dm = np.float64(w - h) - w
-        diff = 0.0
-        for i in range(B):
-            diff += _row_loss(S, i, t[i], zero_w, 0.0, c, dp) - _row_loss(S, i, t[i], zero_w, 0.0, c, dm)
-        gb2[c] = diff / B / two_h
+        for q in range(nr):
+            r = rows[q]
+            v = a_in[r, i] if i >= 0 else 1.0
+            diff += (_loss_after(r, k, j, dp * v, sizes, off, W64, Z, A, aoff, B, act, t, bufs, base)
+                     - _loss_after(r, k, j, dm * v, sizes, off, W64, Z, A, aoff, B, act, t, bufs, base))
+        if i >= 0:
+            gW[i, j] = diff / B / (2.0 * h)
+        else:
+            gb[j] = diff / B / (2.0 * h)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _numgrad_mlp(x, t, sizes, act, theta, h, grad):
+    B = x.shape[0]
+    L = sizes.size - 1
+    off, aoff = _mlp_offsets(sizes), _act_offsets(sizes, B)
+    W64 = theta.astype(np.float64)
+    x64 = x.astype(np.float64)
+    Z, A = np.empty(aoff[-1]), np.empty(aoff[-1])
+    for k in range(L):
+        W, b = _weights(W64, sizes, off, k)
+        z = _rows_view(Z, aoff, k, B)
+        np.dot(x64 if k == 0 else _rows_view(A, aoff, k - 1, B), W, z)
+        a = _rows_view(A, aoff, k, B)
+        for r in range(B):
+            for c in range(sizes[k + 1]):
+                z[r, c] += b[c]
+                a[r, c] = _act64(z[r, c], act)
+    base = np.empty(B)
+    top = _rows_view(Z, aoff, L - 1, B)
+    for r in range(B):
+        base[r] = _scores_row_loss(top[r], sizes[L], t[r])
+    width = sizes.max()
+    for k in range(L):
+        a_in = x64 if k == 0 else _rows_view(A, aoff, k - 1, B)
+        for i in prange(-1, sizes[k]):
+            _numgrad_input(i, k, a_in, sizes, off, act, theta, W64, Z, A, aoff, t, h, base, grad, width)
 
 
 # ------------------------------------------------------------------ the kernel table
@@ -1386,20 +1259,6 @@ def softmax_loss_backward_onehot(y, t, dout, dx):
     return dx
 
 
-def train_step_2layer(X, T, idx, W1, b1, W2, b2, lr, act, work):
-    work = chk.train_step_2layer(X, T, idx, W1, b1, W2, b2, act, work)
-    div = W1.dtype.type(255.0 if X.dtype == np.uint8 else 1.0)
-    loss = np.empty(1)
-    _train_steps_2layer(X, T, idx.reshape(1, -1), W1, b1, W2, b2, float(lr), int(act), div, *work, loss)
-    return float(loss[0])
-
-
-def train_steps_2layer(X, T, idx, W1, b1, W2, b2, lr, act, work, losses):
-    work = chk.train_step_2layer(X, T, idx, W1, b1, W2, b2, act, work, losses=losses, lr=lr)
-    div = W1.dtype.type(255.0 if X.dtype == np.uint8 else 1.0)
-    return int(_train_steps_2layer(X, T, idx, W1, b1, W2, b2, float(lr), int(act), div, *work, losses))
-
-
 def _pixel_table(dtype):
     """lut[u] = u / 255 in the working dtype (what load_mnist(normalize=True) computes)."""
     return np.arange(256, dtype=dtype) / dtype.type(255)
@@ -1461,91 +1320,6 @@ def sparse_affine(indptr, indices, data, row0, W, b, act, out):
     return out
 
 
-def sparse_predict_2layer(indptr, indices, data, row0, W1, b1, W2, b2, act, out):
-    if act not in (0, 1, 2):
-        raise ValueError(f"act must be 0 (identity), 1 (relu) or 2 (sigmoid), got {act}")
-    dt = chk.dtype_of(W1, "W1")
-    chk.csr(indptr, indices, data, dt, "sparse_predict_2layer")
-    W1 = chk.inp(W1, dt, "W1")
-    H = W1.shape[1]
-    b1 = chk.inp(b1, dt, "b1", ndim=1)
-    W2 = chk.inp(W2, dt, "W2")
-    b2 = chk.inp(b2, dt, "b2", ndim=1)
-    if b1.shape != (H,) or W2.shape[0] != H or W2.shape[1] < 1 or b2.shape != (W2.shape[1],):
-        raise ValueError(f"shapes do not chain: W1 {W1.shape}, b1 {b1.shape}, W2 {W2.shape}, b2 {b2.shape}")
-    if not (isinstance(out, np.ndarray) and out.dtype == np.int64 and out.ndim == 1
-            and out.flags.c_contiguous and out.flags.writeable):
-        raise TypeError("out must be a writeable C-contiguous 1-D int64 array (one label per row)")
-    n = out.shape[0]
-    if row0 < 0 or row0 + n > indptr.shape[0] - 1:
-        raise IndexError(f"rows [{row0}, {row0 + n}) are out of range for {indptr.shape[0] - 1} rows")
-    if dt == np.float32 and PAD - 16 < H <= PAD and n * H > W1.size:
-        # the padded rows of the many-steps kernel (whole vectors, no row across two cache
-        # lines; the same sums lane by lane, so the same labels): 60,000 MNIST rows
-        # 32-36 -> 27-30 ms here; copied once per call, so only for more rows than W1 has
-        W1p, b1p = _aligned_zeros((W1.shape[0], PAD), dt), _aligned_zeros(PAD, dt)
-        W1p[:, :H] = W1
-        b1p[:H] = b1
-        W1, b1 = W1p, b1p
-    bad = _sparse_predict(indptr, indices, data, _LUTS[dt], int(row0), W1, b1, W2, b2, int(act), out,
-                          _threads())
-    if bad:
-        raise ValueError(f"sparse_predict_2layer: column indices outside [0, {W1.shape[0]})")
-    return out
-
-
-def train_step_2layer_sparse(indptr, indices, data, T, idx, W1, b1, W2, b2, lr, act, work):
-    dt = chk.dtype_of(W1, "W1")
-    chk.csr(indptr, indices, data, dt, "train_step_2layer_sparse")
-    work = chk.train_step_2layer(None, T, idx, W1, b1, W2, b2, act, work, rows=indptr.shape[0] - 1)
-    loss = np.empty(1)
-    _, bad = _train_steps_2layer_sparse(indptr, indices, data, _LUTS[dt], T, idx.reshape(1, -1), W1, b1,
-                                        W2, b2, float(lr), int(act), _threads(), *work[1:], loss)
-    if bad:
-        raise ValueError(f"train_step_2layer_sparse: column indices outside [0, {W1.shape[0]}) "
-                         "(the weights may be partly updated)")
-    return float(loss[0])
-
-
-def train_steps_2layer_sparse(indptr, indices, data, T, idx, W1, b1, W2, b2, lr, act, work, losses):
-    dt = chk.dtype_of(W1, "W1")
-    chk.csr(indptr, indices, data, dt, "train_steps_2layer_sparse")
-    work = chk.train_step_2layer(None, T, idx, W1, b1, W2, b2, act, work, rows=indptr.shape[0] - 1,
-                                 losses=losses, lr=lr)
-    D, H = W1.shape
-    if dt == np.float32 and PAD - 16 < H <= PAD and W1.flags.c_contiguous and b1.flags.c_contiguous:
-        B = idx.shape[1]
-        h, s, dh, _, db1, dW2, db2 = work[1:]
-        done, bad = _train_steps_2layer_sparse_pad(indptr, indices, data, _LUTS[dt], T, idx, W1, b1, W2, b2,
-                                                   float(lr), int(act), _threads(), h, s, dh, db1, dW2, db2,
-                                                   losses, _aligned_zeros((D, PAD), dt), _aligned_zeros(PAD, dt),
-                                                   _aligned_zeros((B, PAD), dt), _aligned_zeros((B, PAD), dt))
-    else:
-        done, bad = _train_steps_2layer_sparse(indptr, indices, data, _LUTS[dt], T, idx, W1, b1, W2, b2,
-                                               float(lr), int(act), _threads(), *work[1:], losses)
-    if bad:
-        raise ValueError(f"train_steps_2layer_sparse: column indices outside [0, {W1.shape[0]}) "
-                         "(the weights may be partly updated)")
-    return int(done)
-
-
-def numerical_gradient_2layer(x, t, W1, b1, W2, b2, act, h, gW1, gb1, gW2, gb2):
-    dt = chk.dtype_of(W1, "W1")
-    x = chk.inp(x, dt, "x")
-    (B, D), (H, C) = x.shape, W2.shape
-    W1, W2 = chk.inp(W1, dt, "W1"), chk.inp(W2, dt, "W2")
-    b1, b2 = chk.inp(b1, dt, "b1", ndim=1), chk.inp(b2, dt, "b2", ndim=1)
-    for name, a, shape in (("W1", W1, (D, H)), ("b1", b1, (H,)), ("b2", b2, (C,))):
-        if a.shape != shape:
-            raise ValueError(f"{name} has shape {a.shape}, expected {shape} (x {x.shape}, W2 {W2.shape})")
-    t = chk.labels(t, B, C)
-    if act not in (1, 2):
-        raise ValueError(f"act must be 1 (relu) or 2 (sigmoid), got {act}")
-    _numgrad_2layer(x, t, W1, b1, W2, b2, int(act), float(h),
-                    chk.out(gW1, dt, "gW1", (D, H)), chk.out(gb1, dt, "gb1", (H,)),
-                    chk.out(gW2, dt, "gW2", (H, C)), chk.out(gb2, dt, "gb2", (C,)))
-
-
 def _div(X, dtype):
     return dtype.type(255.0 if X.dtype == np.uint8 else 1.0)
 
@@ -1557,9 +1331,24 @@ def train_steps_mlp(X, T, idx, sizes, act, theta, opt, state, losses):
 
 def train_steps_mlp_sparse(indptr, indices, data, T, idx, sizes, act, theta, opt, state, losses):
     _, T, idx, sizes = chk.mlp_steps(None, T, idx, sizes, act, theta, opt, state, losses, (indptr, indices, data))
-    with one_thread():
-        done, bad = _mlp_steps_sparse(indptr, indices, data, _LUTS[theta.dtype], T, idx, sizes, int(act), theta,
-                                      opt, state, losses, _threads())
+    lut = _LUTS[theta.dtype]
+    if (sizes.shape[0] == 3 and opt[OPT_KIND] == Opt.SGD and opt[OPT_DECAY] == 0 and theta.dtype == np.float32
+            and PAD - 16 < sizes[1] <= PAD):
+        D, H, C = (int(v) for v in sizes)
+        B = idx.shape[1]
+        (W1, b1), (W2, b2) = mlp_views(sizes, theta)
+        dt = theta.dtype
+        h, s, dh = np.empty((B, H), dt), np.empty((B, C), dt), np.empty((B, H), dt)
+        db1, dW2, db2 = np.empty(H, dt), np.empty((H, C), dt), np.empty(C, dt)
+        with one_thread():
+            done, bad = _train_steps_2layer_sparse_pad(
+                indptr, indices, data, lut, T, idx, W1, b1, W2, b2, float(opt[OPT_LR]), int(act), _threads(),
+                h, s, dh, db1, dW2, db2, losses, _aligned_zeros((D, PAD), dt), _aligned_zeros(PAD, dt),
+                _aligned_zeros((B, PAD), dt), _aligned_zeros((B, PAD), dt))
+    else:
+        with one_thread():
+            done, bad = _mlp_steps_sparse(indptr, indices, data, lut, T, idx, sizes, int(act), theta, opt, state,
+                                          losses, _threads())
     if bad:
         raise ValueError(f"train_steps_mlp_sparse: column indices outside [0, {sizes[0]}) "
                          "(the weights may be partly updated)")
@@ -1591,6 +1380,11 @@ def sparse_predict_mlp(indptr, indices, data, row0, sizes, act, theta, out):
     return out
 
 
+def numerical_gradient_mlp(x, t, sizes, act, theta, h, grad):
+    x, t, sizes = chk.mlp_numgrad(x, t, sizes, act, theta, h, grad)
+    _numgrad_mlp(x, t, sizes, int(act), theta, float(h), grad)
+
+
 def warmup(dtypes=(np.float32, np.float64)):
     """Compile (or load from the cache) every kernel for ``dtypes``; returns seconds."""
     import time
@@ -1616,32 +1410,22 @@ def warmup(dtypes=(np.float32, np.float64)):
         softmax_loss_backward_labels(o2, t, 1.0, o2)
         softmax_loss_backward_onehot(o2, o2, 1.0, o2)
         X, T, idx = np.ones((4, 3), dtype), np.zeros(4, np.int64), np.arange(2, dtype=np.int64)
-        W1, b1, W2, b2 = np.ones((3, 2), dtype), np.ones(2, dtype), np.ones((2, 2), dtype), np.ones(2, dtype)
-        work = (np.empty((2, 3), dtype), np.empty((2, 2), dtype), np.empty((2, 2), dtype),
-                np.empty((2, 2), dtype), np.empty((3, 2), dtype), np.empty(2, dtype),
-                np.empty((2, 2), dtype), np.empty(2, dtype))
-        for act in (1, 2):
-            train_step_2layer(X, T, idx, W1, b1, W2, b2, 0.0, act, work)
-            train_step_2layer(X.astype(np.uint8), T, idx, W1, b1, W2, b2, 0.0, act, work)
-        for rows in (X, X.astype(np.uint8)):
-            csr = sparse_rows(rows)
-            for act in (1, 2):
-                train_step_2layer_sparse(*csr, T, idx, W1, b1, W2, b2, 0.0, act, work)
-                train_step_2layer_sparse(*csr, T, idx, W1, b1, W2, b2, 0.1, act, work)
-            sparse_affine(*csr, 0, W1, b1, 1, o2)
-            sparse_predict_2layer(*csr, 0, W1, b1, W2, b2, 1, np.empty(2, np.int64))
-            for act in (1, 2):
-                train_steps_2layer_sparse(*csr, T, idx[None], W1, b1, W2, b2, 0.1, act, work, np.empty(1))
-        for act in (1, 2):
-            train_steps_2layer(X, T, idx[None], W1, b1, W2, b2, 0.1, act, work, np.empty(1))
-            train_steps_2layer(X.astype(np.uint8), T, idx[None], W1, b1, W2, b2, 0.1, act, work, np.empty(1))
-        if np.dtype(dtype) == np.float32:  # the padded many-steps kernel (PAD - 16 < H <= PAD)
-            H = PAD - 14
-            Wh, bh, W2h = np.ones((3, H), dtype), np.ones(H, dtype), np.ones((H, 2), dtype)
-            wh = (work[0], np.empty((2, H), dtype), work[2], np.empty((2, H), dtype), np.empty((3, H), dtype),
-                  np.empty(H, dtype), np.empty((H, 2), dtype), work[7])
+        for hidden in ([2], [PAD - 14]):  # the padded two-layer SGD case: float32, PAD - 16 < H <= PAD
+            sizes = np.array([3, *hidden, 2])
+            theta = np.full(mlp_size(sizes), 0.1, dtype)
+            state = np.zeros((2, theta.size), dtype)
+            opt = np.array([Opt.SGD, 0.1, 0.9, 0.999, 0.0, 0.0])
             for rows in (X, X.astype(np.uint8)):
-                for act in (1, 2):
-                    train_steps_2layer_sparse(*sparse_rows(rows), T, idx[None], Wh, bh, W2h, b2, 0.1, act, wh,
-                                              np.empty(1))
+                csr = sparse_rows(rows)
+                train_steps_mlp(rows, T, idx[None], sizes, 1, theta, opt, state, np.empty(1))
+                train_steps_mlp_sparse(*csr, T, idx[None], sizes, 1, theta, opt, state, np.empty(1))
+                opt[OPT_DECAY] = 0.01  # the general sparse engine
+                train_steps_mlp_sparse(*csr, T, idx[None], sizes, 1, theta, opt, state, np.empty(1))
+                opt[OPT_DECAY] = 0.0
+                mlp_gradient(rows, T, idx, sizes, 1, theta, 0.0, np.empty_like(theta))
+                predict_mlp(rows, sizes, 1, theta, np.empty(4, np.int64))
+                sparse_predict_mlp(*csr, 0, sizes, 1, theta, np.empty(4, np.int64))
+                sparse_affine(*csr, 0, W, b, 1, np.empty((4, 2), dtype))
+        numerical_gradient_mlp(x, t, np.array([3, 2, 2]), 1, theta[: mlp_size([3, 2, 2])].copy(), 1e-4,
+                               np.empty(mlp_size([3, 2, 2]), dtype))
     return time.perf_counter() - start

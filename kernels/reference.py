@@ -110,26 +110,6 @@ def softmax_loss_backward_onehot(y, t, dout, dx):
     batch_size = y.shape[0]
     dx[...] = (y - t) * (dout / batch_size)
     return dx
-def train_step_2layer(X, T, idx, W1, b1, W2, b2, lr, act, work):
-    xb, h, s, dh, dW1, db1, dW2, db2 = work
-    if X.dtype == np.uint8:
-        np.divide(X[idx], xb.dtype.type(255), out=xb)
-    else:
-        np.take(X, idx, axis=0, out=xb)
-    t = T[idx]
-    (affine_relu if act == 1 else affine_sigmoid)(xb, W1, b1, h)
-    affine(h, W2, b2, s)
-    loss = softmax_loss_labels(s, t, s)
-    softmax_loss_backward_labels(s, t, 1.0, s)
-    affine_backward(h, W2, s, dW2, db2, dh)
-    (relu_backward if act == 1 else sigmoid_backward)(dh, h, dh)
-    affine_backward(xb, W1, dh, dW1, db1, None)
-    if lr:
-        for param, grad in ((W1, dW1), (b1, db1), (W2, dW2), (b2, db2)):
-            param -= lr * grad
-    return loss
-
-
 # ------------------------------------------------------------------ rows stored as CSR
 def sparse_rows(X):
     """CSR of the rows of X: (indptr int64, indices int32 sorted per row, data X.dtype)."""
@@ -161,80 +141,7 @@ def sparse_affine(indptr, indices, data, row0, W, b, act, out):
     return (affine, affine_relu, affine_sigmoid)[act](x, W, b, out)
 
 
-def sparse_predict_2layer(indptr, indices, data, row0, W1, b1, W2, b2, act, out):
-    if out.dtype != np.int64 or out.ndim != 1:
-        raise TypeError("out must be a 1-D int64 array (one label per row)")
-    h = sparse_affine(indptr, indices, data, row0, W1, b1, act, np.empty((out.shape[0], W1.shape[1]), W1.dtype))
-    out[...] = np.argmax(affine(h, W2, b2, np.empty((out.shape[0], W2.shape[1]), W1.dtype)), axis=1)
-    return out
 
-
-def train_step_2layer_sparse(indptr, indices, data, T, idx, W1, b1, W2, b2, lr, act, work):
-    X = _dense_rows(indptr, indices, data, idx, W1.shape[0], W1.dtype)
-    return train_step_2layer(X, T[idx], np.arange(len(idx)), W1, b1, W2, b2, lr, act, work)
-
-
-def _steps(step, rows, T, idx, W1, b1, W2, b2, lr, act, work, losses):
-    """Run ``step`` for each row of idx (S, B) after checking every index and label."""
-    idx = np.asarray(idx)
-    if idx.ndim != 2 or idx.size == 0:
-        raise ValueError("idx must be a non-empty 2-D array (steps, batch) of row numbers")
-    if not lr > 0:
-        raise ValueError(f"these kernels run SGD steps: lr must be > 0, got {lr}")
-    if losses.shape != (idx.shape[0],) or losses.dtype != np.float64:
-        raise ValueError(f"losses must be a float64 array of shape ({idx.shape[0]},)")
-    if idx.min() < 0 or idx.max() >= rows:
-        raise IndexError(f"a batch index is out of range for {rows} rows")
-    labels = T[idx]
-    if labels.min() < 0 or labels.max() >= W2.shape[1]:
-        raise ValueError(f"a label is out of range for {W2.shape[1]} classes")
-    for k in range(idx.shape[0]):
-        losses[k] = step(idx[k])
-        if not np.isfinite(losses[k]):
-            return k + 1
-    return idx.shape[0]
-
-
-def train_steps_2layer(X, T, idx, W1, b1, W2, b2, lr, act, work, losses):
-    return _steps(lambda rows: train_step_2layer(X, T, rows, W1, b1, W2, b2, lr, act, work),
-                  X.shape[0], T, idx, W1, b1, W2, b2, lr, act, work, losses)
-
-
-def train_steps_2layer_sparse(indptr, indices, data, T, idx, W1, b1, W2, b2, lr, act, work, losses):
-    return _steps(lambda rows: train_step_2layer_sparse(indptr, indices, data, T, rows, W1, b1, W2, b2,
-                                                        lr, act, work),
-                  indptr.shape[0] - 1, T, idx, W1, b1, W2, b2, lr, act, work, losses)
-
-
-def _loss_2layer(x, t, W1, b1, W2, b2, act):
-    a = np.dot(x, W1) + b1
-    if act == 1:
-        z = np.maximum(a, 0)
-    else:
-        with np.errstate(over="ignore"):
-            z = 1 / (1 + np.exp(-a))
-    s = np.dot(z, W2) + b2
-    s = s - np.max(s, axis=1, keepdims=True)
-    e = np.exp(s)
-    y = e / np.sum(e, axis=1, keepdims=True)
-    return float(-np.sum(np.log(y[np.arange(x.shape[0]), t] + LOG_EPS)) / x.shape[0])
-
-
-def numerical_gradient_2layer(x, t, W1, b1, W2, b2, act, h, gW1, gb1, gW2, gb2):
-    """The book's loop: perturb each parameter in place, recompute the whole loss twice."""
-    params = (W1, b1, W2, b2)
-    for param, grad in zip(params, (gW1, gb1, gW2, gb2)):
-        flat, gflat = param.reshape(-1), grad.reshape(-1)
-        for i in range(flat.size):
-            tmp = flat[i]
-            try:
-                flat[i] = tmp + h
-                fxh1 = _loss_2layer(x, t, *params, act)
-                flat[i] = tmp - h
-                fxh2 = _loss_2layer(x, t, *params, act)
-            finally:
-                flat[i] = tmp
-            gflat[i] = (fxh1 - fxh2) / (2 * h)
 
 
 # ------------------------------------------------------------------ the MLP engine
