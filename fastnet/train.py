@@ -4,9 +4,10 @@
 ``batch_size`` random rows (with replacement, as ``np.random.choice`` does in the
 book), compute the gradient, update, and after every epoch measure the accuracy on the
 whole training and test sets.  What it adds: a seed that makes every run repeatable,
-a fast path that runs each step of a two-layer net as one compiled kernel call
-(``train_step_2layer``), optimisers, callbacks, checkpoints, and a clean stop on
-Ctrl-C that keeps the weights and the history so far.
+a fast path that runs many steps of any ``MultiLayerNet`` with any of the book's
+optimisers in one compiled kernel call (the MLP engine, ``train_steps_mlp``),
+callbacks, checkpoints, and a clean stop on Ctrl-C that keeps the weights and the
+history so far.
 
 Images may be given as floats or as uint8 pixels; pixels are normalised on the fly to
 ``x / 255`` in the net's dtype, exactly as ``load_mnist(normalize=True)`` does, which
@@ -30,8 +31,9 @@ from . import io as _io
 from ._validate import describe_nonfinite
 from .backend import get_backend, kernels
 from .gradient import numerical_gradient_net
+from .kernels.contract import OPT_ITER, OPT_LR
 from .nets import MultiLayerNet
-from .optim import SGD, make_optimizer
+from .optim import in_engine, make_optimizer
 
 __all__ = ["Trainer", "History", "TrainingInterrupted", "SPARSE_MAX_DENSITY", "STEPS_PER_CALL"]
 
@@ -42,9 +44,9 @@ __all__ = ["Trainer", "History", "TrainingInterrupted", "SPARSE_MAX_DENSITY", "S
 #: estimate: not benchmarked on Fashion-MNIST).
 SPARSE_MAX_DENSITY = 0.3
 
-#: Plain SGD on the fused path runs up to this many steps per kernel call
-#: (``train_steps_2layer``): no Python between them, and Ctrl-C and the progress bar
-#: still answer within a few tens of milliseconds.
+#: The fused path runs up to this many steps per kernel call (``train_steps_mlp``): no
+#: Python between them, and Ctrl-C and the progress bar still answer within a few tens
+#: of milliseconds.
 STEPS_PER_CALL = 100
 
 
@@ -165,11 +167,6 @@ def _as_rows(x, name):
     return np.ascontiguousarray(x)
 
 
-def _act_code(net):
-    """The kernels' code of a net's hidden activation: 1 ReLU, 2 sigmoid."""
-    return 1 if net.activation == "relu" else 2
-
-
 def _as_labels(t, rows, classes, name):
     t = np.asarray(t)
     if t.ndim == 2:
@@ -221,22 +218,26 @@ class Trainer:
     ``seed`` fixes the batches: the same seed, net and backend give identical results.
 
     ``gradient='numerical'`` trains with the book's chapter-4 numerical gradient (fast
-    on the compiled backends) instead of backprop.  ``fused`` chooses the compiled
-    training step for two-layer nets: ``'auto'`` (use it
-    whenever the net has two layers), ``True`` (require it) or ``False`` (the book's
-    ``net.gradient`` + ``optimizer.update`` loop).  ``callbacks`` are called after every
+    on the compiled backends) instead of backprop.  ``fused`` chooses the MLP engine's
+    training steps: ``'auto'`` (whenever the gradient is backprop), ``True`` (require
+    it) or ``False`` (the book's loop of ``net.gradient`` and ``optimizer.update``).
+    With one of the four optimisers of :mod:`fastnet.optim` the engine runs up to
+    :data:`STEPS_PER_CALL` steps, optimiser and weight decay included, in one kernel
+    call; any other optimiser object gets the engine's gradient of each batch.
+    ``callbacks`` are called after every
     epoch as ``callback(trainer, record)``; one that returns ``False`` stops training.
     ``checkpoint_dir`` receives ``weights.npz`` and ``metrics.json`` after every epoch
     and on Ctrl-C.  An epoch's files are written by a thread of their own while the
     training goes on (each file replaced atomically); all are on disk when ``fit()``
     returns or raises, and :meth:`save_checkpoint` writes the current state at once.
 
-    ``sparse`` chooses how the fused step and the evaluation read the inputs: as rows
-    of non-zeros (CSR, built once per data set) so that the first layer touches only
-    non-zero pixels, or dense.  ``'auto'`` uses it on the compiled backends when at most
-    :data:`SPARSE_MAX_DENSITY` of the inputs are non-zero (MNIST: 19%); the reference
-    backend's sparse kernels densify each batch (they are the oracle), so ``'auto'``
-    keeps it dense there.  Both give the same parameters up to rounding order.
+    ``sparse`` chooses how the engine's steps and the evaluation read the inputs: as
+    rows of non-zeros (CSR, built once per data set) so that the first layer touches
+    only non-zero pixels, or dense.  ``'auto'`` uses it on the compiled backends when
+    at most :data:`SPARSE_MAX_DENSITY` of the inputs are non-zero (MNIST: 19%); the
+    reference backend's sparse kernels densify each batch (they are the oracle), so
+    ``'auto'`` keeps it dense there.  Both give the same parameters up to rounding
+    order.
     """
 
     def __init__(
@@ -310,21 +311,22 @@ class Trainer:
         if gradient not in ("backprop", "numerical"):
             raise ValueError(f"gradient must be 'backprop' or 'numerical', got {gradient!r}")
         self.gradient = gradient
-        fusable = net.n_affine == 2 and gradient == "backprop" and not net.weight_decay_lambda
-        if fused is True and not fusable:
-            raise ValueError("the fused training step needs a two-layer net, backprop and no weight decay")
-        self.fused = fusable if fused == "auto" else bool(fused)
-        if self.fused and self.x_train.dtype.kind == "f" and self.x_train.dtype != net.dtype:
-            self.x_train = self.x_train.astype(net.dtype)  # once: the kernel takes one dtype
+        if fused not in ("auto", True, False):
+            raise ValueError(f"fused must be 'auto', True or False, got {fused!r}")
+        if fused is True and gradient != "backprop":
+            raise ValueError("the fused training steps compute the gradient by backprop, not numerically")
+        self.fused = gradient == "backprop" if fused == "auto" else fused
+        for name in ("x_train", "x_test"):  # once: the kernels take one float dtype
+            x = getattr(self, name)
+            if x is not None and x.dtype.kind == "f" and x.dtype != net.dtype:
+                setattr(self, name, x.astype(net.dtype))
         if sparse not in ("auto", True, False):
             raise ValueError(f"sparse must be 'auto', True or False, got {sparse!r}")
-        if sparse is True and not self.fused:
-            raise ValueError("sparse=True needs the fused step (a two-layer net, backprop)")
+        if sparse is True and not (self.fused and in_engine(self.optimizer)):
+            raise ValueError("sparse=True needs the fused steps (backprop) with one of fastnet.optim's optimisers")
         self.sparse_option = sparse
         self._sparse = None  # decided when fit() starts (the backend may change until then)
-        self._fused_call = None
         self._csr = {}
-        self._work = None
 
     # ------------------------------------------------------------------ inputs as CSR
     def density(self) -> float:
@@ -334,7 +336,7 @@ class Trainer:
 
     def use_sparse(self) -> bool:
         """Whether the step and the evaluation read the inputs as CSR rows (see ``sparse``)."""
-        if not self.fused or self.sparse_option is False:
+        if not (self.fused and in_engine(self.optimizer)) or self.sparse_option is False:
             return False
         if self.sparse_option is True:
             return True
@@ -380,68 +382,51 @@ class Trainer:
         return loss
 
     def _prepare_fused(self):
-        """Work buffers and the kernels of the fused path, once per fit() (the backend
-        is fixed while it runs)."""
+        """The engine's arguments, once per fit() (the backend is fixed while it runs):
+        the inputs (CSR rows or dense), the optimiser's record and its state, which the
+        optimiser object then holds as views (so the engine and ``update`` share it)."""
         net = self.net
-        if self._work is None:
-            B, D, H, C = self.batch_size, *net.sizes
-            dt = net.dtype
-            self._work = tuple(np.empty(s, dt) for s in ((B, D), (B, H), (B, C), (B, H), (D, H), (H,), (H, C), (C,)))
-            self._act = _act_code(net)
-            self._grads = dict(zip(("W1", "b1", "W2", "b2"), self._work[4:]))
-            self._losses = np.empty(STEPS_PER_CALL)
-        k = kernels()
-        if self._sparse:
-            self._fused_call = (k.train_step_2layer_sparse, k.train_steps_2layer_sparse,
-                                self._rows_csr(self.x_train))
-        else:
-            self._fused_call = (k.train_step_2layer, k.train_steps_2layer, (self.x_train,))
+        self._rows = self._rows_csr(self.x_train) if self._sparse else (self.x_train,)
+        self._losses = np.empty(STEPS_PER_CALL)
+        if in_engine(self.optimizer):
+            self._opt = self.optimizer.record(net.weight_decay_lambda)
+            self._state = np.zeros((2, net.flat_params().size), net.dtype)
+            self.optimizer.bind_state(self._state, net._views)
 
     def _step_fused(self, idx):
-        """One fused step (any optimiser: with lr 0 the kernel writes the gradients)."""
-        p = self.net.params
-        step, _, x = self._fused_call
-        loss = step(*x, self.t_train, idx, p["W1"], p["b1"], p["W2"], p["b2"], 0.0, self._act, self._work)
-        self.optimizer.update(p, self._grads)
+        """One step for an optimiser of the user's: the engine's gradient, then its update."""
+        net = self.net
+        theta = net.flat_params()
+        grad = np.empty_like(theta)
+        loss = kernels().mlp_gradient(self.x_train, self.t_train, idx, net.sizes, net.act_code, theta,
+                                      net.weight_decay_lambda, grad)
+        self.optimizer.update(net.params, net._views(grad))
         return loss
 
     def _steps_fused(self, idx):
-        """Plain SGD: len(idx) fused steps in one kernel call; returns their losses (fewer
-        when one is not finite: the kernel stops there)."""
-        p = self.net.params
-        _, steps, x = self._fused_call
+        """len(idx) engine steps in one kernel call; returns their losses (fewer when one
+        is not finite: the kernel stops there)."""
+        net, k = self.net, kernels()
         losses = self._losses[: len(idx)]
-        ran = steps(*x, self.t_train, idx, p["W1"], p["b1"], p["W2"], p["b2"], self.optimizer.lr,
-                    self._act, self._work, losses)
+        self._opt[OPT_LR] = self.optimizer.lr  # a callback may have changed it
+        steps = k.train_steps_mlp_sparse if self._sparse else k.train_steps_mlp
+        ran = steps(*self._rows, self.t_train, idx, net.sizes, net.act_code, net.flat_params(), self._opt,
+                    self._state, losses)
+        if hasattr(self.optimizer, "iter"):
+            self.optimizer.iter = int(self._opt[OPT_ITER])
         return losses[:ran]
 
-    def accuracy(self, x, t, chunk: int = 2000) -> float:
-        """Accuracy of the net on all rows of ``x`` (floats or uint8 pixels).
-
-        Over CSR rows (the sparse path) one kernel call labels every row.  Otherwise in
-        chunks of ``chunk`` rows: pixels are normalised chunk by chunk into one reused
-        buffer (one pass, no new pages), exactly as ``load_mnist(normalize=True)`` would
-        have done."""
-        if self._sparse if self._sparse is not None else self.use_sparse():
-            return self._accuracy_sparse(x, t)
-        correct = 0
-        buf = None
-        for start in range(0, x.shape[0], chunk):
-            rows = x[start : start + chunk]
-            if rows.dtype == np.uint8 and (buf is None or buf.shape[0] < rows.shape[0]):
-                buf = np.empty(rows.shape, self.net.dtype)
-            y = self.net.predict(self._floats(rows, None if buf is None else buf[: rows.shape[0]]))
-            correct += int(np.count_nonzero(np.argmax(y, axis=1) == t[start : start + chunk]))
-        return correct / x.shape[0]
-
-    def _accuracy_sparse(self, x, t):
-        """accuracy() of a two-layer net with the first layer over CSR rows: the labels of
-        all rows from one kernel call (``sparse_predict_2layer``, which keeps each block
-        of rows in cache between the two layers)."""
-        p, net = self.net.params, self.net
+    def accuracy(self, x, t) -> float:
+        """Accuracy of the net on all rows of ``x`` (floats of the net's dtype or uint8
+        pixels, normalised on the fly as ``load_mnist(normalize=True)`` would): the labels
+        of every row from one kernel call, ``sparse_predict_mlp`` over the CSR rows on
+        the sparse path, else ``predict_mlp``."""
+        net, k = self.net, kernels()
         labels = np.empty(x.shape[0], np.int64)
-        kernels().sparse_predict_2layer(*self._rows_csr(x), 0, p["W1"], p["b1"], p["W2"], p["b2"],
-                                        _act_code(net), labels)
+        if self._sparse if self._sparse is not None else self.use_sparse():
+            k.sparse_predict_mlp(*self._rows_csr(x), 0, net.sizes, net.act_code, net.flat_params(), labels)
+        else:
+            k.predict_mlp(x, net.sizes, net.act_code, net.flat_params(), labels)
         return int(np.count_nonzero(labels == t)) / x.shape[0]
 
     # ------------------------------------------------------------------ the loop
@@ -461,9 +446,9 @@ class Trainer:
         h.config["sparse"] = self._sparse
         if self.fused:
             self._prepare_fused()
-        # plain SGD on the fused path runs many steps per kernel call (up to the end of
-        # the epoch, STEPS_PER_CALL at most); the batches are the same as one at a time
-        many = self.fused and type(self.optimizer) is SGD and self.optimizer.lr > 0
+        # the engine runs many steps per kernel call (up to the end of the epoch,
+        # STEPS_PER_CALL at most); the batches are the same as one at a time
+        many = self.fused and in_engine(self.optimizer)
         step = self._step_fused if self.fused else self._step_layers
         n, B, per_epoch = self.x_train.shape[0], self.batch_size, self.iter_per_epoch
         bar = _Progress(self.iters, self.stream, self.progress)

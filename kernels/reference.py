@@ -240,7 +240,10 @@ def _labels_of(x, sizes, act, theta, out):
 
 def predict_mlp(X, sizes, act, theta, out):
     X, sizes = _checks.mlp_predict(X, sizes, act, theta, out)
-    return _labels_of(_batch(X, slice(None), theta.dtype), sizes, act, theta, out)
+    for start in range(0, X.shape[0], 2000):  # a chunk at a time: the floats of a whole data set are large
+        rows = slice(start, start + 2000)
+        _labels_of(_batch(X, rows, theta.dtype), sizes, act, theta, out[rows])
+    return out
 
 
 def sparse_predict_mlp(indptr, indices, data, row0, sizes, act, theta, out):
