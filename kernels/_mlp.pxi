@@ -359,13 +359,35 @@ cdef void _argmax_rows(real* s, long long n, long long C, long long* out) noexce
 
 
 cdef void _mlp_scores_above(_Net* n, real* theta, real* acts, int lo) noexcept nogil:
-    """Layers lo.. of a forward whose layer lo - 1 outputs are in acts (n.B rows)."""
+    """Layers lo.. of a forward whose layer lo - 1 outputs are in acts (n.B rows): the
+    hidden ones through BLAS, the top one (the scores) in plain loops, so that a two-layer
+    net's evaluation over CSR rows needs no BLAS (see _blas)."""
     cdef int k
+    cdef long long i, q, c
     cdef _Layer* ly
-    for k in range(lo, n.L):
+    cdef real* h
+    cdef real* o
+    cdef real* w
+    cdef real v
+    for k in range(lo, n.L - 1):
         ly = &n.layer[k]
         _affine(acts + n.layer[k - 1].out, theta + ly.w, theta + ly.b, acts + ly.out, n.B, <int>ly.n_in,
-                <int>ly.n_out, n.act if k < n.L - 1 else 0)
+                <int>ly.n_out, n.act)
+    if lo >= n.L:
+        return
+    ly = &n.layer[n.L - 1]
+    h = acts + n.layer[n.L - 2].out
+    for i in range(n.B):  # each score: the products in order, then the bias
+        o = acts + ly.out + i * ly.n_out
+        for c in range(ly.n_out):
+            o[c] = 0
+        for q in range(ly.n_in):
+            v = h[i * ly.n_in + q]
+            w = theta + ly.w + q * ly.n_out
+            for c in range(ly.n_out):
+                o[c] += v * w[c]
+        for c in range(ly.n_out):
+            o[c] += theta[ly.b + c]
 
 
 #: rows labelled at a time by the evaluation kernels (their activations stay in cache)
@@ -630,7 +652,7 @@ def sparse_predict_mlp(indptr, indices, data, long long row0, sizes, int act, th
     cdef long long rows = out.shape[0]
     if rows == 0:
         return out
-    if sizes.shape[0] > 2:
+    if sizes.shape[0] > 3:  # hidden layers above the first (_mlp_scores_above)
         _blas()
     cdef _Net n
     _net_of(&n, sizes, act, PREDICT_ROWS)

@@ -8,6 +8,7 @@ import pytest
 import fastnet
 from fastnet import backend
 from fastnet.kernels import contract
+from fastnet.kernels.contract import Opt, mlp_size
 
 
 def test_every_backend_implements_the_contract():
@@ -153,24 +154,25 @@ def test_results_do_not_depend_on_set_num_threads(name):
 
     def run(dtype):
         out = []
-        for sparse in (True, False):
-            p = [(0.1 * np.random.default_rng(5).standard_normal(s)).astype(dtype)
-                 for s in ((300, 50), (50,), (50, 10), (10,))]
-            work = tuple(np.empty(s, dtype) for s in ((100, 300), (100, 50), (100, 10), (100, 50), (300, 50),
-                                                      (50,), (50, 10), (10,)))
-            losses = np.empty(20)
-            if sparse:
-                csr = k.sparse_rows(X)
-                k.train_steps_2layer_sparse(*csr, T, idx, *p, 0.1, 1, work, losses)
-                out += [k.sparse_predict_2layer(*csr, 0, *p, 1, np.empty(400, np.int64)),
-                        k.sparse_affine(*csr, 0, p[0], p[1], 1, np.empty((400, 50), dtype))]
-            else:
-                xf = (X / 255).astype(dtype)
-                k.train_steps_2layer(xf, T, idx, *p, 0.1, 1, work, losses)
-                grads = [np.empty_like(a) for a in p]
-                k.numerical_gradient_2layer(xf[:50], T[:50], *p, 1, 1e-4, *grads)
-                out += grads
-            out += [*p, losses]
+        csr = k.sparse_rows(X)
+        for hidden, kind in (([50], Opt.SGD), ([40, 30], Opt.SGD), ([50], Opt.ADAM)):
+            sizes = np.array([300, *hidden, 10])
+            for sparse in (True, False):
+                theta = (0.1 * np.random.default_rng(5).standard_normal(mlp_size(sizes))).astype(dtype)
+                state, losses = np.zeros((2, theta.size), dtype), np.empty(20)
+                opt = np.array([kind, 0.05, 0.9, 0.999, 0.0, 0.0])
+                if sparse:
+                    k.train_steps_mlp_sparse(*csr, T, idx, sizes, 1, theta, opt, state, losses)
+                    out.append(k.sparse_predict_mlp(*csr, 0, sizes, 1, theta, np.empty(400, np.int64)))
+                else:
+                    xf = (X / 255).astype(dtype)
+                    k.train_steps_mlp(xf, T, idx, sizes, 1, theta, opt, state, losses)
+                    grad = np.empty_like(theta)
+                    k.numerical_gradient_mlp(xf[:20], T[:20], sizes, 1, theta, 1e-4, grad)
+                    out.append(grad)
+                out += [theta, losses]
+        W = (0.1 * np.random.default_rng(5).standard_normal((300, 50))).astype(dtype)
+        out.append(k.sparse_affine(*csr, 0, W, W[0], 1, np.empty((400, 50), dtype)))
         return b"".join(a.tobytes() for a in out)
 
     before = k.get_num_threads()
@@ -191,14 +193,15 @@ rng = np.random.default_rng(0)
 X = (rng.integers(1, 256, (300, 40)) * (rng.random((300, 40)) < 0.3)).astype(np.uint8)
 T = rng.integers(0, 10, 300)
 idx = rng.integers(0, 300, (3, 20))
-def net(H, C=10):
-    p = [(0.1 * rng.standard_normal(s)).astype(np.float32) for s in ((40, H), (H,), (H, C), (C,))]
-    work = tuple(np.empty(s, np.float32) for s in ((20, 40), (20, H), (20, C), (20, H), (40, H), (H,), (H, C), (C,)))
-    return p, work
-p, work = net(50)
+def net(*hidden, kind=1):
+    sizes = np.array([40, *hidden, 10])
+    n = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
+    theta = (0.1 * rng.standard_normal(n)).astype(np.float32)
+    return sizes, theta, np.array([kind, 0.1, 0.9, 0.999, 0, 0]), np.zeros((2, n), np.float32), np.empty(3)
 csr = k.sparse_rows(X)
-k.train_steps_2layer_sparse(*csr, T, idx, *p, 0.1, 1, work, np.empty(3))  # vector top: no BLAS
-k.sparse_predict_2layer(*csr, 0, *p, 1, np.empty(300, np.int64))
+sizes, theta, opt, state, losses = net(50)
+k.train_steps_mlp_sparse(*csr, T, idx, sizes, 1, theta, opt, state, losses)  # vector top: no BLAS
+k.sparse_predict_mlp(*csr, 0, sizes, 1, theta, np.empty(300, np.int64))
 assert not k._blas_loaded() and "scipy" not in sys.modules, "BLAS loaded by the sparse path"
 case = sys.argv[1]
 x, w = rng.random((30, 20)).astype(np.float32), rng.random((20, 7)).astype(np.float32)
@@ -210,20 +213,41 @@ elif case == "affine_backward":
     k.affine_backward(x, w, np.ones((30, 7), np.float32), dW, np.empty(7, np.float32))
     assert np.allclose(dW, x.T @ np.ones((30, 7)), rtol=1e-5)
 elif case == "dense steps":
-    p, work = net(50)
-    k.train_steps_2layer((X / 255).astype(np.float32), T, idx, *p, 0.1, 1, work, np.empty(3))
-    assert np.isfinite(p[0]).all()
-else:  # the sparse step with 70 hidden units: its rows above the first layer go through BLAS
-    p, work = net(70)
-    losses = np.empty(3)
-    k.train_steps_2layer_sparse(*csr, T, idx, *p, 0.1, 1, work, losses)
+    sizes, theta, opt, state, losses = net(50)
+    k.train_steps_mlp((X / 255).astype(np.float32), T, idx, sizes, 1, theta, opt, state, losses)
     assert np.isfinite(losses).all()
+elif case == "sparse steps through BLAS":  # 70 hidden units: the rows above the first layer go through BLAS
+    sizes, theta, opt, state, losses = net(70)
+    k.train_steps_mlp_sparse(*csr, T, idx, sizes, 1, theta, opt, state, losses)
+    assert np.isfinite(losses).all()
+elif case == "deep sparse steps":
+    sizes, theta, opt, state, losses = net(30, 20, kind=4)
+    k.train_steps_mlp_sparse(*csr, T, idx, sizes, 1, theta, opt, state, losses)
+    assert np.isfinite(losses).all()
+elif case == "deep sparse predict":
+    sizes, theta, opt, state, losses = net(30, 20)
+    labels = k.sparse_predict_mlp(*csr, 0, sizes, 1, theta, np.empty(300, np.int64))
+    assert labels.min() >= 0 and labels.max() < 10
+elif case == "gradient":
+    sizes, theta, opt, state, losses = net(30)
+    grad = np.empty_like(theta)
+    assert np.isfinite(k.mlp_gradient(X, T, idx[0], sizes, 1, theta, 0.0, grad))
+elif case == "predict":
+    sizes, theta, opt, state, losses = net(30)
+    k.predict_mlp(X, sizes, 1, theta, np.empty(300, np.int64))
+else:
+    sizes, theta, opt, state, losses = net(5)
+    grad = np.empty_like(theta)
+    k.numerical_gradient_mlp((X[:4] / 255).astype(np.float32), T[:4], sizes, 1, theta, 1e-4, grad)
+    assert np.isfinite(grad).all()
 print(k._blas_loaded())
 """
 
 
 @pytest.mark.skipif("cython" not in backend.available_backends(), reason="the Cython extension is not built")
-@pytest.mark.parametrize("case", ["affine", "affine_backward", "dense steps", "sparse steps through BLAS"])
+@pytest.mark.parametrize("case", ["affine", "affine_backward", "dense steps", "sparse steps through BLAS",
+                                  "deep sparse steps", "deep sparse predict", "gradient", "predict",
+                                  "numerical gradient"])
 def test_cython_loads_blas_on_first_use(case):
     """The Cython backend loads BLAS (SciPy's cython_blas, 0.02 s) only when a kernel first
     needs it: the sparse path of the chapter-5 experiment never does.  Each kernel that

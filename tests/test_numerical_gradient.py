@@ -7,85 +7,87 @@ import fastnet
 from fastnet import backend
 from fastnet.datasets import load_mnist
 from fastnet.gradient import GradcheckError, gradcheck, numerical_gradient, numerical_gradient_net
+from fastnet.kernels.contract import mlp_size
 from fastnet.nets import MultiLayerNet, TwoLayerNet
 from fastnet.train import Trainer
 
 
-def _book_loss(x, t, W1, b1, W2, b2, act):
-    return backend.load("numpy")._loss_2layer(x, t, W1, b1, W2, b2, act)
+def _book_loss(x, t, sizes, theta, act):
+    return backend.load("numpy")._mlp_loss(x, t, np.array(sizes), act, theta)
 
 
-def _book_elements(x, t, params, act, name, indices, h=1e-4):
-    """The book's loop (perturb in place, two full losses) for some elements of one parameter."""
-    p = params[name].reshape(-1)
+def _book_elements(x, t, sizes, theta, act, indices, h=1e-4):
+    """The book's loop (perturb in place, two full losses) for some elements of theta."""
     out = []
     for i in indices:
-        tmp = p[i]
-        p[i] = tmp + h
-        hi = _book_loss(x, t, *params.values(), act)
-        p[i] = tmp - h
-        lo = _book_loss(x, t, *params.values(), act)
-        p[i] = tmp
+        tmp = theta[i]
+        theta[i] = tmp + h
+        hi = _book_loss(x, t, sizes, theta, act)
+        theta[i] = tmp - h
+        lo = _book_loss(x, t, sizes, theta, act)
+        theta[i] = tmp
         out.append((hi - lo) / (2 * h))
     return np.array(out)
 
 
 @pytest.mark.parametrize("backend_name", ["numba", "cython"])
 @pytest.mark.parametrize("act", [1, 2])
-def test_equals_reference_loop_on_random_data(backend_name, act, rng):
-    B, D, H, C = 16, 40, 9, 6
+@pytest.mark.parametrize("sizes", [[40, 9, 6], [40, 9, 7, 6]])
+def test_equals_reference_loop_on_random_data(backend_name, act, sizes, rng):
+    B, D, H = 16, 40, 9
     x = rng.random((B, D)) * (rng.random((B, D)) > 0.6)
     x[:, :5] = 0  # inputs that are zero for the whole batch
-    t = rng.integers(0, C, B)
-    params = {k: 0.5 * rng.standard_normal(s) for k, s in (("W1", (D, H)), ("b1", (H,)), ("W2", (H, C)), ("b2", (C,)))}
-    ref = [np.empty_like(p) for p in params.values()]
-    got = [np.empty_like(p) for p in params.values()]
-    backend.load("numpy").numerical_gradient_2layer(x, t, *params.values(), act, 1e-4, *ref)
-    backend.load(backend_name).numerical_gradient_2layer(x, t, *params.values(), act, 1e-4, *got)
-    for name, a, b in zip(params, got, ref):
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-8, err_msg=name)
-    assert not got[0][:5].any()  # exactly zero where the input is zero for the batch
+    t = rng.integers(0, sizes[-1], B)
+    theta = 0.5 * rng.standard_normal(mlp_size(sizes))
+    ref, got = np.empty_like(theta), np.empty_like(theta)
+    backend.load("numpy").numerical_gradient_mlp(x, t, np.array(sizes), act, theta, 1e-4, ref)
+    backend.load(backend_name).numerical_gradient_mlp(x, t, np.array(sizes), act, theta, 1e-4, got)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-8)
+    assert not got[: 5 * H].any()  # exactly zero where the input is zero for the batch
 
 
 @pytest.mark.parametrize("backend_name", ["numba", "cython"])
 @pytest.mark.parametrize("act", [1, 2])
 def test_float32_equals_the_float64_reference(backend_name, act, rng):
-    """float32 kernels against the reference loop in float64 on the same (float32) values.
-    The kernels keep hidden activations in float32: a loss difference over 2h carries
-    their rounding, float32's 6e-8 of terms near 1 over h = 1e-4, under 1e-3 (the float32
-    reference loop itself is off by 2e-3: its losses are float32 too)."""
-    B, D, H, C = 16, 40, 9, 6
-    x = (rng.random((B, D)) * (rng.random((B, D)) > 0.6)).astype(np.float32)
-    t = rng.integers(0, C, B)
-    params = [(0.5 * rng.standard_normal(s)).astype(np.float32) for s in ((D, H), (H,), (H, C), (C,))]
-    ref = [np.empty(p.shape) for p in params]
-    backend.load("numpy").numerical_gradient_2layer(x.astype(float), t, *(p.astype(float) for p in params),
-                                                    act, 1e-4, *ref)
-    got = [np.full_like(p, np.nan) for p in params]
-    backend.load(backend_name).numerical_gradient_2layer(x, t, *params, act, 1e-4, *got)
-    for name, a, b in zip(("W1", "b1", "W2", "b2"), got, ref):
-        assert a.dtype == np.float32
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-3, err_msg=name)
+    """float32 kernels against the reference loop in float64 on the same (float32) values:
+    the kernels sum in float64, so only the rounding of a float32 weight moved by h
+    remains (the float32 reference loop itself is off by 2e-3: its losses are float32)."""
+    sizes = np.array([40, 9, 7, 6])
+    x = (rng.random((16, 40)) * (rng.random((16, 40)) > 0.6)).astype(np.float32)
+    t = rng.integers(0, 6, 16)
+    theta = (0.5 * rng.standard_normal(mlp_size(sizes))).astype(np.float32)
+    ref = np.empty(theta.size)
+    backend.load("numpy").numerical_gradient_mlp(x.astype(float), t, sizes, act, theta.astype(float), 1e-4, ref)
+    got = np.full_like(theta, np.nan)
+    backend.load(backend_name).numerical_gradient_mlp(x, t, sizes, act, theta, 1e-4, got)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-3)
 
 
 @pytest.mark.parametrize("backend_name", ["numba", "cython"])
-def test_equals_reference_loop_on_mnist(backend_name, mnist_dir):
+@pytest.mark.parametrize("hidden", [[50], [100, 100]])
+def test_equals_reference_loop_on_mnist(backend_name, hidden, mnist_dir):
+    """100 MNIST images, float64: sampled elements of every layer equal the book's loop
+    within 1e-8, and the rows of W1 for pixels that are 0 in the whole batch are 0."""
     (x_train, t_train), _ = load_mnist(data_dir=mnist_dir.parent, download=False, dtype=np.float64)
     x, t = x_train[:100], t_train[:100].astype(np.int64)
+    sizes = [784, *hidden, 10]
     rng = np.random.default_rng(5)
-    params = {"W1": 0.1 * rng.standard_normal((784, 50)), "b1": 0.1 * rng.standard_normal(50),
-              "W2": 0.1 * rng.standard_normal((50, 10)), "b2": np.zeros(10)}
-    got = [np.empty_like(p) for p in params.values()]
-    backend.load(backend_name).numerical_gradient_2layer(x, t, *params.values(), 1, 1e-4, *got)
-    got = dict(zip(params, got))
+    theta = 0.1 * rng.standard_normal(mlp_size(sizes))
+    got = np.empty_like(theta)
+    backend.load(backend_name).numerical_gradient_mlp(x, t, np.array(sizes), 1, theta, 1e-4, got)
+    H = hidden[0]
     active = np.flatnonzero(x.any(axis=0))
-    w1_idx = np.ravel_multi_index((rng.choice(active, 150), rng.integers(0, 50, 150)), (784, 50))
-    checks = {"W1": w1_idx, "b1": np.arange(50), "W2": rng.choice(500, 150, replace=False), "b2": np.arange(10)}
-    for name, idx in checks.items():
-        book = _book_elements(x, t, params, 1, name, idx)
-        np.testing.assert_allclose(got[name].reshape(-1)[idx], book, rtol=0, atol=1e-8, err_msg=name)
+    idx = [np.ravel_multi_index((rng.choice(active, 60), rng.integers(0, H, 60)), (784, H))]
+    start = 784 * H
+    for a, b in zip(sizes[1:-1], sizes[2:]):  # b_k, then W_k+1 and b_k+1 of the layers above
+        idx += [start + rng.choice(a, 20, replace=False), start + a + rng.choice(a * b, 40, replace=False)]
+        start += a + a * b
+    idx.append(start + np.arange(10))
+    idx = np.concatenate(idx)
+    np.testing.assert_allclose(got[idx], _book_elements(x, t, sizes, theta, 1, idx), rtol=0, atol=1e-8)
     zero_rows = np.flatnonzero(~x.any(axis=0))
-    assert zero_rows.size > 50 and not got["W1"][zero_rows].any()
+    assert zero_rows.size > 50 and not got[: 784 * H].reshape(784, H)[zero_rows].any()
 
 
 def test_net_method_uses_the_backend_and_matches(rng):
@@ -105,7 +107,7 @@ def _book_loop(net, x, t):
     return {key: numerical_gradient(lambda _: net.loss(x, t), net.params[key]) for key in net.params}
 
 
-def test_deep_net_and_soft_labels_use_the_generic_loop(rng):
+def test_deep_nets_equal_the_book_loop_and_soft_labels_use_it(rng):
     net = MultiLayerNet(6, [4, 3], 2, weight_init_std=0.5, seed=0)
     x = rng.random((3, 6))
     t = np.array([0, 1, 1])

@@ -80,9 +80,10 @@ def test_sparse_auto_choice():
         assert not Trainer(TwoLayerNet(64, 20, 10, seed=1), dense_x, dense_t, iters=1).use_sparse()
         assert not Trainer(TwoLayerNet(64, 20, 10, seed=1), x, t, iters=1, sparse=False).use_sparse()
         deep = MultiLayerNet(64, [20, 20], 10, seed=1)
-        assert not Trainer(deep, x, t, iters=1).use_sparse()
+        assert Trainer(deep, x, t, iters=1).use_sparse()  # any depth
+        assert not Trainer(deep, x, t, iters=1, fused=False).use_sparse()
         with pytest.raises(ValueError, match="fused"):
-            Trainer(deep, x, t, iters=1, sparse=True)
+            Trainer(deep, x, t, iters=1, sparse=True, fused=False)
         with pytest.raises(ValueError, match="sparse"):
             Trainer(TwoLayerNet(64, 20, 10, seed=1), x, t, iters=1, sparse="yes")
 
@@ -91,8 +92,8 @@ def test_sparse_accuracy_equals_dense():
     x, t = _sparse_data(3000)
     with fastnet.use_backend("cython"):
         net = TwoLayerNet(64, 20, 10, seed=1, weight_init_std=0.3)
-        sparse = Trainer(net, x, t, iters=1, sparse=True).accuracy(x, t, chunk=700)
-        dense = Trainer(net, x, t, iters=1, sparse=False).accuracy(x, t, chunk=700)
+        sparse = Trainer(net, x, t, iters=1, sparse=True).accuracy(x, t)
+        dense = Trainer(net, x, t, iters=1, sparse=False).accuracy(x, t)
     expected = float(np.mean(np.argmax(net.predict(x / 255.0), axis=1) == t))
     assert abs(sparse - dense) <= 2 / 3000 and abs(dense - expected) <= 2 / 3000
     # float64 test rows for a float32 net: stored in the net's dtype, not refused
@@ -120,15 +121,54 @@ def test_history_epochs_and_learning():
     assert h.train_acc[-1] > 0.25 and h.loss[-1] < h.loss[0]  # chance is 0.1
 
 
-def test_deeper_net_uses_the_layer_path():
+@pytest.mark.parametrize("backend_name", ["numpy", "numba", "cython"])
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adagrad", "adam"])
+def test_deeper_net_takes_the_engine(backend_name, optimizer):
+    """A net of any depth trains through the MLP engine (many steps a call, the optimiser
+    inside): the weights the book's loop (net.gradient + optimizer.update on the
+    reference backend, float64) gives, within rounding, and the optimiser object holds
+    the state the engine left (a second fit goes on from it)."""
     x, t = _data()
-    net = MultiLayerNet(64, [16, 12], 10, seed=0)
-    trainer = Trainer(net, x, t, epochs=2, batch_size=50, seed=0)
-    assert trainer.fused is False
-    h = trainer.fit()
-    assert h.iterations == 24
-    with pytest.raises(ValueError, match="two-layer"):
-        Trainer(net, x, t, iters=1, fused=True)
+    lr = {"sgd": 0.1, "momentum": 0.05, "adagrad": 0.05, "adam": 0.005}[optimizer]
+    nets, opts = [], []
+    for name, fused in ((backend_name, "auto"), ("numpy", False)):
+        with fastnet.use_backend(name):
+            net = MultiLayerNet(64, [16, 12], 10, seed=0, weight_decay_lambda=0.01)
+            trainer = Trainer(net, x, t, epochs=2, batch_size=50, seed=0, optimizer=optimizer, lr=lr, fused=fused)
+            assert trainer.fused is (fused == "auto")
+            assert trainer.fit().iterations == 24
+            trainer.iters = 36
+            assert trainer.fit().iterations == 36
+        nets.append(net)
+        opts.append(trainer.optimizer)
+    for key in nets[1].params:
+        np.testing.assert_allclose(nets[0].params[key], nets[1].params[key], rtol=1e-7, atol=1e-9, err_msg=key)
+    for name in opts[1].state_names:
+        for key, value in getattr(opts[1], name).items():
+            np.testing.assert_allclose(getattr(opts[0], name)[key], value, rtol=1e-7, atol=1e-9)
+    assert getattr(opts[0], "iter", 0) == getattr(opts[1], "iter", 0)
+    with pytest.raises(ValueError, match="backprop"):
+        Trainer(net, x, t, iters=1, fused=True, gradient="numerical")
+
+
+def test_an_optimiser_of_the_users_gets_the_engines_gradients():
+    """Any object with update(params, grads) trains through mlp_gradient, one step a call."""
+    x, t = _data()
+
+    class HalfSGD:
+        lr = 0.2
+
+        def update(self, params, grads):
+            for key in params:
+                params[key] -= 0.5 * self.lr * grads[key]
+
+    nets = []
+    for optimizer in (HalfSGD(), "sgd"):
+        net = MultiLayerNet(64, [16, 12], 10, seed=0)
+        Trainer(net, x, t, iters=5, batch_size=50, seed=0, optimizer=optimizer, lr=0.1).fit()
+        nets.append(net)
+    for key in nets[0].params:
+        np.testing.assert_allclose(nets[0].params[key], nets[1].params[key], rtol=1e-12, atol=1e-15)
 
 
 def test_callbacks_and_checkpoints(tmp_path):
@@ -311,17 +351,15 @@ def test_metrics_json_keeps_every_loss_through_appends_and_changes():
     assert History(loss=[1.0]).loss.json() == "[1.0]"
 
 
-def test_weight_decay_trains_on_the_layer_path(rng):
-    """A net with weight decay is trained by the book's loop (the fused kernels have no
-    decay term yet): the same weights as gradient + update by hand, and each recorded
-    loss includes 0.5 * lambda * sum(W**2), as the book's network.loss does."""
+def test_weight_decay_trains_on_the_engine(rng):
+    """A net with weight decay trains through the engine: the weights of gradient +
+    update by hand (the book's loop), and each recorded loss includes
+    0.5 * lambda * sum(W**2), as the book's network.loss does."""
     x, t = _data()
     net = MultiLayerNet(64, [10], 10, weight_decay_lambda=0.01, seed=0)
     copy = MultiLayerNet(64, [10], 10, weight_decay_lambda=0.01, seed=0)
     trainer = Trainer(net, x, t, iters=3, batch_size=20, seed=5, lr=0.1)
-    assert not trainer.fused
-    with pytest.raises(ValueError, match="no weight decay"):
-        Trainer(net, x, t, iters=3, fused=True)
+    assert trainer.fused
     h = trainer.fit()
     batches, xf = np.random.default_rng(5), x / 255.0  # the Trainer's pixels as floats
     for loss in h.loss:
