@@ -7,61 +7,62 @@ import numpy as np
 import fastnet
 import fastnet.nets
 from fastnet.gradient import gradcheck
+from fastnet.kernels.contract import mlp_size
 
 from .common import BACKENDS, batch, reference_numgrad_seconds, require_backend
 
+#: layer sizes of each case; "small" is small enough for the reference loop in asv's time
+SIZES = {"small": (100, 20, 10), "784-50-10": (784, 50, 10), "784-100-100-10": (784, 100, 100, 10)}
+
 
 def _setup(size):
-    rng = np.random.default_rng(0)
-    if size == "mnist":
-        d, h, n = 784, 50, 100
-        x, t = batch(np.float64, n)
-    else:  # small enough for the reference loop to run in asv's time
-        d, h, n = 100, 20, 20
-        x, t = batch(np.float64, n)
+    sizes = np.array(SIZES[size])
+    if size == "small":
+        x, t = batch(np.float64, 20)
         x = np.ascontiguousarray(x[:, 300:400])
-    params = [(0.01 * rng.standard_normal(s)) for s in ((d, h), (h,), (h, 10), (10,))]
-    grads = [np.empty_like(p) for p in params]
-    return x, t, params, grads
+    else:
+        x, t = batch(np.float64, 100)
+    theta = 0.1 * np.random.default_rng(0).standard_normal(mlp_size(sizes))
+    return x, t, sizes, theta, np.empty_like(theta)
 
 
 class NumericalGradient:
-    params = (BACKENDS, ["small", "mnist"])
-    param_names = ["backend", "size"]
+    params = (BACKENDS, list(SIZES))
+    param_names = ["backend", "net"]
     timeout = 120
 
-    def setup(self, backend, size):
-        if backend == "numpy" and size == "mnist":
-            raise NotImplementedError("the book's loop takes ~15 s here: see track_speedup")
+    def setup(self, backend, net):
+        if backend == "numpy" and net != "small":
+            raise NotImplementedError("the book's loop takes minutes here: see NumericalGradientSpeedup")
         self.k = require_backend(backend)
-        self.args = _setup(size)
-        self.time_gradient(backend, size)
+        self.args = _setup(net)
+        self.time_gradient(backend, net)
 
-    def time_gradient(self, backend, size):
-        x, t, params, grads = self.args
-        self.k.numerical_gradient_2layer(x, t, *params, 1, 1e-4, *grads)
+    def time_gradient(self, backend, net):
+        x, t, sizes, theta, grad = self.args
+        self.k.numerical_gradient_mlp(x, t, sizes, 1, theta, 1e-4, grad)
 
 
 class NumericalGradientSpeedup:
-    """Full 784-50-10 gradient against the book's loop (timed on 200 parameters and
-    scaled to all 39,760: see ``reference_numgrad_seconds``)."""
+    """The whole gradient of a net on 100 MNIST images in float64 against the book's loop
+    (timed on 200 parameters and scaled to all of them: see ``reference_numgrad_seconds``)."""
 
-    params = (["numba", "cython"],)
-    param_names = ["backend"]
+    params = (["numba", "cython"], ["784-50-10", "784-100-100-10"])
+    param_names = ["backend", "net"]
     unit = "times faster"
-    timeout = 120
+    timeout = 300
 
-    def setup(self, backend):
+    def setup(self, backend, net):
         self.k = require_backend(backend)
-        self.args = _setup("mnist")
-        x, t, params, grads = self.args
-        self.k.numerical_gradient_2layer(x, t, *params, 1, 1e-4, *grads)
+        self.args = _setup(net)
+        x, t, sizes, theta, grad = self.args
+        self.k.numerical_gradient_mlp(x, t, sizes, 1, theta, 1e-4, grad)
 
-    def track_speedup(self, backend):
-        x, t, params, grads = self.args
-        reference = reference_numgrad_seconds(x, t, params, sample=200)
+    def track_speedup(self, backend, net):
+        x, t, sizes, theta, grad = self.args
+        reference = reference_numgrad_seconds(x, t, sizes, theta, sample=200)
         start = time.perf_counter()
-        self.k.numerical_gradient_2layer(x, t, *params, 1, 1e-4, *grads)
+        self.k.numerical_gradient_mlp(x, t, sizes, 1, theta, 1e-4, grad)
         return reference / (time.perf_counter() - start)
 
 

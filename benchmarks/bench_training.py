@@ -1,4 +1,4 @@
-"""Training: the layer-by-layer gradient, the fused step, PyTorch, whole runs, inference."""
+"""Training: the gradient, the MLP engine's steps, PyTorch, whole runs, inference."""
 
 import timeit
 
@@ -12,9 +12,11 @@ from . import common
 from .common import (
     BACKENDS,
     DTYPES,
+    NETS,
+    OPTIMIZERS,
     BookLoop,
     BookStep,
-    FusedStep,
+    EngineSteps,
     TorchStep,
     batch,
     mnist_pixels,
@@ -24,7 +26,8 @@ from .common import (
 
 
 class Gradient:
-    """TwoLayerNet.gradient as the book calls it (forward, backward layer by layer)."""
+    """TwoLayerNet.gradient as the book calls it: the layers on the reference backend, one
+    mlp_gradient call on the compiled ones."""
 
     params = (BACKENDS, DTYPES)
     param_names = ["backend", "dtype"]
@@ -43,62 +46,91 @@ class Gradient:
 
 
 class TrainingStep:
-    """One mini-batch step of 784-50-10, batch 100: draw, gradient, SGD update.
-    ``bookloop``: the book's loop as printed, with its loss line (common.BookLoop);
-    ``book``: gradient and update only (common.BookStep)."""
+    """One mini-batch step of the book's 784-50-10, batch 100: draw, gradient, SGD update.
+    ``book-loop``: the book's loop as printed, with its loss line (common.BookLoop);
+    ``book``: gradient and update only (common.BookStep); ``engine``: the MLP engine as
+    ``fastnet train`` runs it, 100 steps a call (dense rows, or ``engine-sparse``: CSR
+    rows); ``torch``: PyTorch CPU (its own dtype and threads: the backend axis is not its)."""
 
-    params = (["bookloop-numpy-float64", "book-numpy-float64", "book-numpy-float32", "fused-numba-float32",
-               "fused-cython-float32", "fused-cython-float64", "sparse-numba-float32",
-               "sparse-cython-float32", "torch-float32"],)
-    param_names = ["implementation"]
+    params = (["book-loop", "book", "engine", "engine-sparse", "torch"], BACKENDS, DTYPES)
+    param_names = ["implementation", "backend", "dtype"]
 
-    def setup(self, implementation):
+    def setup(self, implementation, backend, dtype):
         (x, t), _ = mnist_pixels()
-        kind, *rest = implementation.split("-")
-        if kind == "bookloop":
+        if implementation == "book-loop":
+            if (backend, dtype) != ("numpy", "float64"):
+                raise NotImplementedError("the book's loop runs on NumPy in float64")
             self.step = BookLoop(x, t)
-        elif kind == "book":
-            self.step = BookStep(rest[0], rest[1], x, t)
-        elif kind in ("fused", "sparse"):
-            self.step = FusedStep(rest[0], rest[1], x, t, sparse=kind == "sparse")
+        elif implementation == "book":
+            self.step = BookStep(backend, dtype, x, t)
+        elif implementation.startswith("engine"):
+            self.step = EngineSteps(backend, dtype, x, t, sparse=implementation.endswith("sparse"))
         else:
+            if (backend, dtype) != ("numpy", "float32"):
+                raise NotImplementedError("PyTorch is measured once, in float32")
             self.step = TorchStep(x, t)
-        for _ in range(3):
+        for _ in range(2):
             self.step()
 
-    def time_step(self, implementation):
-        self.step()
+    def time_step(self, implementation, backend, dtype):
+        self.step()  # a call of the engine runs 100 steps: divide by 100 for a step
 
 
-class TrainingSteps:
-    """100 steps of 784-50-10, batch 100, in one kernel call (``train_steps_2layer``):
-    the path ``fastnet train`` takes with plain SGD.  Divide by 100 for a step."""
+class EngineMatrix:
+    """Every net of the matrix with every optimiser on MNIST and Fashion-MNIST: the time of
+    a step of fastnet as ``fastnet train`` runs it (cython, float32, the Trainer's sparse
+    rule, 100 steps a call), and its speed-up over the book's loop on the reference backend
+    (float64, gradient + optimizer.update) and over PyTorch CPU (float32), each ratio timed
+    side by side in one process."""
 
-    params = (["fused-numba-float32", "fused-cython-float32", "sparse-numba-float32",
-               "sparse-cython-float32"],)
-    param_names = ["implementation"]
+    params = (list(NETS), list(OPTIMIZERS), ["mnist", "fashion"])
+    param_names = ["net", "optimizer", "data"]
+    timeout = 300
 
-    def setup(self, implementation):
-        (x, t), _ = mnist_pixels()
-        kind, name, dtype = implementation.split("-")
-        self.steps = FusedStep(name, dtype, x, t, sparse=kind == "sparse", steps=100)
-        self.steps()
+    def setup(self, net, optimizer, data):
+        (x, t), _ = mnist_pixels(fashion=data == "fashion")
+        hidden = NETS[net]
+        self.fast = EngineSteps("cython", "float32", x, t, hidden, optimizer)
+        self.book = BookStep("numpy", "float64", x, t, hidden, optimizer)
+        try:
+            self.torch = TorchStep(x, t, hidden, optimizer)
+        except NotImplementedError:
+            self.torch = None
+        self.fast()
 
-    def time_100_steps(self, implementation):
-        self.steps()
+    def _per_step(self, fn, seconds=0.3):
+        fn()
+        steps = getattr(fn, "steps", 1)
+        start, n = timeit.default_timer(), 0
+        while timeit.default_timer() - start < seconds:
+            fn()
+            n += 1
+        return min(timeit.repeat(fn, number=max(1, n // 3), repeat=3)) / (max(1, n // 3) * steps)
+
+    def time_step(self, net, optimizer, data):
+        self.fast()  # 100 steps
+
+    def track_vs_reference(self, net, optimizer, data):
+        return self._per_step(self.book) / self._per_step(self.fast)
+
+    def track_vs_pytorch(self, net, optimizer, data):
+        if self.torch is None:
+            raise NotImplementedError("PyTorch is not installed")
+        return self._per_step(self.torch) / self._per_step(self.fast)
+
+    track_vs_reference.unit = track_vs_pytorch.unit = "times faster"
 
 
 class StepSpeedup:
-    """The fastest fused step (cython, float32, inputs as CSR rows, 100 steps per call:
-    as ``fastnet train`` runs MNIST) against the book's loop as printed (numpy, float64,
-    with its loss line), the same loop without the loss line, and PyTorch, per step,
-    measured side by side in one process."""
+    """The book's net as ``fastnet train`` runs MNIST (cython, float32, CSR rows, 100 steps
+    per call) against the book's loop as printed (numpy, float64, with its loss line), the
+    same loop without the loss line, and PyTorch, per step, measured side by side."""
 
     unit = "times faster"
 
     def setup(self):
         (x, t), _ = mnist_pixels()
-        self.fast = FusedStep("cython", "float32", x, t, sparse=True, steps=100)
+        self.fast = EngineSteps("cython", "float32", x, t, sparse=True)
         self.book = BookLoop(x, t)
         self.book_no_loss = BookStep("numpy", "float64", x, t)
         try:
@@ -190,27 +222,6 @@ class EpochEvaluation:
 
     def time_train_set(self, backend):
         self.evaluate()
-
-
-class OptimizerUpdate:
-    """One ``update`` of an optimiser on the 784-50-10 net's float32 parameters (the step
-    ``fastnet train --optimizer momentum|adam`` takes after each gradient kernel call)."""
-
-    params = (["sgd", "momentum", "adam"],)
-    param_names = ["optimizer"]
-
-    def setup(self, optimizer):
-        from fastnet.optim import make_optimizer
-
-        rng = np.random.default_rng(0)
-        shapes = {"W1": (784, 50), "b1": (50,), "W2": (50, 10), "b2": (10,)}
-        self.params = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
-        self.grads = {k: (0.01 * rng.standard_normal(s)).astype(np.float32) for k, s in shapes.items()}
-        self.optimizer = make_optimizer(optimizer, 1e-3)
-        self.optimizer.update(self.params, self.grads)  # state allocated
-
-    def time_update(self, optimizer):
-        self.optimizer.update(self.params, self.grads)
 
 
 class Threads:

@@ -10,6 +10,7 @@ import numpy as np
 import fastnet
 import fastnet.nets
 from fastnet import backend
+from fastnet.kernels.contract import mlp_size
 
 BACKENDS = ("numpy", "numba", "cython")
 DTYPES = ("float32", "float64")
@@ -24,17 +25,20 @@ def require_backend(name: str):
     return backend.load(name)
 
 
-def mnist_pixels(n_train=None):
-    """Real MNIST as uint8 (from FASTNET_DATA, ../shared/data or the cache) or, when it
-    is not there, synthetic digits with MNIST's shape and sparsity (19% non-zero)."""
-    from fastnet.datasets import DatasetError, load_mnist
+def mnist_pixels(n_train=None, fashion=False):
+    """Real MNIST (Fashion-MNIST when ``fashion``) as uint8 (from FASTNET_DATA,
+    ../shared/data, the system's datasets or the cache) or, when it is not there,
+    synthetic images with its shape and sparsity (19% non-zero; Fashion-MNIST 50%)."""
+    from fastnet.datasets import DatasetError, load_fashion_mnist, load_mnist
 
     data_dir = os.environ.get("FASTNET_DATA") or (SHARED if SHARED.exists() else None)
     try:
-        (x, t), (xt, tt) = load_mnist(normalize=False, data_dir=data_dir, download=False, progress=False)
+        load = load_fashion_mnist if fashion else load_mnist
+        (x, t), (xt, tt) = load(normalize=False, data_dir=data_dir, download=False, progress=False)
     except DatasetError:
         rng = np.random.default_rng(0)
-        x = (rng.random((60000, 784)) * 255 * (rng.random((60000, 784)) < 0.19)).astype(np.uint8)
+        density = 0.5 if fashion else 0.19
+        x = (rng.random((60000, 784)) * 255 * (rng.random((60000, 784)) < density)).astype(np.uint8)
         t = rng.integers(0, 10, 60000).astype(np.uint8)
         xt, tt = x[:10000].copy(), t[:10000].copy()
     if n_train:
@@ -92,51 +96,65 @@ def try_torch():
     return torch
 
 
-def torch_net(torch, seed=0, dtype="float32", hidden=50):
+#: the nets and optimisers of the benchmark matrix (hidden layers of 784-...-10)
+NETS = {"784-50-10": (50,), "784-100-10": (100,), "784-100-100-10": (100, 100), "784-100x5-10": (100,) * 5}
+OPTIMIZERS = ("sgd", "momentum", "adam")
+#: the learning rates the matrix trains with (the book's 0.1 for SGD, chapter 6's others)
+LEARNING_RATES = {"sgd": 0.1, "momentum": 0.01, "adagrad": 0.01, "adam": 0.001}
+
+
+def torch_net(torch, seed=0, dtype="float32", hidden=(50,), optimizer="sgd"):
     torch.manual_seed(seed)
-    dt = getattr(torch, dtype)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(784, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 10)
-    ).to(dt)
-    return model, torch.optim.SGD(model.parameters(), lr=0.1), torch.nn.CrossEntropyLoss()
+    sizes = (784, *hidden, 10)
+    layers = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(torch.nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(torch.nn.ReLU())
+    model = torch.nn.Sequential(*layers).to(getattr(torch, dtype))
+    lr = LEARNING_RATES[optimizer]
+    make = {"sgd": lambda p: torch.optim.SGD(p, lr=lr), "momentum": lambda p: torch.optim.SGD(p, lr=lr, momentum=0.9),
+            "adagrad": lambda p: torch.optim.Adagrad(p, lr=lr), "adam": lambda p: torch.optim.Adam(p, lr=lr)}
+    return model, make[optimizer](model.parameters()), torch.nn.CrossEntropyLoss()
 
 
-class FusedStep:
-    """One call of a backend's ``train_step_2layer`` on MNIST rows (uint8 pixels), or of
-    ``train_step_2layer_sparse`` on the same rows as CSR when ``sparse``.  With
-    ``steps`` > 1, one call runs that many steps through ``train_steps_2layer[_sparse]``
-    (as ``fastnet train`` does with plain SGD); time per step = time per call / steps."""
+class EngineSteps:
+    """One call of the MLP engine as ``fastnet train`` makes it: ``steps`` training steps
+    of a net of layer sizes ``(784, *hidden, 10)`` with ``optimizer`` inside the kernel,
+    on MNIST rows (uint8 pixels) through ``train_steps_mlp``, or their CSR rows through
+    ``train_steps_mlp_sparse`` when ``sparse`` (None: the Trainer's rule, as the command
+    decides).  Time per step = time per call / steps."""
 
-    def __init__(self, name, dtype, x, t, batch_size=100, hidden=50, seed=0, sparse=False, steps=1):
+    def __init__(self, name, dtype, x, t, hidden=(50,), optimizer="sgd", sparse=None, steps=100, batch_size=100,
+                 seed=0):
+        from fastnet.train import Trainer
+
         self.k = require_backend(name)
-        self.steps = int(steps)
-        if self.steps > 1:
-            self.step = self.k.train_steps_2layer_sparse if sparse else self.k.train_steps_2layer
-            self.losses = np.empty(self.steps)
-        else:
-            self.step = self.k.train_step_2layer_sparse if sparse else self.k.train_step_2layer
-        self.rows = self.k.sparse_rows(x) if sparse else (x,)
-        self.net = fastnet.nets.TwoLayerNet(784, hidden, 10, seed=seed, dtype=dtype)
-        p = self.net.params
-        self.params = (p["W1"], p["b1"], p["W2"], p["b2"])
-        self.x, self.t = x, t
-        B, D, H, C = batch_size, 784, hidden, 10
-        self.work = tuple(np.empty(s, dtype) for s in ((B, D), (B, H), (B, C), (B, H), (D, H), (H,), (H, C), (C,)))
+        with fastnet.use_backend(name):
+            self.net = fastnet.nets.MultiLayerNet(784, list(hidden), 10, seed=seed, dtype=dtype,
+                                                  weight_init_std="he")
+            trainer = Trainer(self.net, x, t, iters=1, optimizer=optimizer, lr=LEARNING_RATES[optimizer],
+                              sparse="auto" if sparse is None else sparse)
+            self.sparse = trainer.use_sparse()
+        self.rows = self.k.sparse_rows(x) if self.sparse else (x,)
+        self.step = self.k.train_steps_mlp_sparse if self.sparse else self.k.train_steps_mlp
+        self.theta = self.net.flat_params()
+        self.opt = trainer.optimizer.record()
+        self.state = np.zeros((2, self.theta.size), self.theta.dtype)
+        self.steps, self.batch_size, self.n = int(steps), batch_size, len(x)
+        self.t, self.losses = t, np.empty(self.steps)
         self.rng = np.random.default_rng(seed)
-        self.batch_size = batch_size
 
     def __call__(self):
-        if self.steps > 1:
-            idx = self.rng.integers(0, len(self.x), (self.steps, self.batch_size))
-            return self.step(*self.rows, self.t, idx, *self.params, 0.1, 1, self.work, self.losses)
-        idx = self.rng.integers(0, len(self.x), self.batch_size)
-        return self.step(*self.rows, self.t, idx, *self.params, 0.1, 1, self.work)
+        idx = self.rng.integers(0, self.n, (self.steps, self.batch_size))
+        return self.step(*self.rows, self.t, idx, self.net.sizes, self.net.act_code, self.theta, self.opt,
+                         self.state, self.losses)
 
 
 class EpochEvaluation:
     """The Trainer's accuracy over the 60,000 training images on backend ``name``, as after
     every epoch of ``fastnet train`` (uint8 pixels, float32 784-50-10; compiled backends:
-    CSR rows, one sparse_predict_2layer call; numpy: the dense forward in chunks)."""
+    CSR rows, one sparse_predict_mlp call; numpy: predict_mlp, the dense forward in chunks)."""
 
     def __init__(self, name, x, t):
         from fastnet.train import Trainer
@@ -186,14 +204,20 @@ class BookLoop:
 
 
 class BookStep:
-    """The book's loop body without its loss line: ``gradient`` through the layers, then
-    ``params -= lr * grad`` (integer labels; uint8 pixels divided by 255 per batch)."""
+    """The book's loop body without its loss line: ``grad = network.gradient(x, t)`` and
+    ``optimizer.update(params, grad)`` (chapter 6's form; SGD is chapter 5's
+    ``params -= lr * grad``) on backend ``name`` (integer labels; uint8 pixels divided by
+    255 per batch).  On the reference backend this is the book's layer-by-layer code."""
 
-    def __init__(self, name, dtype, x, t, batch_size=100, seed=0):
+    def __init__(self, name, dtype, x, t, hidden=(50,), optimizer="sgd", batch_size=100, seed=0):
+        from fastnet.optim import make_optimizer
+
         require_backend(name)
         self.name = name
         with fastnet.use_backend(name):
-            self.net = fastnet.nets.TwoLayerNet(784, 50, 10, seed=seed, dtype=dtype)
+            self.net = fastnet.nets.MultiLayerNet(784, list(hidden), 10, seed=seed, dtype=dtype,
+                                                  weight_init_std="he")
+        self.optimizer = make_optimizer(optimizer, LEARNING_RATES[optimizer])
         self.x, self.t, self.dtype = x, t, np.dtype(dtype)
         self.rng = np.random.default_rng(seed)
         self.batch_size = batch_size
@@ -205,19 +229,18 @@ class BookStep:
             if x_batch.dtype == np.uint8:
                 x_batch = x_batch / self.dtype.type(255)
             grad = self.net.gradient(x_batch, self.t[idx])
-            for key in ("W1", "b1", "W2", "b2"):
-                self.net.params[key] -= 0.1 * grad[key]
+            self.optimizer.update(self.net.params, grad)
 
 
 class TorchStep:
-    """The same step in PyTorch (CPU, float32, SGD)."""
+    """The same step in PyTorch (CPU, float32): draw, forward, backward, optimiser."""
 
-    def __init__(self, x, t, batch_size=100, seed=0):
+    def __init__(self, x, t, hidden=(50,), optimizer="sgd", batch_size=100, seed=0):
         torch = try_torch()
         if torch is None:
             raise NotImplementedError("PyTorch is not installed (pip install torch==2.13.0)")
         self.torch = torch
-        self.model, self.opt, self.loss_fn = torch_net(torch, seed)
+        self.model, self.opt, self.loss_fn = torch_net(torch, seed, hidden=hidden, optimizer=optimizer)
         self.x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32) / np.float32(255)
                                   if x.dtype == np.uint8 else np.ascontiguousarray(x, dtype=np.float32))
         self.t = torch.from_numpy(np.asarray(t, dtype=np.int64))
@@ -267,56 +290,53 @@ def kernel_args(name, dtype, n=100, d=784, m=50, seed=0):
         "softmax_loss_backward_labels": (probs, labels, 1.0, np.empty((n, c), dt)),
         "softmax_loss_backward_onehot": (probs, onehot, 1.0, np.empty((n, c), dt)),
     }
-    if name == "train_step_2layer":
+    if name in ("train_steps_mlp", "train_steps_mlp_sparse", "mlp_gradient"):  # d-m-10, 5 SGD steps
         (X, T), _ = mnist_pixels()
         X = np.ascontiguousarray(X[:, :d])
-        W = [(0.01 * rng.standard_normal(s)).astype(dt) for s in ((d, m), (m,), (m, c), (c,))]
-        work = tuple(np.empty(s, dt) for s in ((n, d), (n, m), (n, c), (n, m), (d, m), (m,), (m, c), (c,)))
-        return (X, T, rng.integers(0, len(X), n), *W, 0.1, 1, work)
-    if name == "train_step_2layer_sparse":
-        (X, T), _ = mnist_pixels()
-        W = [(0.01 * rng.standard_normal(s)).astype(dt) for s in ((d, m), (m,), (m, c), (c,))]
-        work = tuple(np.empty(s, dt) for s in ((n, d), (n, m), (n, c), (n, m), (d, m), (m,), (m, c), (c,)))
-        return (*mnist_csr(d), T, rng.integers(0, len(X), n), *W, 0.1, 1, work)
-    if name in ("train_steps_2layer", "train_steps_2layer_sparse"):  # 5 steps of the single step
-        single = kernel_args(name.replace("steps", "step"), dtype, n, d, m, seed)
-        # single: (*rows, T, idx, W1, b1, W2, b2, lr, act, work)
-        T = single[-9]
-        return (*single[:-9], T, rng.integers(0, len(T), (5, n)), *single[-7:], np.empty(5))
+        sizes = np.array([d, m, c])
+        theta = (0.01 * rng.standard_normal(mlp_size(sizes))).astype(dt)
+        if name == "mlp_gradient":
+            return (X, T, rng.integers(0, len(X), n), sizes, 1, theta, 0.0, np.empty_like(theta))
+        rows = mnist_csr(d) if name.endswith("sparse") else (X,)
+        return (*rows, T, rng.integers(0, len(X), (5, n)), sizes, 1, theta, np.array([1, 0.1, 0.9, 0.999, 0, 0]),
+                np.zeros((2, theta.size), dt), np.empty(5))
+    if name in ("predict_mlp", "sparse_predict_mlp"):  # the labels of one evaluation chunk of rows
+        (X, _), _ = mnist_pixels()
+        sizes = np.array([d, m, c])
+        theta = (0.1 * rng.standard_normal(mlp_size(sizes))).astype(dt)
+        row0 = int(rng.integers(0, len(X) - n))
+        if name == "predict_mlp":
+            return (np.ascontiguousarray(X[row0 : row0 + n, :d]), sizes, 1, theta, np.empty(n, np.int64))
+        return (*mnist_csr(d), row0, sizes, 1, theta, np.empty(n, np.int64))
     if name == "sparse_affine":
         indptr = mnist_csr(d)[0]
         row0 = int(rng.integers(0, len(indptr) - 1 - n))
         return (*mnist_csr(d), row0, arr(d, m), arr(m), 1, np.empty((n, m), dt))
-    if name == "sparse_predict_2layer":  # the labels of one evaluation chunk of rows
-        indptr = mnist_csr(d)[0]
-        row0 = int(rng.integers(0, len(indptr) - 1 - n))
-        W = [(0.1 * rng.standard_normal(s)).astype(dt) for s in ((d, m), (m,), (m, c), (c,))]
-        return (*mnist_csr(d), row0, *W, 1, np.empty(n, np.int64))
     if name == "sparse_rows":
         return (mnist_pixels()[0][0][: 10 * n, :d],)
-    if name == "numerical_gradient_2layer":
-        W = [(0.01 * rng.standard_normal(s)).astype(dt) for s in ((d, m), (m,), (m, c), (c,))]
-        return (x.astype(dt), labels, *W, 1, 1e-4, *[np.empty_like(w) for w in W])
+    if name == "numerical_gradient_mlp":  # a small net: the kernel's cost grows with every parameter
+        sizes = np.array([d, m, c])
+        theta = (0.01 * rng.standard_normal(mlp_size(sizes))).astype(dt)
+        return (x.astype(dt), labels, sizes, 1, theta, 1e-4, np.empty_like(theta))
     return table[name]
 
 
-def reference_numgrad_seconds(x, t, params, sample: int = 400, seed: int = 0) -> float:
+def reference_numgrad_seconds(x, t, sizes, theta, sample: int = 400, seed: int = 0) -> float:
     """Seconds the book's loop (two full forward passes per parameter, the reference
-    kernel's loss) needs for the whole numerical gradient of a two-layer net, timed on
-    ``sample`` random first-layer weights and scaled to every parameter: each parameter
+    kernel's loss) needs for the whole numerical gradient of a net of layer ``sizes``,
+    timed on ``sample`` random parameters and scaled to every parameter: each parameter
     costs the loop the same two passes."""
     import time
 
-    loss = backend.load("numpy")._loss_2layer
-    flat = params[0].reshape(-1)
-    picks = np.random.default_rng(seed).choice(flat.size, min(sample, flat.size), replace=False)
+    loss = backend.load("numpy")._mlp_loss
+    sizes = np.asarray(sizes)
+    picks = np.random.default_rng(seed).choice(theta.size, min(sample, theta.size), replace=False)
     start = time.perf_counter()
     for i in picks:
-        tmp = flat[i]
-        flat[i] = tmp + 1e-4
-        loss(x, t, *params, 1)
-        flat[i] = tmp - 1e-4
-        loss(x, t, *params, 1)
-        flat[i] = tmp
-    per_param = (time.perf_counter() - start) / len(picks)
-    return per_param * sum(p.size for p in params)
+        tmp = theta[i]
+        theta[i] = tmp + 1e-4
+        loss(x, t, sizes, 1, theta)
+        theta[i] = tmp - 1e-4
+        loss(x, t, sizes, 1, theta)
+        theta[i] = tmp
+    return (time.perf_counter() - start) / len(picks) * theta.size

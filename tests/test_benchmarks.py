@@ -35,13 +35,16 @@ def test_measure_and_table():
 
 
 def test_step_helpers_run():
-    x = (np.random.default_rng(0).random((300, 784)) * 255).astype(np.uint8)
+    rng = np.random.default_rng(0)
+    x = (rng.random((300, 784)) * 255 * (rng.random((300, 784)) < 0.2)).astype(np.uint8)
     t = np.random.default_rng(1).integers(0, 10, 300)
-    loss = common.FusedStep("cython", "float32", x, t)()
-    assert np.isfinite(loss)
-    common.BookStep("numpy", "float64", x, t)()
-    losses = common.FusedStep("cython", "float32", x, t, sparse=True, steps=3)
-    assert losses() == 3 and np.isfinite(losses.losses).all()
+    for sparse in (False, True):
+        for hidden, optimizer in (((50,), "sgd"), ((20, 20), "adam")):
+            steps = common.EngineSteps("cython", "float32", x, t, hidden, optimizer, sparse=sparse, steps=3)
+            assert steps.sparse is sparse and steps() == 3 and np.isfinite(steps.losses).all()
+            common.BookStep("numpy", "float64", x, t, hidden, optimizer)()
+    assert common.EngineSteps("cython", "float32", x, t).sparse  # the Trainer's rule: pixels 80% zero
+    assert not common.EngineSteps("cython", "float32", x | 1, t).sparse
 
 
 def test_book_loop_is_the_books_loop():
