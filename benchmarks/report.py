@@ -5,13 +5,19 @@ round by round so that a slow moment of the machine hits all of them alike, and 
 a Markdown table of median times and ratios against the reference (the book's NumPy
 code on fastnet's ``numpy`` backend).  Thread counts of every pool are printed with it.
 
-    python -m benchmarks.report            # everything (3.5 to 5.5 minutes)
+    python -m benchmarks.report            # everything (about 20 minutes)
     python -m benchmarks.report --quick    # fewer rounds, no end-to-end runs
     python -m benchmarks.report --json out.json
 
-The reference numerical gradient (two full forward passes for each of 39,760
-parameters, about 15 s) is timed on a random sample of parameters and scaled to all of
-them, unless ``--full-numgrad`` runs it whole; the report says which.
+Besides the book's net it measures the matrix of nets {784-50-10, 784-100-10,
+784-100-100-10, 784-100x5-10} x optimisers {SGD, Momentum, Adam} x data sets {MNIST,
+Fashion-MNIST}: a step of fastnet as ``fastnet train`` runs it (cython, float32), of the
+Numba backend, of the book's loop on the reference backend (float64) and of PyTorch.
+
+The reference numerical gradient (two full forward passes for each parameter: about
+15 s for 784-50-10, minutes for 784-100-100-10) is timed on a random sample of
+parameters and scaled to all of them, unless ``--full-numgrad`` runs it whole; the
+report says which.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import numpy as np
 import fastnet
 import fastnet.nets
 from fastnet import backend
+from fastnet.kernels.contract import mlp_size
 
 from . import common
 
@@ -132,8 +139,8 @@ def gradient_section(table, rounds):
                     net.gradient(x, t)
 
             cases[name] = gradient
-        table.section(f"TwoLayerNet.gradient (layer by layer), batch 100, {dtype}",
-                      measure(cases, rounds), "numpy")
+        notes = {"numpy": "the book's layers", "numba": "one mlp_gradient call", "cython": "one mlp_gradient call"}
+        table.section(f"TwoLayerNet.gradient, batch 100, {dtype}", measure(cases, rounds), "numpy", notes)
 
 
 def evaluation_section(table, rounds):
@@ -141,10 +148,14 @@ def evaluation_section(table, rounds):
     chapter-5 experiment), each backend as the Trainer runs it."""
     (x, t), _ = common.mnist_pixels()
     cases = {name: common.EpochEvaluation(name, x, t) for name in common.BACKENDS}
-    notes = {"numpy": "dense forward in chunks of 2,000 rows",
-             "numba": "CSR rows, sparse_predict_2layer", "cython": "CSR rows, sparse_predict_2layer"}
+    notes = {"numpy": "predict_mlp, dense forward in chunks of 2,000 rows",
+             "numba": "CSR rows, sparse_predict_mlp", "cython": "CSR rows, sparse_predict_mlp"}
     table.section("epoch evaluation: accuracy on the 60,000 training images, 784-50-10 float32",
                   measure(cases, rounds), "numpy", notes)
+
+
+# the reference of the step table: the loop of the book's ch05/train_neuralnet.py
+BOOK_LOOP = "book's loop as printed (ch05), numpy float64"
 
 
 # the reference of the step table: the loop of the book's ch05/train_neuralnet.py
@@ -159,26 +170,18 @@ def step_section(table, rounds):
         "book loop without the loss line, numpy float64": common.BookStep("numpy", "float64", x, t),
         "book loop without the loss line, numpy float32": common.BookStep("numpy", "float32", x, t),
         "book loop without the loss line, cython float32": common.BookStep("cython", "float32", x, t),
-        "fused step, numba float32": common.FusedStep("numba", "float32", x, t),
-        "fused step, cython float32": common.FusedStep("cython", "float32", x, t),
-        "fused step, cython float32 (float X)": common.FusedStep("cython", "float32", x32, t),
-        "sparse fused step, numba float32": common.FusedStep("numba", "float32", x, t, sparse=True),
-        "sparse fused step, cython float32": common.FusedStep("cython", "float32", x, t, sparse=True),
-        "sparse fused, numba float32, 100 steps per call": common.FusedStep("numba", "float32", x, t,
-                                                                            sparse=True, steps=100),
-        "sparse fused, cython float32, 100 steps per call": common.FusedStep("cython", "float32", x, t,
-                                                                             sparse=True, steps=100),
+        "engine, cython float32, dense rows": common.EngineSteps("cython", "float32", x, t, sparse=False),
+        "engine, cython float32, dense float X": common.EngineSteps("cython", "float32", x32, t, sparse=False),
+        "engine, numba float32, CSR rows": common.EngineSteps("numba", "float32", x, t, sparse=True),
+        "engine, cython float32, CSR rows": common.EngineSteps("cython", "float32", x, t, sparse=True),
     }
-    notes = {name: "uint8 pixels, normalised on the fly" for name in cases if "fused" in name and "float X" not in name}
+    notes = {name: "uint8 pixels, normalised on the fly; 100 steps a call" for name in cases if "engine" in name}
     notes[BOOK_LOOP] = "float64 pixels, one-hot labels, gradient, update, loss (a second forward)"
     notes["book loop without the loss line, numpy float64"] = "gradient and update only"
-    for name in cases:
-        if name.startswith("sparse"):
-            notes[name] = "pixels as CSR rows: first layer over the non-zeros only"
-    notes["sparse fused, cython float32, 100 steps per call"] = (
-        "train_steps_2layer_sparse, time per step: fastnet train's path with SGD")
-    notes["sparse fused, numba float32, 100 steps per call"] = (
-        "train_steps_2layer_sparse, time per step: fastnet train --backend numba")
+    notes["book loop without the loss line, cython float32"] = "net.gradient: one mlp_gradient call"
+    notes["engine, cython float32, dense float X"] = "float32 rows; 100 steps a call"
+    notes["engine, cython float32, CSR rows"] = "fastnet train's path: CSR rows, 100 steps a call"
+    notes["engine, numba float32, CSR rows"] = "fastnet train --backend numba"
     try:
         cases["PyTorch 2.13 CPU float32"] = common.TorchStep(x, t)
     except NotImplementedError as exc:
@@ -189,39 +192,80 @@ def step_section(table, rounds):
     return results
 
 
+def matrix_section(rounds):
+    """Every net x optimiser x data set: a step of fastnet (as fastnet train runs it:
+    cython, float32, the Trainer's sparse rule, 100 steps a call) and of the Numba
+    backend, beside the book's loop on the reference backend (float64, gradient +
+    optimizer.update) and PyTorch CPU (float32), interleaved within each cell."""
+    rows = []
+    for data in ("mnist", "fashion"):
+        (x, t), _ = common.mnist_pixels(fashion=data == "fashion")
+        for net, hidden in common.NETS.items():
+            for optimizer in common.OPTIMIZERS:
+                cases = {"fastnet": common.EngineSteps("cython", "float32", x, t, hidden, optimizer),
+                         "numba": common.EngineSteps("numba", "float32", x, t, hidden, optimizer),
+                         "reference": common.BookStep("numpy", "float64", x, t, hidden, optimizer)}
+                try:
+                    cases["pytorch"] = common.TorchStep(x, t, hidden, optimizer)
+                except NotImplementedError:
+                    pass
+                per_step = {name: seconds / getattr(cases[name], "steps", 1)
+                            for name, seconds in measure(cases, rounds, round_time=0.2).items()}
+                rows.append({"data": data, "net": net, "optimizer": optimizer,
+                             "sparse": cases["fastnet"].sparse, **per_step})
+                print(f"matrix {data} {net} {optimizer}: " + ", ".join(f"{k} {fmt_time(v)}" for k, v in
+                                                                         per_step.items()), file=sys.stderr)
+    return rows
+
+
+def matrix_markdown(rows) -> str:
+    lines = ["| data | net | optimizer | fastnet (cython f32) | × reference | × PyTorch | numba f32 | numba × ref "
+             "| reference (numpy f64) | PyTorch f32 |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        fast, torch = r["fastnet"], r.get("pytorch")
+        vs_torch = f"{torch / fast:.1f}×" if torch else "-"
+        lines.append(
+            f"| {r['data']} | {r['net']} | {r['optimizer']} | {fmt_time(fast)}{' (CSR)' if r['sparse'] else ''} | "
+            f"{r['reference'] / fast:.1f}× | {vs_torch} | {fmt_time(r['numba'])} | "
+            f"{r['reference'] / r['numba']:.1f}× | {fmt_time(r['reference'])} | {fmt_time(torch) if torch else '-'} |")
+    return "\n".join(lines)
+
+
 def numgrad_section(table, full: bool):
     x, t = common.batch(np.float64, seed=3)
-    net = fastnet.nets.TwoLayerNet(784, 50, 10, seed=0)
-    p = net.params
-    results, notes = {}, {}
-    ref = backend.load("numpy")
-    grads = [np.empty_like(v) for v in p.values()]
-    if full:
-        start = time.perf_counter()
-        ref.numerical_gradient_2layer(x, t, *p.values(), 1, 1e-4, *grads)
-        results["reference loop (the book's)"] = time.perf_counter() - start
-        notes["reference loop (the book's)"] = "all 39,760 parameters"
-    else:
-        sample = 400
-        n_params = sum(v.size for v in p.values())
-        results["reference loop (the book's)"] = common.reference_numgrad_seconds(x, t, list(p.values()), sample)
-        notes["reference loop (the book's)"] = f"{sample} parameters timed, scaled to {n_params:,}"
-    for name in ("numba", "cython"):
-        k = common.require_backend(name)
-        k.numerical_gradient_2layer(x, t, *p.values(), 1, 1e-4, *grads)  # warm up
-        times = []
-        for _ in range(5):
+    extra = {}
+    for label, sizes in (("784-50-10", (784, 50, 10)), ("784-100-100-10", (784, 100, 100, 10))):
+        sizes = np.array(sizes)
+        theta = 0.1 * np.random.default_rng(0).standard_normal(mlp_size(sizes))
+        grad = np.empty_like(theta)
+        results, notes = {}, {}
+        if full:
             start = time.perf_counter()
-            k.numerical_gradient_2layer(x, t, *p.values(), 1, 1e-4, *grads)
-            times.append(time.perf_counter() - start)
-        results[name] = statistics.median(times)
-    table.section("numerical gradient, TwoLayerNet(784,50,10), batch 100, float64", results,
-                  "reference loop (the book's)", notes)
+            backend.load("numpy").numerical_gradient_mlp(x, t, sizes, 1, theta, 1e-4, grad)
+            results["reference loop (the book's)"] = time.perf_counter() - start
+            notes["reference loop (the book's)"] = f"all {theta.size:,} parameters"
+        else:
+            sample = 400
+            results["reference loop (the book's)"] = common.reference_numgrad_seconds(x, t, sizes, theta, sample)
+            notes["reference loop (the book's)"] = f"{sample} parameters timed, scaled to {theta.size:,}"
+        for name in ("numba", "cython"):
+            k = common.require_backend(name)
+            k.numerical_gradient_mlp(x, t, sizes, 1, theta, 1e-4, grad)  # warm up
+            times = []
+            for _ in range(3):
+                start = time.perf_counter()
+                k.numerical_gradient_mlp(x, t, sizes, 1, theta, 1e-4, grad)
+                times.append(time.perf_counter() - start)
+            results[name] = statistics.median(times)
+        table.section(f"numerical gradient, {label}, batch 100, float64", results, "reference loop (the book's)",
+                      notes)
     from fastnet.gradient import gradcheck
 
     with fastnet.use_backend("cython"):
-        report = gradcheck(net, x, t)
-    return {"gradcheck_seconds": report.seconds, "gradcheck_passed": report.passed}
+        report = gradcheck(fastnet.nets.TwoLayerNet(784, 50, 10, seed=0), x, t)
+    extra.update(gradcheck_seconds=report.seconds, gradcheck_passed=report.passed)
+    return extra
 
 
 def _run(cmd, env=None):
@@ -237,9 +281,9 @@ def compile_section():
     """Numba: first use with a cold cache, then with the cache warm (new processes)."""
     code = (
         "import time; t0 = time.perf_counter(); import numpy as np, fastnet; "
-        "from benchmarks.common import FusedStep; fastnet.set_backend('numba'); "
+        "from benchmarks.common import EngineSteps; fastnet.set_backend('numba'); "
         "x = np.zeros((200, 784), np.uint8); t = np.zeros(200, np.int64); "
-        "FusedStep('numba', 'float32', x, t)(); print(time.perf_counter() - t0)"
+        "EngineSteps('numba', 'float32', x, t, sparse=True)(); print(time.perf_counter() - t0)"
     )
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, NUMBA_CACHE_DIR=cache)
@@ -253,19 +297,24 @@ import sys, time
 t0 = time.perf_counter()
 import numpy as np, torch
 from fastnet.datasets import load_mnist
-(x, t), (xt, tt) = load_mnist(normalize=False, data_dir=sys.argv[1] or None)
+data, hidden, iters = sys.argv[1], [int(h) for h in sys.argv[2].split(",")], int(sys.argv[3])
+(x, t), (xt, tt) = load_mnist(normalize=False, data_dir=data or None)
 x = torch.from_numpy(x.astype(np.float32) / np.float32(255)); t = torch.from_numpy(t.astype(np.int64))
 xt = torch.from_numpy(xt.astype(np.float32) / np.float32(255)); tt = torch.from_numpy(tt.astype(np.int64))
 torch.manual_seed(0)
-model = torch.nn.Sequential(torch.nn.Linear(784, 50), torch.nn.ReLU(), torch.nn.Linear(50, 10))
+sizes = [784, *hidden, 10]
+layers = []
+for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+    layers += [torch.nn.Linear(a, b)] + ([torch.nn.ReLU()] if i < len(sizes) - 2 else [])
+model = torch.nn.Sequential(*layers)
 opt = torch.optim.SGD(model.parameters(), lr=0.1); loss_fn = torch.nn.CrossEntropyLoss()
 gen = torch.Generator().manual_seed(0)
-for i in range(1, 10001):
+for i in range(1, iters + 1):
     idx = torch.randint(0, 60000, (100,), generator=gen)
     opt.zero_grad(set_to_none=True)
     loss_fn(model(x[idx]), t[idx]).backward()
     opt.step()
-    if i % 600 == 0 or i == 10000:
+    if i % 600 == 0 or i == iters:
         with torch.no_grad():
             train_acc = (model(x).argmax(1) == t).float().mean().item()
             test_acc = (model(xt).argmax(1) == tt).float().mean().item()
@@ -273,37 +322,62 @@ print(test_acc)
 """
 
 
-def e2e_section(table, rounds: int = 5):
-    """The chapter-5 experiment as whole commands, start to exit: each command ``rounds``
-    times, interleaved (one of each, then again), the median taken; the note gives the
-    range, since on a shared 2-core machine one run can take a third longer than the next."""
-    data = str(common.SHARED) if common.SHARED.exists() else ""
-    with tempfile.TemporaryDirectory() as out:
-        base = [sys.executable, "-m", "fastnet", "train", "--out", out, "--no-progress"]
-        if data:
-            base += ["--data-dir", data]
-        commands = {"fastnet train --backend numpy --dtype float64":
-                    base + ["--backend", "numpy", "--dtype", "float64"],
-                    "fastnet train (auto: cython, float32)": base,
-                    "fastnet train --backend numba": base + ["--backend", "numba"]}
-        if common.try_torch() is not None:
-            commands["PyTorch 2.13 CPU, same run"] = [sys.executable, "-c", TORCH_TRAIN, data]
-        times = {label: [] for label in commands}
-        accuracy = {}
-        for _ in range(rounds):
-            for label, cmd in commands.items():
-                seconds, stdout = _run(cmd)
-                times[label].append(seconds)
-                if label.startswith("PyTorch"):
-                    accuracy[label] = f"test acc {float(stdout.strip()):.4f}"
-                else:
-                    last = stdout.strip().splitlines()[-1]
-                    accuracy[label] = "test acc " + last.split(", test acc ")[-1].split(";")[0]
+def _e2e(table, case, commands, baseline, rounds):
+    """Whole commands, start to exit: each ``rounds`` times, interleaved (one of each, then
+    again), the median taken; the note gives the range, since on a shared 2-core machine
+    one run can take a third longer than the next."""
+    times = {label: [] for label in commands}
+    accuracy = {}
+    for _ in range(rounds):
+        for label, cmd in commands.items():
+            seconds, stdout = _run(cmd)
+            times[label].append(seconds)
+            if label.startswith("PyTorch"):
+                accuracy[label] = f"test acc {float(stdout.strip()):.4f}"
+            else:
+                last = stdout.strip().splitlines()[-1]
+                accuracy[label] = "test acc " + last.split(", test acc ")[-1].split(";")[0]
     results = {label: statistics.median(values) for label, values in times.items()}
     notes = {label: f"{accuracy[label]}; {len(values)} runs {min(values):.2f}-{max(values):.2f} s"
              for label, values in times.items()}
-    table.section("chapter-5 experiment, whole command (10,000 iterations + 17 evaluations)", results,
-                  "fastnet train --backend numpy --dtype float64", notes)
+    table.section(case, results, baseline, notes)
+    return results
+
+
+def _train_commands(out, hidden="50", extra=()):
+    data = str(common.SHARED) if common.SHARED.exists() else ""
+    base = [sys.executable, "-m", "fastnet", "train", "--out", out, "--no-progress", "--no-plot" if extra else "",
+            "--hidden", hidden, *extra]
+    base = [a for a in base if a]
+    if data:
+        base += ["--data-dir", data]
+    commands = {"fastnet train --backend numpy --dtype float64": base + ["--backend", "numpy", "--dtype", "float64"],
+                "fastnet train (auto: cython, float32)": base,
+                "fastnet train --backend numba": base + ["--backend", "numba"]}
+    if common.try_torch() is not None:
+        iters = extra[extra.index("--iters") + 1] if "--iters" in extra else "10000"
+        commands["PyTorch 2.13 CPU, same run"] = [sys.executable, "-c", TORCH_TRAIN, data, hidden, iters]
+    return commands
+
+
+def e2e_section(table, rounds: int = 5):
+    """The chapter-5 experiment as whole commands (10,000 iterations, 17 evaluations, the
+    figure)."""
+    with tempfile.TemporaryDirectory() as out:
+        return _e2e(table, "chapter-5 experiment, whole command (10,000 iterations + 17 evaluations)",
+                    _train_commands(out), "fastnet train --backend numpy --dtype float64", rounds)
+
+
+def nets_e2e_section(table, rounds: int = 3):
+    """Each net of the matrix as a whole ``fastnet train`` command with SGD on MNIST:
+    3,000 iterations (5 evaluations), He initial weights, no figure."""
+    results = {}
+    with tempfile.TemporaryDirectory() as out:
+        for net, hidden in common.NETS.items():
+            commands = _train_commands(out, ",".join(map(str, hidden)),
+                                       ("--iters", "3000", "--weight-init-std", "he"))
+            results[net] = _e2e(table, f"whole command, {net}, SGD, 3,000 iterations", commands,
+                                "fastnet train --backend numpy --dtype float64", rounds)
     return results
 
 
@@ -326,8 +400,10 @@ def main(argv=None):
     step_section(table, rounds)
     evaluation_section(table, rounds)
     extra = numgrad_section(table, args.full_numgrad)
+    matrix = matrix_section(3 if args.quick else 5)
     if not args.quick:
         e2e_section(table)
+        nets_e2e_section(table)
     threads = common.thread_info()
     cpu = platform.processor() or platform.machine()
     try:
@@ -339,6 +415,8 @@ def main(argv=None):
           f"Threads: {', '.join(f'{k} {v}' for k, v in threads.items())}.\n")
     print(table.markdown())
     print()
+    print(matrix_markdown(matrix))
+    print()
     if not args.quick:
         print(f"Numba first use (import + compile + one step): cold cache {numba_compile['cold']:.2f} s, "
               f"warm cache {numba_compile['warm']:.2f} s.")
@@ -346,7 +424,7 @@ def main(argv=None):
           f"({'passed' if extra['gradcheck_passed'] else 'FAILED'}).")
     if args.json:
         payload = {"rows": [dict(zip(("case", "name", "seconds", "ratio", "note"), r)) for r in table.rows],
-                   "threads": threads, "cpu": cpu, **extra}
+                   "matrix": matrix, "threads": threads, "cpu": cpu, **extra}
         if not args.quick:
             payload["numba_compile"] = numba_compile
         Path(args.json).write_text(json.dumps(payload, indent=1))
