@@ -37,12 +37,14 @@ from .optim import in_engine, make_optimizer
 
 __all__ = ["Trainer", "History", "TrainingInterrupted", "SPARSE_MAX_DENSITY", "STEPS_PER_CALL"]
 
-#: ``sparse='auto'`` runs the first layer over the non-zero inputs only when at most this
-#: share of the training inputs is non-zero.  MNIST (19% non-zero) gains (benchmarks.report:
-#: sparse vs dense fused step); at Fashion-MNIST's 50% the sparse loops would do 2.6x the
-#: row operations, which by their per-non-zero cost here is slower than dense BLAS (an
-#: estimate: not benchmarked on Fashion-MNIST).
-SPARSE_MAX_DENSITY = 0.3
+#: ``sparse='auto'`` runs the first layer over the non-zero inputs (CSR rows) when at most
+#: this share of the training inputs is non-zero, by backend: where the engine's sparse
+#: steps measured faster than its dense ones for 784-50-10, 784-100-10 and
+#: 784-100-100-10 with SGD and Momentum (benchmarks/README.md, "sparse or dense"):
+#: Cython 1.1-3.2x faster at 19-42% non-zero, 0.91-1.03x at Fashion-MNIST's 50%; Numba
+#: 1.0-1.4x at MNIST's 19%, 0.65-0.94x at 35%.  The reference's sparse kernels densify
+#: each batch (they are the oracle): never there.
+SPARSE_MAX_DENSITY = {"cython": 0.45, "numba": 0.25}
 
 #: The fused path runs up to this many steps per kernel call (``train_steps_mlp``): no
 #: Python between them, and Ctrl-C and the progress bar still answer within a few tens
@@ -233,10 +235,10 @@ class Trainer:
 
     ``sparse`` chooses how the engine's steps and the evaluation read the inputs: as
     rows of non-zeros (CSR, built once per data set) so that the first layer touches
-    only non-zero pixels, or dense.  ``'auto'`` uses it on the compiled backends when
-    at most :data:`SPARSE_MAX_DENSITY` of the inputs are non-zero (MNIST: 19%); the
-    reference backend's sparse kernels densify each batch (they are the oracle), so
-    ``'auto'`` keeps it dense there.  Both give the same parameters up to rounding
+    only non-zero pixels, or dense.  ``'auto'`` uses it when at most the backend's
+    :data:`SPARSE_MAX_DENSITY` of the inputs are non-zero (MNIST: 19%; Cython up to 45%,
+    Numba up to 25%, as measured); the reference backend's sparse kernels densify each
+    batch (they are the oracle), so ``'auto'`` keeps it dense there.  Both give the same parameters up to rounding
     order.
     """
 
@@ -340,7 +342,8 @@ class Trainer:
             return False
         if self.sparse_option is True:
             return True
-        return get_backend() != "numpy" and self.density() <= SPARSE_MAX_DENSITY
+        limit = SPARSE_MAX_DENSITY.get(get_backend())
+        return limit is not None and self.density() <= limit
 
     def _rows_csr(self, x):
         """The CSR rows of ``x``; kept for the training and test sets (built once each;
