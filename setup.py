@@ -36,7 +36,7 @@ extensions = [
         "fastnet.kernels._cython",
         ["kernels/_cython.pyx"],
         include_dirs=[numpy.get_include(), "kernels"],
-        depends=["kernels/_vmath.h", "kernels/_sparse.h", "kernels/_top.h"],
+        depends=["kernels/_vmath.h", "kernels/_sparse.h", "kernels/_top.h", "kernels/_optim.h", "kernels/_mlp.pxi"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         # -O3 without -ffast-math: NaN and inf must stay visible (kernels/contract.py).
         # -fno-math-errno: sqrt need not set errno, so the optimisers' loops vectorise
@@ -52,6 +52,6 @@ setup(
     package_dir={"fastnet": "fastnet", "fastnet.kernels": "kernels"},
     # the sdist carries the Cython source and headers (MANIFEST.in); a wheel only the
     # compiled module
-    exclude_package_data={"fastnet.kernels": ["*.c", "*.pyx", "*.h", "*.html"]},
+    exclude_package_data={"fastnet.kernels": ["*.c", "*.pyx", "*.pxi", "*.h", "*.html"]},
     ext_modules=cythonize(extensions, compiler_directives=directives),
 )

@@ -80,8 +80,8 @@ class EngineMatrix:
     """Every net of the matrix with every optimiser on MNIST and Fashion-MNIST: the time of
     a step of fastnet as ``fastnet train`` runs it (cython, float32, the Trainer's sparse
     rule, 100 steps a call), and its speed-up over the book's loop on the reference backend
-    (float64, gradient + optimizer.update) and over PyTorch CPU (float32), each ratio timed
-    side by side in one process."""
+    (float64: gradient, optimizer.update and the loop's loss line) and over PyTorch CPU
+    (float32), each ratio timed side by side in one process."""
 
     params = (list(NETS), list(OPTIMIZERS), ["mnist", "fashion"])
     param_names = ["net", "optimizer", "data"]
@@ -91,7 +91,7 @@ class EngineMatrix:
         (x, t), _ = mnist_pixels(fashion=data == "fashion")
         hidden = NETS[net]
         self.fast = EngineSteps("cython", "float32", x, t, hidden, optimizer)
-        self.book = BookStep("numpy", "float64", x, t, hidden, optimizer)
+        self.book = BookStep("numpy", "float64", x, t, hidden, optimizer, loss_line=True)
         try:
             self.torch = TorchStep(x, t, hidden, optimizer)
         except NotImplementedError:

@@ -204,12 +204,13 @@ class BookLoop:
 
 
 class BookStep:
-    """The book's loop body without its loss line: ``grad = network.gradient(x, t)`` and
-    ``optimizer.update(params, grad)`` (chapter 6's form; SGD is chapter 5's
-    ``params -= lr * grad``) on backend ``name`` (integer labels; uint8 pixels divided by
+    """The book's loop body: ``grad = network.gradient(x, t)``, ``optimizer.update(params,
+    grad)`` (chapter 6's form; SGD is chapter 5's ``params -= lr * grad``) and, with
+    ``loss_line``, ``network.loss(x, t)`` appended to a list as both chapters' loops do
+    (a second forward pass), on backend ``name`` (integer labels; uint8 pixels divided by
     255 per batch).  On the reference backend this is the book's layer-by-layer code."""
 
-    def __init__(self, name, dtype, x, t, hidden=(50,), optimizer="sgd", batch_size=100, seed=0):
+    def __init__(self, name, dtype, x, t, hidden=(50,), optimizer="sgd", batch_size=100, seed=0, loss_line=False):
         from fastnet.optim import make_optimizer
 
         require_backend(name)
@@ -221,6 +222,7 @@ class BookStep:
         self.x, self.t, self.dtype = x, t, np.dtype(dtype)
         self.rng = np.random.default_rng(seed)
         self.batch_size = batch_size
+        self.loss_line, self.train_loss_list = loss_line, []
 
     def __call__(self):
         with fastnet.use_backend(self.name):
@@ -230,6 +232,10 @@ class BookStep:
                 x_batch = x_batch / self.dtype.type(255)
             grad = self.net.gradient(x_batch, self.t[idx])
             self.optimizer.update(self.net.params, grad)
+            if self.loss_line:
+                self.train_loss_list.append(self.net.loss(x_batch, self.t[idx]))
+                if len(self.train_loss_list) > 100_000:  # a long benchmark run: keep memory flat
+                    del self.train_loss_list[:50_000]
 
 
 class TorchStep:

@@ -269,8 +269,8 @@ def gradcheck(net, x, t, *, eps: float = H, atol=None, rtol=None, params=None, s
     (:data:`GRADCHECK_TOLERANCES`).  With ``raise_exception=True`` a failure raises
     :class:`GradcheckError` naming the parameter, the index and both values.
 
-    For a two-layer ReLU net, elements whose +-eps moves a hidden pre-activation across
-    0 are counted as ``kinks`` and, unless ``include_kinks=True``, left out of the
+    For a ReLU net, elements whose +-eps moves a hidden pre-activation across 0 are
+    counted as ``kinks`` and, unless ``include_kinks=True``, left out of the
     pass/fail decision: the central difference there averages the two slopes of ReLU.
     """
     import time

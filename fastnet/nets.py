@@ -273,8 +273,8 @@ class MultiLayerNet:
     def numerical_gradient(self, x, t):
         """The book's gradient by central differences of ``loss`` for every parameter.
 
-        On the reference backend this is the book's loop; on the compiled backends a
-        two-layer net evaluates the same two losses per parameter but recomputes only
+        On the reference backend this is the book's loop; on the compiled backends the
+        net, of any depth, evaluates the same two losses per parameter but recomputes only
         what that parameter changes (:func:`fastnet.gradient.numerical_gradient_net`).
         """
         return _gradient.numerical_gradient_net(self, x, t)

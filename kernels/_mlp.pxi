@@ -155,38 +155,52 @@ cdef double _mlp_backprop(_Net* n, real* theta, real* grad, real* x, real* acts,
     return loss
 
 
+cdef extern from "_optim.h" nogil:
+    # the optimisers' loops over a flat vector (see _optim.h)
+    void fn_sgd_f(float* p, const float* g, long long n, float lr)
+    void fn_sgd_d(double* p, const double* g, long long n, double lr)
+    void fn_momentum_f(float* p, const float* g, float* v, long long n, float lr, float momentum)
+    void fn_momentum_d(double* p, const double* g, double* v, long long n, double lr, double momentum)
+    void fn_adagrad_f(float* p, const float* g, float* h, long long n, float lr, float eps)
+    void fn_adagrad_d(double* p, const double* g, double* h, long long n, double lr, double eps)
+    void fn_adam_f(float* p, const float* g, float* m, float* v, long long n, float lr_t, float c1, float c2,
+                   float eps)
+    void fn_adam_d(double* p, const double* g, double* m, double* v, long long n, double lr_t, double c1,
+                   double c2, double eps)
+
+
 cdef void _optimizer_update(real* theta, real* grad, double* opt, real* m, real* v,
                             long long start, long long size) noexcept nogil:
     """The optimiser of the record opt (contract.Opt, fastnet.optim's formulas in theta's
-    dtype) on theta[start:size] from grad; m and v its state."""
-    cdef long long q
+    dtype) on theta[start:size] from grad; m and v its state (_optim.h)."""
     cdef int kind = <int>opt[OPT_KIND]
-    cdef real lr = <real>opt[OPT_LR], eps = <real>LOG_EPS, g, b1, c1, c2, lr_t
+    cdef long long n = size - start
+    cdef real lr = <real>opt[OPT_LR], eps = <real>LOG_EPS, lr_t
     cdef double it
+    theta, grad, m, v = theta + start, grad + start, m + start, v + start
     if kind == OPT_SGD:
-        for q in range(start, size):
-            theta[q] -= lr * grad[q]
+        if real is float:
+            fn_sgd_f(theta, grad, n, lr)
+        else:
+            fn_sgd_d(theta, grad, n, lr)
     elif kind == OPT_MOMENTUM:
-        b1 = <real>opt[OPT_BETA1]
-        for q in range(start, size):
-            m[q] = m[q] * b1 - lr * grad[q]
-            theta[q] += m[q]
+        if real is float:
+            fn_momentum_f(theta, grad, m, n, lr, <real>opt[OPT_BETA1])
+        else:
+            fn_momentum_d(theta, grad, m, n, lr, <real>opt[OPT_BETA1])
     elif kind == OPT_ADAGRAD:
-        for q in range(start, size):
-            g = grad[q]
-            m[q] += g * g
-            theta[q] -= lr * g / (sqrt(m[q]) + eps)
+        if real is float:
+            fn_adagrad_f(theta, grad, m, n, lr, eps)
+        else:
+            fn_adagrad_d(theta, grad, m, n, lr, eps)
     else:
         opt[OPT_ITER] += 1
         it = opt[OPT_ITER]
         lr_t = <real>(opt[OPT_LR] * sqrt(1.0 - pow(opt[OPT_BETA2], it)) / (1.0 - pow(opt[OPT_BETA1], it)))
-        c1 = 1 - <real>opt[OPT_BETA1]
-        c2 = 1 - <real>opt[OPT_BETA2]
-        for q in range(start, size):
-            g = grad[q]
-            m[q] += c1 * (g - m[q])
-            v[q] += c2 * (g * g - v[q])
-            theta[q] -= lr_t * m[q] / (sqrt(v[q]) + eps)
+        if real is float:
+            fn_adam_f(theta, grad, m, v, n, lr_t, 1 - <real>opt[OPT_BETA1], 1 - <real>opt[OPT_BETA2], eps)
+        else:
+            fn_adam_d(theta, grad, m, v, n, lr_t, 1 - <real>opt[OPT_BETA1], 1 - <real>opt[OPT_BETA2], eps)
 
 
 cdef int _mlp_steps(_Net* n, real* X, unsigned char* U, long long* T, long long* idx, int S,
