@@ -10,6 +10,7 @@ initialised-memory checks back on and to compile without optimisation.
 
 import os
 import sys
+from pathlib import Path
 
 import numpy
 from Cython.Build import cythonize
@@ -36,7 +37,7 @@ extensions = [
         "fastnet.kernels._cython",
         ["kernels/_cython.pyx"],
         include_dirs=[numpy.get_include(), "kernels"],
-        depends=["kernels/_vmath.h", "kernels/_sparse.h", "kernels/_top.h", "kernels/_optim.h", "kernels/_mlp.pxi"],
+        depends=[str(p) for p in sorted(Path("kernels").glob("_*.[hp]*")) if p.suffix in (".h", ".pxi")],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         # -O3 without -ffast-math: NaN and inf must stay visible (kernels/contract.py).
         # -fno-math-errno: sqrt need not set errno, so the optimisers' loops vectorise
