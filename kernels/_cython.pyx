@@ -125,6 +125,24 @@ cdef inline real _relu(real v) noexcept nogil:
     return 0 if v <= 0 else v
 
 
+# contract.Act, contract.Opt and the fields of the opt record (tests/test_mlp_engine.py
+# checks them against contract.py through _codes())
+cdef enum:
+    ACT_IDENTITY = 0
+    ACT_RELU = 1
+    ACT_SIGMOID = 2
+    OPT_SGD = 1
+    OPT_MOMENTUM = 2
+    OPT_ADAGRAD = 3
+    OPT_ADAM = 4
+    OPT_KIND = 0
+    OPT_LR = 1
+    OPT_BETA1 = 2
+    OPT_BETA2 = 3
+    OPT_DECAY = 4
+    OPT_ITER = 5
+
+
 # One file per concern, included in this order (one extension module: they share the
 # fused type ``real``, the C declarations above and the BLAS pointers).
 include "_blas.pxi"

@@ -44,9 +44,9 @@ cdef void _affine(real* x, real* W, real* b, real* out, int N, int D, int M,
         for j in range(M):
             out[i * M + j] = b[j]
     _gemm(False, False, N, M, D, <real>1, x, D, W, M, <real>1, out, M)
-    if act == 1:
+    if act == ACT_RELU:
         _map_relu(out, out, <Py_ssize_t>N * M)
-    elif act == 2:
+    elif act == ACT_SIGMOID:
         _map_sigmoid(out, out, <Py_ssize_t>N * M)
 
 
@@ -120,6 +120,13 @@ cdef void _sl_backward_onehot(real* y, real* t, double dout, real* dx,
 
 
 # ---------------------------------------------------------------- the kernel table
+# which function _unary and _binary_backward apply (not activation codes: see Act)
+cdef enum _Map:
+    MAP_STEP
+    MAP_SIGMOID
+    MAP_RELU
+
+
 def _unary(x, out, int which):
     cdef int tn = _typenum(x, "x")
     cdef cnp.ndarray xa = _in2(x, tn, "x")
@@ -129,16 +136,16 @@ def _unary(x, out, int which):
     cdef void* po = _p(oa)
     with nogil:
         if tn == cnp.NPY_FLOAT32:
-            if which == 0:
+            if which == MAP_STEP:
                 _map_step(<float*>px, <float*>po, n)
-            elif which == 1:
+            elif which == MAP_SIGMOID:
                 _map_sigmoid(<float*>px, <float*>po, n)
             else:
                 _map_relu(<float*>px, <float*>po, n)
         else:
-            if which == 0:
+            if which == MAP_STEP:
                 _map_step(<double*>px, <double*>po, n)
-            elif which == 1:
+            elif which == MAP_SIGMOID:
                 _map_sigmoid(<double*>px, <double*>po, n)
             else:
                 _map_relu(<double*>px, <double*>po, n)
@@ -146,15 +153,15 @@ def _unary(x, out, int which):
 
 
 def step(x, out):
-    return _unary(x, out, 0)
+    return _unary(x, out, MAP_STEP)
 
 
 def sigmoid(x, out):
-    return _unary(x, out, 1)
+    return _unary(x, out, MAP_SIGMOID)
 
 
 def relu(x, out):
-    return _unary(x, out, 2)
+    return _unary(x, out, MAP_RELU)
 
 
 def _binary_backward(dout, y, out, int which):
@@ -170,12 +177,12 @@ def _binary_backward(dout, y, out, int which):
     cdef void* po = _p(oa)
     with nogil:
         if tn == cnp.NPY_FLOAT32:
-            if which == 0:
+            if which == MAP_SIGMOID:
                 _map_sigmoid_backward(<float*>pd, <float*>py, <float*>po, n)
             else:
                 _map_relu_backward(<float*>pd, <float*>py, <float*>po, n)
         else:
-            if which == 0:
+            if which == MAP_SIGMOID:
                 _map_sigmoid_backward(<double*>pd, <double*>py, <double*>po, n)
             else:
                 _map_relu_backward(<double*>pd, <double*>py, <double*>po, n)
@@ -183,11 +190,11 @@ def _binary_backward(dout, y, out, int which):
 
 
 def sigmoid_backward(dout, y, out):
-    return _binary_backward(dout, y, out, 0)
+    return _binary_backward(dout, y, out, MAP_SIGMOID)
 
 
 def relu_backward(dout, y, out):
-    return _binary_backward(dout, y, out, 1)
+    return _binary_backward(dout, y, out, MAP_RELU)
 
 
 def _affine_act(x, W, b, out, int act):

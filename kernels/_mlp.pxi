@@ -9,24 +9,6 @@
 
 DEF MAX_LAYERS = 64
 
-# contract.Act, contract.Opt and the fields of the opt record (tests/test_kernel_parity.py
-# checks them against contract.py through _codes())
-cdef enum:
-    ACT_IDENTITY = 0
-    ACT_RELU = 1
-    ACT_SIGMOID = 2
-    OPT_SGD = 1
-    OPT_MOMENTUM = 2
-    OPT_ADAGRAD = 3
-    OPT_ADAM = 4
-    OPT_KIND = 0
-    OPT_LR = 1
-    OPT_BETA1 = 2
-    OPT_BETA2 = 3
-    OPT_DECAY = 4
-    OPT_ITER = 5
-
-
 def _codes():
     """The codes compiled into this module, as contract.py names them."""
     return {"Act": {"IDENTITY": ACT_IDENTITY, "RELU": ACT_RELU, "SIGMOID": ACT_SIGMOID},
@@ -127,7 +109,7 @@ cdef double _mlp_backprop(_Net* n, real* theta, real* grad, real* x, real* acts,
             below = deltas + n.layer[k - 1].out
             _gemm(False, True, B, <int>ly.n_in, <int>ly.n_out, <real>1, dz, <int>ly.n_out, W,
                   <int>ly.n_out, <real>0, below, <int>ly.n_in)
-            if n.act == 1:
+            if n.act == ACT_RELU:
                 _map_relu_backward(below, acts + n.layer[k - 1].out, below, B * ly.n_in)
             else:
                 _map_sigmoid_backward(below, acts + n.layer[k - 1].out, below, B * ly.n_in)
@@ -261,9 +243,9 @@ cdef long long _sparse_forward(_SparseFirst* f, long long* rows, int B, long lon
         fn_sum_parts_f(<float*>f.fwd, q, PIXEL_BLOCKS, B, H, f.HP, h)
     else:
         fn_sum_parts_d(<double*>f.fwd, q, PIXEL_BLOCKS, B, H, f.HP, h)
-    if act == 1:
+    if act == ACT_RELU:
         _map_relu(h, h, B * H)
-    elif act == 2:
+    elif act == ACT_SIGMOID:
         _map_sigmoid(h, h, B * H)
     for k in range(PIXEL_BLOCKS):
         bad += bads[k]
@@ -475,7 +457,7 @@ cdef void _predict_block(_Net* n, _SparseFirst* f, long long* rowno, long long m
     else:
         fn_sum_parts_d(padded, 0, 1, m, ly.n_out, f.HP, acts + ly.out)
     if local.L > 1:
-        if local.act == 1:
+        if local.act == ACT_RELU:
             _map_relu(acts + ly.out, acts + ly.out, m * ly.n_out)
         else:
             _map_sigmoid(acts + ly.out, acts + ly.out, m * ly.n_out)

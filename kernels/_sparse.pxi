@@ -39,7 +39,7 @@ cdef double _top_rows(real* h, long long* T, long long* idx, real* W2, real* b2,
         s[i * C + t] = s[i * C + t] - rs
     # dh = ds @ W2.T (with the old W2), then the activation's derivative
     _gemm(False, True, n, H, C, <real>1, s, C, W2, C, <real>0, dh, H)
-    if act == 1:
+    if act == ACT_RELU:
         _map_relu_backward(dh, h, dh, <Py_ssize_t>n * H)
     else:
         _map_sigmoid_backward(dh, h, dh, <Py_ssize_t>n * H)
@@ -201,9 +201,9 @@ cdef inline void _sp_forward_run(long long* indptr, int* indices, void* data, bi
     cdef real* o = out + c0 * H
     bad[0] = 0
     _sp_forward(indptr, indices, data, pix, lut, row0 + c0, n, W, b, o, D, H, HP, bad)
-    if act == 1:
+    if act == ACT_RELU:
         _map_relu(o, o, n * H)
-    elif act == 2:
+    elif act == ACT_SIGMOID:
         _map_sigmoid(o, o, n * H)
 
 
@@ -278,9 +278,9 @@ cdef double _top_rows_blas(real* fwd, long long q, long long r0, long long r1, r
         fn_sum_parts_f(fwd + r0 * HP, q, PIXEL_BLOCKS, r1 - r0, H, HP, h + r0 * H)
     else:
         fn_sum_parts_d(fwd + r0 * HP, q, PIXEL_BLOCKS, r1 - r0, H, HP, h + r0 * H)
-    if act == 1:
+    if act == ACT_RELU:
         _map_relu(h + r0 * H, h + r0 * H, (r1 - r0) * H)
-    elif act == 2:
+    elif act == ACT_SIGMOID:
         _map_sigmoid(h + r0 * H, h + r0 * H, (r1 - r0) * H)
     loss = _top_rows(h + r0 * H, T, idx + r0, W2, b2, act, s + r0 * C, dh + r0 * H, <int>(r1 - r0), B,
                      <int>H, C)

@@ -414,3 +414,17 @@ def test_sparse_results_do_not_depend_on_the_thread_count(backend_name, pixels):
         assert run.returncode == 0, run.stderr
         outs.append(run.stdout)
     assert outs[0] == outs[1] == outs[2] and len(outs[0]) > 1000
+
+
+@pytest.mark.skipif("cython" not in COMPILED, reason="the Cython extension is not built")
+def test_cython_codes_are_the_contracts():
+    """The activation and optimiser codes and the opt record's fields compiled into the
+    Cython module are those of kernels/contract.py (their one home on the Python side)."""
+    from fastnet.kernels import _cython, contract
+
+    codes = _cython._codes()
+    assert codes["Act"] == {a.name: int(a) for a in Act}
+    assert codes["Opt"] == {o.name: int(o) for o in Opt}
+    fields = [contract.OPT_KIND, contract.OPT_LR, contract.OPT_BETA1, contract.OPT_BETA2, contract.OPT_DECAY,
+              contract.OPT_ITER]
+    assert codes["fields"] == fields == list(range(OPT_FIELDS))
