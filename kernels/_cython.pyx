@@ -81,6 +81,8 @@ cdef extern from "_vmath.h" nogil:
     void fn_sigmoid_inplace_d(double* y, Py_ssize_t n)
     void fn_sigmoid_inplace_f(float* y, Py_ssize_t n)
 
+import threading
+
 import numpy as np
 from importlib.util import find_spec as importlib_find_spec
 

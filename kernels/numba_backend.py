@@ -13,6 +13,8 @@ strided inputs contiguous, then calls the jitted ``_name`` function.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
@@ -860,11 +862,10 @@ def _mlp_steps(X, div, T, idx, sizes, act, theta, opt, state, losses):
 
 
 @jit
-def _mlp_gradient(X, div, T, rows, sizes, act, theta, decay, grad):
+def _mlp_gradient(X, div, T, rows, sizes, act, theta, decay, grad, xb, acts, deltas):
+    """The gradient of one batch; xb (B, D), acts and deltas are the caller's scratch."""
     B = rows.size
     off, aoff = _mlp_offsets(sizes), _act_offsets(sizes, B)
-    xb = np.empty((B, sizes[0]), theta.dtype)
-    acts, deltas = np.empty(aoff[-1], theta.dtype), np.empty(aoff[-1], theta.dtype)
     _gather(X, rows, div, xb)
     return _mlp_backprop(theta, grad, sizes, off, act, xb, acts, deltas, aoff, T, rows, 0, decay)
 
@@ -1355,9 +1356,27 @@ def train_steps_mlp_sparse(indptr, indices, data, T, idx, sizes, act, theta, opt
     return int(done)
 
 
+_scratch = threading.local()
+
+
+def _buffer(name, size, dtype):
+    """A scratch array of ``size`` elements kept for the calling thread between calls (a
+    call of one step would otherwise map and fault in a few hundred KB each time)."""
+    held = getattr(_scratch, "arrays", None)
+    if held is None:
+        held = _scratch.arrays = {}
+    a = held.get((name, dtype))
+    if a is None or a.shape[0] < size:
+        a = held[(name, dtype)] = np.empty(size, dtype)
+    return a[:size]
+
+
 def mlp_gradient(X, T, idx, sizes, act, theta, decay, grad):
     X, T, idx, sizes = chk.mlp_gradient(X, T, idx, sizes, act, theta, decay, grad)
-    return float(_mlp_gradient(X, _div(X, theta.dtype), T, idx, sizes, int(act), theta, float(decay), grad))
+    B, dt, outs = idx.shape[0], theta.dtype, idx.shape[0] * int(sizes[1:].sum())
+    xb = _buffer("batch", B * int(sizes[0]), dt).reshape(B, int(sizes[0]))
+    return float(_mlp_gradient(X, _div(X, dt), T, idx, sizes, int(act), theta, float(decay), grad, xb,
+                               _buffer("acts", outs, dt), _buffer("deltas", outs, dt)))
 
 
 def predict_mlp(X, sizes, act, theta, out):
