@@ -407,62 +407,56 @@ cdef void _mlp_predict_dense(_Net* n, real* X, unsigned char* U, long long rows,
         _argmax_rows(acts + top.out, m, top.n_out, out + i)
 
 
-cdef long long _mlp_predict_sparse(_Net* n, _SparseFirst* f, long long row0, long long rows, real* theta,
-                                   real* scratch, long long per_thread, long long* out) noexcept nogil:
-    """Labels of CSR rows row0 + i, PREDICT_ROWS at a time, the blocks shared between the
-    threads (each with its own slice of scratch: rows, the forward's padded sums, acts).
-    Returns the column indices outside [0, D) met."""
-    cdef long long nb = (rows + PREDICT_ROWS - 1) // PREDICT_ROWS, blk, i, m, r
-    cdef long long bads[MAX_THREADS]
-    cdef long long bad = 0
-    cdef int t, nt = fn_max_threads()
-    cdef real* mine
-    cdef long long* rowno
-    if nt > MAX_THREADS:
-        nt = MAX_THREADS
-    if nt > nb:
-        nt = <int>nb
-    if nt < 1:
-        nt = 1
-    for t in range(nt):
-        bads[t] = 0
-    for blk in prange(nb, num_threads=nt, schedule="static", nogil=True):
-        t = threadid()
-        mine = scratch + t * per_thread
-        rowno = <long long*>mine
-        i = blk * PREDICT_ROWS
-        m = rows - i if rows - i < PREDICT_ROWS else PREDICT_ROWS
-        for r in range(m):
-            rowno[r] = row0 + i + r
-        _predict_block(n, f, rowno, m, theta, mine + PREDICT_ROWS * 8 // sizeof(real), &bads[t], out + i)
-    for t in range(nt):
-        bad += bads[t]
-    return bad
+cdef extern from "_sparse.h" nogil:
+    # the vector top of a two-layer net's evaluation (see _sparse.h)
+    void fn_top_argmax_f(const float* h, long long n, long long H, const float* W2, const float* b2,
+                         long long C, const float* wp, float* s, long long* labels)
+    void fn_top_argmax_d(const double* h, long long n, long long H, const double* W2, const double* b2,
+                         long long C, const double* wp, double* s, long long* labels)
 
 
-cdef void _predict_block(_Net* n, _SparseFirst* f, long long* rowno, long long m, real* theta, real* mine,
-                         long long* bad, long long* out) noexcept nogil:
-    """Labels of the m CSR rows rowno (m <= PREDICT_ROWS) with this thread's scratch mine:
-    the first layer's padded output (m x HP), then the net's outputs (acts of n's layout)."""
+#: rows of a thread's run labelled at a time by sparse_predict_mlp: their outputs stay in
+#: the core's cache between the layers
+DEF PREDICT_BLOCK = 64
+
+
+cdef void _predict_run(_Net* n, long long* indptr, int* indices, void* data, bint pix, real* lut,
+                       long long row0, _Padded* pad, real* theta, real* wp, long long* cut, int t,
+                       real* acts, real* s, long long* labels, long long* bad) noexcept nogil:
+    """Run t of the rows (cut[t]:cut[t + 1]): labels of rows row0 + i, PREDICT_BLOCK at a
+    time.  The first layer over the non-zeros of consecutive rows (_sp_forward, W in the
+    padded layout of pad), then a two-layer net's top in vectors (fn_top_argmax with W2
+    as one vector a row, wp), or the layers above through BLAS and _argmax_rows."""
     cdef _Net local = n[0]
-    cdef _Layer* ly = &local.layer[0]
+    cdef _Layer* first = &local.layer[0]
     cdef _Layer* top = &local.layer[local.L - 1]
-    cdef real* padded = mine
-    cdef real* acts = mine + PREDICT_ROWS * f.HP
-    local.B = <int>m
-    _sp_forward_cols(f.indptr, f.indices, f.data, f.pix, <real*>f.lut, rowno, m, <real*>f.Wp, <real*>f.bp,
-                     padded, ly.n_in, f.HP, 0, <int>ly.n_in, bad)
-    if real is float:
-        fn_sum_parts_f(padded, 0, 1, m, ly.n_out, f.HP, acts + ly.out)
-    else:
-        fn_sum_parts_d(padded, 0, 1, m, ly.n_out, f.HP, acts + ly.out)
-    if local.L > 1:
-        if local.act == ACT_RELU:
-            _map_relu(acts + ly.out, acts + ly.out, m * ly.n_out)
+    cdef long long i, m, H = first.n_out
+    cdef real* h = acts + first.out
+    bad[0] = 0
+    i = cut[t]
+    while i < cut[t + 1]:
+        m = cut[t + 1] - i
+        if m > PREDICT_BLOCK:
+            m = PREDICT_BLOCK
+        _sp_forward(indptr, indices, data, pix, lut, row0 + i, m, <real*>pad.W, <real*>pad.b, h, first.n_in, H,
+                    pad.HP, bad)
+        if local.L == 1:
+            _argmax_rows(h, m, H, labels + i)
         else:
-            _map_sigmoid(acts + ly.out, acts + ly.out, m * ly.n_out)
-    _mlp_scores_above(&local, theta, acts, 1)
-    _argmax_rows(acts + top.out, m, top.n_out, out)
+            if local.act == ACT_RELU:
+                _map_relu(h, h, m * H)
+            else:
+                _map_sigmoid(h, h, m * H)
+            if local.L == 2:
+                if real is float:
+                    fn_top_argmax_f(h, m, H, theta + top.w, theta + top.b, top.n_out, wp, s, labels + i)
+                else:
+                    fn_top_argmax_d(h, m, H, theta + top.w, theta + top.b, top.n_out, wp, s, labels + i)
+            else:
+                local.B = <int>m
+                _mlp_scores_above(&local, theta, acts, 1)
+                _argmax_rows(acts + top.out, m, top.n_out, labels + i)
+        i += m
 
 
 # ---------------------------------------------------------------- the Python-facing kernels
@@ -670,27 +664,52 @@ def sparse_predict_mlp(indptr, indices, data, long long row0, sizes, int act, th
     if sizes.shape[0] > 3:  # hidden layers above the first (_mlp_scores_above)
         _blas()
     cdef _Net n
-    _net_of(&n, sizes, act, PREDICT_ROWS)
-    cdef _SparseRows first = _SparseRows(indptr, indices, data, theta, n.layer[0].n_in, n.layer[0].n_out, 0, True)
+    _net_of(&n, sizes, act, PREDICT_BLOCK)
     cdef long long ts = theta.dtype.itemsize, lane = 64 // ts
-    # a thread's scratch: PREDICT_ROWS row numbers, the padded first layer, the layers' outputs
-    cdef long long per_thread = (PREDICT_ROWS * 8 // ts + PREDICT_ROWS * first.f.HP + n.outs + lane - 1) // lane * lane
-    cdef int nt = fn_max_threads()
-    if nt > MAX_THREADS:
-        nt = MAX_THREADS
-    scratch = _aligned(per_thread * nt, theta.dtype)
-    cdef bint f32 = theta.dtype == np.float32
-    cdef void* pth = _p(theta)
-    cdef void* ps = _p(scratch)
+    cdef long long D = n.layer[0].n_in, H = n.layer[0].n_out, C = n.layer[n.L - 1].n_out
+    cdef long long* pp = <long long*>_p(indptr)
+    cdef long long cut[MAX_THREADS + 1]
+    cdef int nt = _split_rows(pp, row0, rows, cut), t
+    # a thread's scratch: the layers' outputs for a block, then C scores, in whole vectors;
+    # after them W2 as one vector a row (a two-layer net with C <= one vector: fn_top_argmax)
+    cdef long long per = (n.outs + C + 2 * lane - 1) // lane * lane
+    scratch = _aligned(per * nt + H * lane, theta.dtype)
+    cdef char* base = <char*>_p(scratch)
+    cdef char* wp = base + per * nt * ts
+    cdef char* pth = <char*>_p(theta)
+    cdef long long j
+    if n.L == 2 and C <= lane:
+        for j in range(H):
+            memcpy(wp + j * 64, pth + (n.layer[1].w + j * C) * ts, C * ts)
+    cdef _Padded pad
+    _padded_take(&pad, pth, D, H, 0, False, ts)
+    memcpy(pad.b, pth + D * H * ts, H * ts)
+    cdef bint pixels = data.dtype == np.uint8, f32 = theta.dtype == np.float32
+    cdef int* pj = <int*>_p(indices)
+    cdef void* pd = _p(data)
     cdef long long* po = <long long*>_p(out)
-    cdef long long bad
+    cdef long long bads[MAX_THREADS]
+    cdef long long bad = 0
+    cdef float lutf[256]
+    cdef double lutd[256]
     cdef int threads[MAX_BLAS_LIBS]
     with nogil:
         _blas_one_thread(threads)
         if f32:
-            bad = _mlp_predict_sparse(&n, &first.f, row0, rows, <float*>pth, <float*>ps, per_thread, po)
+            _pixel_table(lutf)
         else:
-            bad = _mlp_predict_sparse(&n, &first.f, row0, rows, <double*>pth, <double*>ps, per_thread, po)
+            _pixel_table(lutd)
+        for t in prange(nt, num_threads=nt, schedule="static", chunksize=1):
+            if f32:
+                _predict_run(&n, pp, pj, pd, pixels, lutf, row0, &pad, <float*>pth, <float*>wp, cut, t,
+                             <float*>(base + t * per * ts), <float*>(base + (t * per + n.outs) * ts), po, &bads[t])
+            else:
+                _predict_run(&n, pp, pj, pd, pixels, lutd, row0, &pad, <double*>pth, <double*>wp, cut, t,
+                             <double*>(base + t * per * ts), <double*>(base + (t * per + n.outs) * ts), po,
+                             &bads[t])
+        for t in range(nt):
+            bad += bads[t]
+        fn_scratch_give(pad.block)
         _blas_threads_back(threads)
     if bad:
         raise ValueError(f"sparse_predict_mlp: {bad} column indices are outside [0, {sizes[0]})")
