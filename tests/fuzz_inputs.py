@@ -178,6 +178,7 @@ import sys, warnings
 import numpy as np
 from fastnet import backend
 from fastnet.kernels import contract
+from fastnet.kernels.contract import mlp_size
 from test_kernel_parity import ELEMENTARY, make_case, _sparse_case
 
 warnings.simplefilter("ignore")
@@ -198,16 +199,20 @@ def valid_call(name):
     csr = list(ref.sparse_rows(X))
     steps, losses = np.stack([idx, idx]), np.empty(2)
     out = np.empty(3, np.int64)
+    hidden = [H] + [int(rng.integers(1, 9)) for _ in range(int(rng.integers(0, 3)))]
+    sizes = np.array([D, *hidden, C])
+    theta = (0.3 * rng.standard_normal(mlp_size(sizes))).astype(dtype)
+    opt = np.array([int(rng.integers(1, 5)), 0.1, 0.9, 0.999, float(rng.integers(2)) * 0.01, 0.0])
+    state = np.zeros((2, theta.size), dtype)
     cases = {
-        "train_step_2layer": [X, T, idx, *params, 0.1, 1, list(work)],
-        "train_steps_2layer": [X, T, steps, *params, 0.1, 1, list(work), losses],
-        "train_step_2layer_sparse": [*csr, T, idx, *params, 0.1, 1, list(work)],
-        "train_steps_2layer_sparse": [*csr, T, steps, *params, 0.1, 1, list(work), losses],
+        "train_steps_mlp": [X, T, steps, sizes, 1, theta, opt, state, losses],
+        "train_steps_mlp_sparse": [*csr, T, steps, sizes, 1, theta, opt, state, losses],
+        "mlp_gradient": [X, T, idx, sizes, 1, theta, 0.0, np.empty_like(theta)],
+        "predict_mlp": [X, sizes, 1, theta, np.empty(len(X), np.int64)],
+        "sparse_predict_mlp": [*csr, 0, sizes, 1, theta, out],
+        "numerical_gradient_mlp": [X[:B].astype(dtype), T[:B], sizes, 1, theta, 1e-4, np.empty_like(theta)],
         "sparse_rows": [X],
         "sparse_affine": [*csr, 0, params[0], params[1], 1, np.empty((3, H), dtype)],
-        "sparse_predict_2layer": [*csr, 0, *params, 1, out],
-        "numerical_gradient_2layer": [X[:B].astype(dtype), T[:B], *params, 1, 1e-4,
-                                      *[np.empty_like(p) for p in params]],
     }
     return cases[name]
 
