@@ -394,7 +394,8 @@ def main(argv=None):
     rounds = 3 if args.quick else 9
     for var in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
         if os.environ.get(var):
-            print(f"note: {var}={os.environ[var]} is set; it slows current NumPy (see DESIGN.md)", file=sys.stderr)
+            print(f"note: {var}={os.environ[var]} is set; it slows current NumPy (see benchmarks/README.md)",
+                  file=sys.stderr)
     if not args.quick:
         numba_compile = compile_section()  # first: new processes, before this one loads anything
     backend.load("numba").warmup()

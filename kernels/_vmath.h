@@ -1,7 +1,7 @@
 /* Vectorisable exp for fastnet's Cython kernels.
  *
  * glibc's scalar exp/expf cost 3-5 ns an element here and never vectorise without
- * -ffast-math, which DESIGN.md rules out (NaN and inf must stay visible).  fn_exp is
+ * -ffast-math, which the kernel contract rules out (NaN and inf stay visible).  fn_exp is
  * plain arithmetic that compilers vectorise: Cody-Waite reduction x = n ln2 + r,
  * |r| <= ln2/2, a degree-13 Taylor polynomial for e^r (truncation < 5e-18), and 2^n
  * built from exponent bits in two halves so that results down to the subnormals and up
