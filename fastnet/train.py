@@ -238,8 +238,8 @@ class Trainer:
     only non-zero pixels, or dense.  ``'auto'`` uses it when at most the backend's
     :data:`SPARSE_MAX_DENSITY` of the inputs are non-zero (MNIST: 19%; Cython up to 45%,
     Numba up to 25%, as measured); the reference backend's sparse kernels densify each
-    batch (they are the oracle), so ``'auto'`` keeps it dense there.  Both give the same parameters up to rounding
-    order.
+    batch (they are the oracle), so ``'auto'`` keeps it dense there.  Both give the same
+    parameters up to rounding order.
     """
 
     def __init__(
@@ -425,6 +425,10 @@ class Trainer:
         of every row from one kernel call, ``sparse_predict_mlp`` over the CSR rows on
         the sparse path, else ``predict_mlp``."""
         net, k = self.net, kernels()
+        if x is not self.x_train and x is not self.x_test:  # the kernels take 2-D rows of one dtype
+            x = _as_rows(x, "x")
+            if x.dtype.kind == "f" and x.dtype != net.dtype:
+                x = x.astype(net.dtype)
         labels = np.empty(x.shape[0], np.int64)
         if self._sparse if self._sparse is not None else self.use_sparse():
             k.sparse_predict_mlp(*self._rows_csr(x), 0, net.sizes, net.act_code, net.flat_params(), labels)

@@ -102,6 +102,7 @@ def test_sparse_accuracy_equals_dense():
         trainer = Trainer(net32, x, t, x / 255.0, t, iters=2, sparse=True)
         history = trainer.fit()
     assert abs(history.test_acc[-1] - trainer.accuracy(x.astype(np.float32) / np.float32(255), t)) <= 2 / 3000
+    assert trainer.accuracy(x / 255.0, t) == trainer.accuracy(x.astype(np.float32) / np.float32(255), t)
 
 
 def test_same_seed_same_result_and_float_input():
