@@ -175,6 +175,21 @@ class MultiLayerNet:
         self._bind(theta)
         return theta
 
+    def __copy__(self):
+        """A whole copy: a shallow one would share the layers and the vector of views."""
+        import copy
+
+        return copy.deepcopy(self)
+
+    def __setstate__(self, state) -> None:
+        """After pickle or copy: a view does not survive them (each array comes back on its
+        own), so ``params`` and the layers are bound to one vector again."""
+        self.__dict__.update(state)
+        theta = np.empty_like(self._theta)
+        for key, view in self._views(theta).items():
+            view[...] = self.params[key]
+        self._bind(theta)
+
     def _bind(self, theta) -> None:
         self._theta = theta
         views = self._views(theta)

@@ -191,3 +191,23 @@ def test_weight_decay_is_the_books(any_backend, rng):
 def test_weight_decay_refused_when_not_a_number():
     with pytest.raises(ValueError, match="weight_decay_lambda must be a finite number >= 0, got -1"):
         MultiLayerNet(4, [3], 2, weight_decay_lambda=-1)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "copy", "pickle"])
+def test_copies_keep_params_as_views_of_one_vector(how):
+    """params and the Affine layers are views of net.flat_params(); a copy or an unpickled
+    net is bound again to a vector of its own, so the engine trains what params show."""
+    import copy
+    import pickle
+
+    net = MultiLayerNet(12, [7, 5], 3, seed=0, weight_init_std=0.3)
+    other = {"deepcopy": copy.deepcopy, "copy": copy.copy,
+             "pickle": lambda n: pickle.loads(pickle.dumps(n))}[how](net)
+    theta = other.flat_params()
+    assert theta is not net.flat_params()
+    for i in range(1, 4):
+        W = other.params[f"W{i}"]
+        assert np.shares_memory(W, theta) and other.layers[f"Affine{i}"].W is W
+        np.testing.assert_array_equal(W, net.params[f"W{i}"])
+    theta += 1.0
+    np.testing.assert_array_equal(other.params["b3"], net.params["b3"] + 1.0)
