@@ -92,15 +92,10 @@ DEF TOP_BLOCKS = 2
 # block k owns the rows [D k / PIXEL_BLOCKS, D (k + 1) / PIXEL_BLOCKS), sums the batch's
 # non-zeros in those columns in the forward (partial sums, added up in block order above)
 # and updates those rows, on the same thread in both.  So each row of W stays in the
-# cache of one core, written and read there only.  Split by rows of the batch in the
-# forward and by pixels in the update, as before, every row of W written by one core
-# was read by the other in the next forward and had to cross between their caches.
-# Measured with 100 steps a call, old and new builds alternating in one process on this
-# 2-core EPYC: 74-76 -> 68-70 us a step when the machine is quiet, 139-145 -> 93-101 us
-# when it is not (the slow phases of this VM are the ones where that crossing costs
-# most).  A balanced cut (pixel 406 of 784 for MNIST, 47% of the non-zeros below 392)
-# measured no faster than D / 2.  A fixed number, so that no sum depends on the number
-# of threads; the sparse step uses at most this many.
+# cache of one core, written and read there only (a split by rows of the batch in the
+# forward and by pixels in the update makes every row cross between the cores' caches).
+# A fixed number, so that no sum depends on the number of threads; the sparse step uses
+# at most this many.
 DEF PIXEL_BLOCKS = 2
 
 
@@ -233,10 +228,9 @@ cdef inline void _block_sums(real* h, real* ds, real* dh, int n, int H, int C, r
     _gemm(True, False, H, C, n, <real>1, h, H, ds, C, <real>0, part + C + H, C)
 
 
-cdef void _sum_blocks(real* part, int nb, double lr, real* W2, real* b2, real* b1, real* dW2, real* db2,
-                      real* db1, int H, int C) noexcept nogil:
-    """db2, db1 and dW2 as the sums of the blocks' parts (in block order); with lr != 0
-    SGD on W2, b2 and b1 from them, else written to dW2, db2 and db1."""
+cdef void _sum_blocks(real* part, int nb, double lr, real* W2, real* b2, real* b1, int H, int C) noexcept nogil:
+    """db2, db1 and dW2 as the sums of the blocks' parts (in block order), each applied at
+    once as SGD to b2, b1 and W2."""
     cdef Py_ssize_t j, k
     cdef long long w = C + H + H * C
     cdef real v
@@ -245,17 +239,11 @@ cdef void _sum_blocks(real* part, int nb, double lr, real* W2, real* b2, real* b
         for k in range(1, nb):
             v = v + part[k * w + j]
         if j < C:
-            db2[j] = v
-            if lr != 0:
-                b2[j] -= <real>lr * v
+            b2[j] -= <real>lr * v
         elif j < C + H:
-            db1[j - C] = v
-            if lr != 0:
-                b1[j - C] -= <real>lr * v
-        elif lr != 0:
-            W2[j - C - H] -= <real>lr * v
+            b1[j - C] -= <real>lr * v
         else:
-            dW2[j - C - H] = v
+            W2[j - C - H] -= <real>lr * v
 
 
 cdef inline void _top_weights(real* W2, long long H, long long C, long long HP, real* wp,
@@ -295,9 +283,8 @@ cdef double _sp_step_par(long long* indptr, int* indices, void* data, bint pix, 
                          long long* idx, real* W, real* b, real* h, long long D, long long H,
                          long long HP, int act, int nt, long long* bad,
                          long long* T, real* W2, real* b2, real* s, real* dh, real* G,
-                         real mlr, int B, int C, double lr, real* b1, real* db1, real* dW2,
-                         real* db2, real* Wt, real* out, real* fwd, real* part, real* wp, real* wt,
-                         real* acc) noexcept nogil:
+                         real mlr, int B, int C, double lr, real* b1, real* fwd, real* part, real* wp,
+                         real* wt, real* acc) noexcept nogil:
     """A whole sparse step in one parallel region, on up to PIXEL_BLOCKS threads.  First
     by blocks of pixels (the rows of W): block k sums the batch's non-zeros in its
     columns into fwd[k] (B x HP; b in block 0's).  Then by TOP_BLOCKS blocks of rows:
@@ -305,9 +292,8 @@ cdef double _sp_step_par(long long* indptr, int* indices, void* data, bint pix, 
     rows of G = mlr * dh (padded) and its sums, in vectors (fn_top_block, with W2's
     copies wp and wt) when wp is not NULL, else with BLAS (_top_rows, _block_sums).
     Then by blocks of pixels again, block k on the thread that did its forward:
-    W += X[idx].T @ G scattered over its rows of W, each in image order (or with ``out``
-    the gradient: its rows of Wt zeroed first, then copied unpadded into out); block 0
-    first adds up the blocks' sums, updates W2, b2 and b1 (_sum_blocks) and W2's copies.
+    W += X[idx].T @ G scattered over its rows of W, each in image order; block 0 first
+    adds up the blocks' sums, updates W2, b2 and b1 (_sum_blocks) and W2's copies.
     No sum depends on the number of threads.  Returns the sum of the rows' losses (block
     sums added in block order)."""
     cdef long long bads[PIXEL_BLOCKS]
@@ -352,17 +338,13 @@ cdef double _sp_step_par(long long* indptr, int* indices, void* data, bint pix, 
         k = tid
         while k < PIXEL_BLOCKS:
             if k == 0:
-                _sum_blocks(part, nb, lr, W2, b2, b1, dW2, db2, db1, <int>H, C)
-                if wp != NULL and lr != 0:
+                _sum_blocks(part, nb, lr, W2, b2, b1, <int>H, C)
+                if wp != NULL:
                     _top_weights(W2, H, C, HP, wp, wt)
             sbad[k] = 0
             jlo = <int>(D * k // PIXEL_BLOCKS)
             jhi = <int>(D * (k + 1) // PIXEL_BLOCKS)
-            if out != NULL:
-                memset(Wt + jlo * HP, 0, (jhi - jlo) * HP * sizeof(real))
-            _sp_scatter(indptr, indices, data, pix, lut, idx, B, G, Wt, D, H, HP, jlo, jhi, &sbad[k])
-            if out != NULL:
-                fn_unpad_rows(Wt + jlo * HP, jhi - jlo, HP, out + jlo * H, H, sizeof(real))
+            _sp_scatter(indptr, indices, data, pix, lut, idx, B, G, W, D, H, HP, jlo, jhi, &sbad[k])
             k = k + nthr
     for k in range(PIXEL_BLOCKS):
         bad[0] += bads[k] + sbad[k]
@@ -392,8 +374,7 @@ cdef void _w_rows_par(void* W, long long D, long long H, void* Wl, long long tsi
 cdef double _two_layer_sgd_step(long long* indptr, int* indices, void* data, bint pix,
                                real* lut, long long* T, long long* idx, _Padded* pad, real* b1,
                                real* W2, real* b2, double lr, int act, real* h, real* s, real* dh,
-                               real* db1, real* dW2, real* db2, int B, int D, int H, int C,
-                               long long* bad) noexcept nogil:
+                               int B, int D, int H, int C, long long* bad) noexcept nogil:
     """One SGD step of the two-layer net with the first layer over CSR rows and W1 in the
     padded layout (pad.W), in one parallel region (_sp_step_par): the forward by blocks
     of pixels, the layers above by blocks of rows, then the W1 update scattered by the
@@ -410,9 +391,8 @@ cdef double _two_layer_sgd_step(long long* indptr, int* indices, void* data, bin
     if nt < 1 or total < PARALLEL_NNZ:
         nt = 1
     return _sp_step_par(indptr, indices, data, pix, lut, idx, Wp, <real*>pad.b, h, D, H, HP, act,
-                        nt, bad, T, W2, b2, s, dh, <real*>pad.G, <real>(-lr), B, C, lr, b1, db1, dW2, db2,
-                        Wp, NULL, <real*>pad.fwd, <real*>pad.part, <real*>pad.wp, <real*>pad.wt,
-                        <real*>pad.acc) / B
+                        nt, bad, T, W2, b2, s, dh, <real*>pad.G, <real>(-lr), B, C, lr, b1,
+                        <real*>pad.fwd, <real*>pad.part, <real*>pad.wp, <real*>pad.wt, <real*>pad.acc) / B
 
 
 cdef object _csr(indptr, indices, data, int tn, str who):
@@ -454,9 +434,9 @@ cdef int _two_layer_sgd_sparse(indptr, indices, data, T, idx, theta, long long D
     """train_steps_mlp_sparse for a net of two layers with plain SGD and no weight decay,
     the arguments checked by _checks.mlp_steps: the step of _sp_step_par, whose layers
     above the first run in vectors by blocks of rows inside the same parallel region
-    (fn_top_block in _top.h).  The book's run: 60 us a step against 70 us for the
-    general engine on this machine (benchmarks/README.md).  Stops after a step that met
-    a bad column index or whose loss is not finite; returns the number of steps run."""
+    (fn_top_block in _top.h), faster than the general engine's phases for the book's
+    net (benchmarks/README.md).  Stops after a step that met a bad column index or whose
+    loss is not finite; returns the number of steps run."""
     cdef long long* pp = <long long*>_p(indptr)
     cdef int* pj = <int*>_p(indices)
     cdef void* pd = _p(data)
@@ -466,20 +446,17 @@ cdef int _two_layer_sgd_sparse(indptr, indices, data, T, idx, theta, long long D
     cdef double* pl = <double*>_p(losses)
     cdef int S = idx.shape[0], B = idx.shape[1], k, done = 0
     cdef long long bad = 0, ts = theta.dtype.itemsize
-    # theta: W1 (D x H), b1, W2 (H x C), b2; scratch: h, s, dh (B rows), db1, dW2, db2
+    # theta: W1 (D x H), b1, W2 (H x C), b2; scratch: h, s, dh (B rows each)
     cdef char* pw = <char*>_p(theta)
     cdef void* W1 = pw
     cdef void* b1 = pw + D * H * ts
     cdef void* W2 = pw + (D * H + H) * ts
     cdef void* b2 = pw + (D * H + H + H * C) * ts
-    work = np.empty(B * (H + C + H) + H + H * C + C, theta.dtype)
+    work = np.empty(B * (H + C + H), theta.dtype)
     cdef char* pk = <char*>_p(work)
     cdef void* h = pk
     cdef void* s = pk + B * H * ts
     cdef void* dh = pk + B * (H + C) * ts
-    cdef void* db1 = pk + B * (H + C + H) * ts
-    cdef void* dW2 = pk + (B * (H + C + H) + H) * ts
-    cdef void* db2 = pk + (B * (H + C + H) + H + H * C) * ts
     cdef double loss
     cdef long long* rows
     cdef _Padded pad
@@ -499,13 +476,12 @@ cdef int _two_layer_sgd_sparse(indptr, indices, data, T, idx, theta, long long D
             rows = pidx + <Py_ssize_t>k * B
             if f32:
                 loss = _two_layer_sgd_step(pp, pj, pd, pixels, lutf, pT, rows, &pad, <float*>b1, <float*>W2,
-                                           <float*>b2, lr, act, <float*>h, <float*>s, <float*>dh, <float*>db1,
-                                           <float*>dW2, <float*>db2, B, <int>D, <int>H, <int>C, &bad)
+                                           <float*>b2, lr, act, <float*>h, <float*>s, <float*>dh, B, <int>D,
+                                           <int>H, <int>C, &bad)
             else:
                 loss = _two_layer_sgd_step(pp, pj, pd, pixels, lutd, pT, rows, &pad, <double*>b1, <double*>W2,
-                                           <double*>b2, lr, act, <double*>h, <double*>s, <double*>dh,
-                                           <double*>db1, <double*>dW2, <double*>db2, B, <int>D, <int>H, <int>C,
-                                           &bad)
+                                           <double*>b2, lr, act, <double*>h, <double*>s, <double*>dh, B,
+                                           <int>D, <int>H, <int>C, &bad)
             pl[k] = loss
             done += 1
             if bad or not (loss - loss == 0):  # a bad column, NaN or inf: stop here
