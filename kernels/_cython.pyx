@@ -81,13 +81,12 @@ cdef extern from "_vmath.h" nogil:
     void fn_sigmoid_inplace_d(double* y, Py_ssize_t n)
     void fn_sigmoid_inplace_f(float* y, Py_ssize_t n)
 
-import threading
-
 import numpy as np
 from importlib.util import find_spec as importlib_find_spec
 
 from . import _blas as _blas_lib
 from . import _checks as _chk
+from . import _scratch
 from ._checks import label_error
 from ._checks import threads as _threads
 
@@ -143,6 +142,13 @@ cdef enum:
     OPT_BETA2 = 3
     OPT_DECAY = 4
     OPT_ITER = 5
+
+
+def _codes():
+    """The codes compiled into this module, as contract.py names them."""
+    return {"Act": {"IDENTITY": ACT_IDENTITY, "RELU": ACT_RELU, "SIGMOID": ACT_SIGMOID},
+            "Opt": {"SGD": OPT_SGD, "MOMENTUM": OPT_MOMENTUM, "ADAGRAD": OPT_ADAGRAD, "ADAM": OPT_ADAM},
+            "fields": [OPT_KIND, OPT_LR, OPT_BETA1, OPT_BETA2, OPT_DECAY, OPT_ITER]}
 
 
 # One file per concern, included in this order (one extension module: they share the

@@ -9,12 +9,6 @@
 
 DEF MAX_LAYERS = 64
 
-def _codes():
-    """The codes compiled into this module, as contract.py names them."""
-    return {"Act": {"IDENTITY": ACT_IDENTITY, "RELU": ACT_RELU, "SIGMOID": ACT_SIGMOID},
-            "Opt": {"SGD": OPT_SGD, "MOMENTUM": OPT_MOMENTUM, "ADAGRAD": OPT_ADAGRAD, "ADAM": OPT_ADAM},
-            "fields": [OPT_KIND, OPT_LR, OPT_BETA1, OPT_BETA2, OPT_DECAY, OPT_ITER]}
-
 
 cdef struct _Layer:
     long long n_in, n_out
@@ -206,19 +200,17 @@ cdef int _mlp_steps(_Net* n, real* X, unsigned char* U, long long* T, long long*
 
 
 cdef struct _SparseFirst:
-    # the first layer of a sparse step in the padded layout of _sparse.h (rows of HP)
+    # the first layer of a sparse step: its CSR rows and, in the padded layout of
+    # _sparse.h (_padded_take), W (read by the forward; for direct SGD updated there), b,
+    # the rows scattered G (-lr * delta when direct, else delta), the forward's sums over
+    # each block of pixels (fwd) and, when not direct, the gradient dW
     long long* indptr
     int* indices
     void* data
     bint pix
     void* lut    # the pixel table (_pixel_table) in theta's dtype
-    long long HP
-    void* Wp     # W (D x HP): the weights the forward reads; for direct SGD, updated there
-    void* bp     # b (HP)
-    void* G      # the rows scattered (B x HP): -lr * delta (direct) or delta
-    void* dWp    # the gradient (D x HP) when not direct
-    void* fwd    # the forward's sums over each block of pixels, PIXEL_BLOCKS x (B x HP)
-    bint direct  # plain SGD without weight decay: X^T G scattered into Wp itself
+    _Padded pad
+    bint direct  # plain SGD without weight decay: X^T G scattered into pad.W itself
 
 
 cdef long long _sparse_forward(_SparseFirst* f, long long* rows, int B, long long D, long long H,
@@ -227,7 +219,7 @@ cdef long long _sparse_forward(_SparseFirst* f, long long* rows, int B, long lon
     k's partial sums into fwd[k] on thread k mod nt, added up in block order (no sum
     depends on the thread count).  Returns the column indices outside [0, D) met."""
     cdef long long bads[PIXEL_BLOCKS]
-    cdef long long q = <long long>B * f.HP, bad = 0
+    cdef long long q = <long long>B * f.pad.HP, bad = 0
     cdef int k, tid, nthr
     with parallel(num_threads=nt):
         tid = threadid()
@@ -235,14 +227,14 @@ cdef long long _sparse_forward(_SparseFirst* f, long long* rows, int B, long lon
         k = tid
         while k < PIXEL_BLOCKS:
             bads[k] = 0
-            _sp_forward_cols(f.indptr, f.indices, f.data, f.pix, <real*>f.lut, rows, B, <real*>f.Wp,
-                             <real*>f.bp if k == 0 else <real*>NULL, <real*>f.fwd + k * q, D, f.HP,
+            _sp_forward_cols(f.indptr, f.indices, f.data, f.pix, <real*>f.lut, rows, B, <real*>f.pad.W,
+                             <real*>f.pad.b if k == 0 else <real*>NULL, <real*>f.pad.fwd + k * q, D, f.pad.HP,
                              <int>(D * k // PIXEL_BLOCKS), <int>(D * (k + 1) // PIXEL_BLOCKS), &bads[k])
             k = k + nthr
     if real is float:
-        fn_sum_parts_f(<float*>f.fwd, q, PIXEL_BLOCKS, B, H, f.HP, h)
+        fn_sum_parts_f(<float*>f.pad.fwd, q, PIXEL_BLOCKS, B, H, f.pad.HP, h)
     else:
-        fn_sum_parts_d(<double*>f.fwd, q, PIXEL_BLOCKS, B, H, f.HP, h)
+        fn_sum_parts_d(<double*>f.pad.fwd, q, PIXEL_BLOCKS, B, H, f.pad.HP, h)
     if act == ACT_RELU:
         _map_relu(h, h, B * H)
     elif act == ACT_SIGMOID:
@@ -254,15 +246,15 @@ cdef long long _sparse_forward(_SparseFirst* f, long long* rows, int B, long lon
 
 cdef long long _sparse_scatter(_SparseFirst* f, long long* rows, int B, long long D, long long H,
                                real* dz, real scale, real* dW, int nt) noexcept nogil:
-    """X[rows]^T (scale dz) by the same blocks of pixels: added into Wp (direct), or
-    written to dWp and copied unpadded into dW (D x H).  Each row of W is written by one
+    """X[rows]^T (scale dz) by the same blocks of pixels: added into pad.W (direct), or
+    written to pad.dW and copied unpadded into dW (D x H).  Each row of W is written by one
     thread, in image order.  Returns the column indices outside [0, D) met."""
     cdef long long sbad[PIXEL_BLOCKS]
-    cdef long long bad = 0, HP = f.HP
+    cdef long long bad = 0, HP = f.pad.HP
     cdef int k, tid, nthr, jlo, jhi
     cdef Py_ssize_t i, j
-    cdef real* G = <real*>f.G
-    cdef real* target = <real*>f.Wp if f.direct else <real*>f.dWp
+    cdef real* G = <real*>f.pad.G
+    cdef real* target = <real*>f.pad.W if f.direct else <real*>f.pad.dW
     for i in range(B):
         for j in range(H):
             G[i * HP + j] = dz[i * H + j] * scale
@@ -290,8 +282,8 @@ cdef int _mlp_steps_sparse(_Net* n, _SparseFirst* f, long long* T, long long* id
                            double* opt, real* m, real* v, double* losses, real* acts, real* deltas,
                            real* grad, long long* bad) noexcept nogil:
     """_mlp_steps over CSR rows (f): the first layer's forward and its W's gradient over
-    the non-zeros, the layers above with BLAS.  W1 lives in f.Wp during the call (direct)
-    or is copied there after each update; b1 is copied to f.bp after each update.
+    the non-zeros, the layers above with BLAS.  W1 lives in f.pad.W during the call
+    (direct) or is copied there after each update; b1 is copied to f.pad.b after each.
     Stops after a step that met a bad column index or a loss that is not finite."""
     cdef _Layer* ly = &n.layer[0]
     cdef long long D = ly.n_in, H = ly.n_out, total
@@ -325,13 +317,13 @@ cdef int _mlp_steps_sparse(_Net* n, _SparseFirst* f, long long* T, long long* id
                 for q in range(D * H):
                     grad[q] += d * theta[q]
             _optimizer_update(theta, grad, opt, m, v, 0, n.size)
-            fn_pad_rows(theta + ly.w, D, H, f.Wp, f.HP, sizeof(real))
-        memcpy(f.bp, theta + ly.b, H * sizeof(real))
+            fn_pad_rows(theta + ly.w, D, H, f.pad.W, f.pad.HP, sizeof(real))
+        memcpy(f.pad.b, theta + ly.b, H * sizeof(real))
         if bad[0] or not (losses[k] - losses[k] == 0):
             done = k + 1
             break
     if f.direct:
-        fn_unpad_rows(f.Wp, D, f.HP, theta + ly.w, H, sizeof(real))
+        fn_unpad_rows(f.pad.W, D, f.pad.HP, theta + ly.w, H, sizeof(real))
     return done
 
 
@@ -355,35 +347,13 @@ cdef void _argmax_rows(real* s, long long n, long long C, long long* out) noexce
 
 
 cdef void _mlp_scores_above(_Net* n, real* theta, real* acts, int lo) noexcept nogil:
-    """Layers lo.. of a forward whose layer lo - 1 outputs are in acts (n.B rows): the
-    hidden ones through BLAS, the top one (the scores) in plain loops, so that a two-layer
-    net's evaluation over CSR rows needs no BLAS (see _blas)."""
+    """Layers lo.. of a forward whose layer lo - 1 outputs are in acts (n.B rows)."""
     cdef int k
-    cdef long long i, q, c
     cdef _Layer* ly
-    cdef real* h
-    cdef real* o
-    cdef real* w
-    cdef real v
-    for k in range(lo, n.L - 1):
+    for k in range(lo, n.L):
         ly = &n.layer[k]
         _affine(acts + n.layer[k - 1].out, theta + ly.w, theta + ly.b, acts + ly.out, n.B, <int>ly.n_in,
-                <int>ly.n_out, n.act)
-    if lo >= n.L:
-        return
-    ly = &n.layer[n.L - 1]
-    h = acts + n.layer[n.L - 2].out
-    for i in range(n.B):  # each score: the products in order, then the bias
-        o = acts + ly.out + i * ly.n_out
-        for c in range(ly.n_out):
-            o[c] = 0
-        for q in range(ly.n_in):
-            v = h[i * ly.n_in + q]
-            w = theta + ly.w + q * ly.n_out
-            for c in range(ly.n_out):
-                o[c] += v * w[c]
-        for c in range(ly.n_out):
-            o[c] += theta[ly.b + c]
+                <int>ly.n_out, n.act if k < n.L - 1 else 0)
 
 
 #: rows labelled at a time by the evaluation kernels (their activations stay in cache)
@@ -468,63 +438,12 @@ def _aligned(long long n, dtype):
     return buf[start : start + n]
 
 
-cdef class _SparseRows:
-    """The padded first layer of a sparse kernel (_SparseFirst) and the arrays it points into."""
-    cdef _SparseFirst f
-    cdef object keep
-    cdef float lutf[256]
-    cdef double lutd[256]
-
-    def __init__(self, indptr, indices, data, theta, long long D, long long H, long long B, bint direct):
-        dt = theta.dtype
-        cdef long long ts = dt.itemsize
-        cdef long long HP = fn_padded(H, ts)
-        Wp, bp = _aligned(D * HP, dt), _aligned(HP, dt)
-        G, fwd = _aligned(B * HP, dt), _aligned(PIXEL_BLOCKS * B * HP, dt)
-        dWp = None if direct else _aligned(D * HP, dt)
-        self.keep = (indptr, indices, data, Wp, bp, G, fwd, dWp)
-        self.f.indptr = <long long*>_p(indptr)
-        self.f.indices = <int*>_p(indices)
-        self.f.data = _p(data)
-        self.f.pix = data.dtype == np.uint8
-        self.f.HP = HP
-        self.f.Wp, self.f.bp, self.f.G, self.f.fwd = _p(Wp), _p(bp), _p(G), _p(fwd)
-        self.f.dWp = _p(dWp) if dWp is not None else NULL
-        self.f.direct = direct
-        cdef char* pt = <char*>_p(theta)
-        fn_pad_rows(pt, D, H, self.f.Wp, HP, ts)
-        memcpy(self.f.bp, pt + D * H * ts, H * ts)
-        if ts == 4:
-            _pixel_table(self.lutf)
-            self.f.lut = self.lutf
-        else:
-            _pixel_table(self.lutd)
-            self.f.lut = self.lutd
-
-
-_scratch = threading.local()
-
-
-cdef object _buffer(str name, long long size, dtype):
-    """A scratch array of ``size`` elements, kept for the calling thread between calls:
-    the engine's calls of one step each (mlp_gradient, a Trainer's batches) would
-    otherwise map, fault in and unmap a few hundred KB every time, which on this
-    machine cost more than the step (a 784-50-10 gradient: 330 us of 340)."""
-    key = (name, dtype)
-    held = getattr(_scratch, "arrays", None)
-    if held is None:
-        held = _scratch.arrays = {}
-    a = held.get(key)
-    if a is None or a.shape[0] < size:
-        a = held[key] = np.empty(size, dtype)
-    return a[:size]
-
-
 cdef tuple _work(_Net* n, dtype, bint batch):
     """acts, deltas, grad (and the gathered batch when ``batch``) for n: the calling
-    thread's scratch (_buffer), so they hold nothing a caller may keep."""
-    return (_buffer("acts", n.outs, dtype), _buffer("deltas", n.outs, dtype), _buffer("grad", n.size, dtype),
-            _buffer("batch", n.B * n.layer[0].n_in, dtype).reshape(n.B, n.layer[0].n_in) if batch else None)
+    thread's scratch (_scratch.py), so they hold nothing a caller may keep."""
+    return (_scratch.buffer("acts", n.outs, dtype), _scratch.buffer("deltas", n.outs, dtype),
+            _scratch.buffer("grad", n.size, dtype),
+            _scratch.buffer("batch", n.B * n.layer[0].n_in, dtype).reshape(n.B, n.layer[0].n_in) if batch else None)
 
 
 def train_steps_mlp(X, T, idx, sizes, int act, theta, opt, state, losses):
@@ -568,9 +487,12 @@ def train_steps_mlp_sparse(indptr, indices, data, T, idx, sizes, int act, theta,
     cdef _Net n
     _net_of(&n, sizes, act, idx.shape[1])
     acts, deltas, grad, _ = _work(&n, theta.dtype, False)
-    cdef bint direct = opt[OPT_KIND] == OPT_SGD and opt[OPT_DECAY] == 0
-    cdef _SparseRows rows = _SparseRows(indptr, indices, data, theta, n.layer[0].n_in, n.layer[0].n_out, n.B,
-                                        direct)
+    cdef _SparseFirst first
+    first.indptr, first.indices, first.data = <long long*>_p(indptr), <int*>_p(indices), _p(data)
+    first.pix = data.dtype == np.uint8
+    first.direct = opt[OPT_KIND] == OPT_SGD and opt[OPT_DECAY] == 0
+    cdef float lutf[256]
+    cdef double lutd[256]
     cdef bint f32 = theta.dtype == np.float32
     cdef long long* pT = <long long*>_p(T)
     cdef long long* pi = <long long*>_p(idx)
@@ -580,20 +502,27 @@ def train_steps_mlp_sparse(indptr, indices, data, T, idx, sizes, int act, theta,
     cdef double* pl = <double*>_p(losses)
     cdef void* pth = _p(theta)
     cdef char* pm = <char*>_p(state)
-    cdef long long ts = theta.dtype.itemsize
+    cdef long long ts = theta.dtype.itemsize, H = n.layer[0].n_out
     cdef char* pv = pm + n.size * ts
     cdef void* pa = _p(acts)
     cdef void* pd = _p(deltas)
     cdef void* pg = _p(grad)
     cdef int threads[MAX_BLAS_LIBS]
+    _padded_take(&first.pad, pth, n.layer[0].n_in, H, n.B, not first.direct, ts, n.layer[n.L - 1].n_out)
+    memcpy(first.pad.b, <char*>pth + n.layer[0].b * ts, H * ts)
     with nogil:
         _blas_one_thread(threads)
         if f32:
-            done = _mlp_steps_sparse(&n, &rows.f, pT, pi, S, <float*>pth, po, <float*>pm, <float*>pv, pl,
+            _pixel_table(lutf)
+            first.lut = lutf
+            done = _mlp_steps_sparse(&n, &first, pT, pi, S, <float*>pth, po, <float*>pm, <float*>pv, pl,
                                      <float*>pa, <float*>pd, <float*>pg, &bad)
         else:
-            done = _mlp_steps_sparse(&n, &rows.f, pT, pi, S, <double*>pth, po, <double*>pm, <double*>pv, pl,
+            _pixel_table(lutd)
+            first.lut = lutd
+            done = _mlp_steps_sparse(&n, &first, pT, pi, S, <double*>pth, po, <double*>pm, <double*>pv, pl,
                                      <double*>pa, <double*>pd, <double*>pg, &bad)
+        fn_scratch_give(first.pad.block)
         _blas_threads_back(threads)
     if bad:
         raise ValueError(f"train_steps_mlp_sparse: {bad} column indices are outside [0, {sizes[0]}) "

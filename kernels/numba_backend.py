@@ -13,8 +13,6 @@ strided inputs contiguous, then calls the jitted ``_name`` function.
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
@@ -23,6 +21,7 @@ from numba.extending import intrinsic, overload
 
 from . import _checks as chk
 from ._blas import one_thread
+from ._scratch import buffer
 from .contract import LOG_EPS, OPT_DECAY, OPT_KIND, OPT_LR, Opt, mlp_size, mlp_views
 
 NAME = "numba"
@@ -578,7 +577,7 @@ def _check_rows(indptr, nnz, rows, row0, n):
 # Plain SGD on a two-layer net of float32 with 49 to 64 hidden units (the book's 50)
 # reads W1 in a padded copy: rows of PAD floats, 64-byte aligned, PAD a compile-time
 # constant, so that the loops over a row are four whole vectors (as the Cython side's
-# layout).  The book's run: 154 us a step against 179 us for the general engine here.
+# layout), faster for the book's net than the general engine (benchmarks/README.md).
 PAD = 64
 
 
@@ -1356,27 +1355,12 @@ def train_steps_mlp_sparse(indptr, indices, data, T, idx, sizes, act, theta, opt
     return int(done)
 
 
-_scratch = threading.local()
-
-
-def _buffer(name, size, dtype):
-    """A scratch array of ``size`` elements kept for the calling thread between calls (a
-    call of one step would otherwise map and fault in a few hundred KB each time)."""
-    held = getattr(_scratch, "arrays", None)
-    if held is None:
-        held = _scratch.arrays = {}
-    a = held.get((name, dtype))
-    if a is None or a.shape[0] < size:
-        a = held[(name, dtype)] = np.empty(size, dtype)
-    return a[:size]
-
-
 def mlp_gradient(X, T, idx, sizes, act, theta, decay, grad):
     X, T, idx, sizes = chk.mlp_gradient(X, T, idx, sizes, act, theta, decay, grad)
     B, dt, outs = idx.shape[0], theta.dtype, idx.shape[0] * int(sizes[1:].sum())
-    xb = _buffer("batch", B * int(sizes[0]), dt).reshape(B, int(sizes[0]))
+    xb = buffer("batch", B * int(sizes[0]), dt).reshape(B, int(sizes[0]))
     return float(_mlp_gradient(X, _div(X, dt), T, idx, sizes, int(act), theta, float(decay), grad, xb,
-                               _buffer("acts", outs, dt), _buffer("deltas", outs, dt)))
+                               buffer("acts", outs, dt), buffer("deltas", outs, dt)))
 
 
 def predict_mlp(X, sizes, act, theta, out):
