@@ -334,8 +334,9 @@ class MultiLayerNet:
             raise TypeError(f"labels t must be integers or one-hot rows, got {labels.dtype}")
         theta = self.flat_params()
         grad = np.empty_like(theta)
-        loss = kernels().mlp_gradient(rows, labels.astype(np.int64), np.arange(rows.shape[0], dtype=np.int64),
-                                      self.sizes, self.act_code, theta, self.weight_decay_lambda, grad)
+        batch = np.arange(rows.shape[0], dtype=np.int64)
+        loss = kernels().mlp_gradient(rows, labels.astype(np.int64, copy=False), batch, self.sizes, self.act_code,
+                                      theta, self.weight_decay_lambda, grad)
         if not np.isfinite(loss):
             self._explain_nonfinite(x)
         self.lastLayer.loss = loss - self.weight_decay() if self.weight_decay_lambda else loss

@@ -38,12 +38,10 @@ from .optim import in_engine, make_optimizer
 __all__ = ["Trainer", "History", "TrainingInterrupted", "SPARSE_MAX_DENSITY", "STEPS_PER_CALL"]
 
 #: ``sparse='auto'`` runs the first layer over the non-zero inputs (CSR rows) when at most
-#: this share of the training inputs is non-zero, by backend: where the engine's sparse
-#: steps measured faster than its dense ones for 784-50-10, 784-100-10 and
-#: 784-100-100-10 with SGD and Momentum (benchmarks/README.md, "sparse or dense"):
-#: Cython 1.1-3.2x faster at 19-42% non-zero, 0.91-1.03x at Fashion-MNIST's 50%; Numba
-#: 1.0-1.4x at MNIST's 19%, 0.65-0.94x at 35%.  The reference's sparse kernels densify
-#: each batch (they are the oracle): never there.
+#: this share of the training inputs is non-zero, by backend: up to where the engine's
+#: sparse steps are faster than its dense ones (benchmarks/README.md, "sparse or
+#: dense").  The reference's sparse kernels densify each batch (they are the oracle):
+#: never there.
 SPARSE_MAX_DENSITY = {"cython": 0.45, "numba": 0.25}
 
 #: The fused path runs up to this many steps per kernel call (``train_steps_mlp``): no

@@ -77,9 +77,8 @@ cdef int _load_blas() except -1:
 cdef void _blas_one_thread(int* had) noexcept nogil:
     """Let BLAS calls from this thread use one thread; had[i] receives what library i had
     (MAX_BLAS_LIBS entries).  The sparse kernels call BLAS between OpenMP regions, whose
-    threads keep their cores busy for a while after a region ends; BLAS threads would
-    then wait on them (a 784-100-100-10 step: 11 ms instead of 0.18 ms on this 2-core
-    machine)."""
+    threads keep their cores busy for a while after a region ends, and BLAS threads
+    would wait on them for many times the work itself (benchmarks/README.md)."""
     cdef int i
     for i in range(n_blas_libs):
         had[i] = blas_threads_local[i](1)

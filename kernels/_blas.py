@@ -37,8 +37,7 @@ class one_thread:
     """``with one_thread():`` BLAS calls from this thread use one thread (every OpenBLAS
     loaded), as they had before afterwards.  For kernels that call BLAS between parallel
     regions of their own, whose threads keep the cores busy a while after each region
-    (the Numba backend's sparse kernels: a 784-100-100-10 step 19 ms instead of 0.2 ms
-    on this 2-core machine)."""
+    (the Numba backend's sparse kernels; benchmarks/README.md has the figures)."""
 
     def __enter__(self):
         global _setters
