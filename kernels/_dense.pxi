@@ -119,6 +119,24 @@ cdef void _sl_backward_onehot(real* y, real* t, double dout, real* dx,
         dx[i] = (y[i] - t[i]) * scale
 
 
+cdef double _softmax_loss_delta(real* s, long long* T, long long* rows, int n, int B, int C) noexcept nogil:
+    """Rows [0, n) of a batch of B: scores s (n x C) -> (softmax(s) - onehot(t)) / B in
+    place, t = T[rows[i]].  Each row depends on its own inputs only, so blocks of rows may
+    run on different threads.  Returns the sum of the rows' losses, in row order."""
+    cdef Py_ssize_t i, j
+    cdef long long t
+    cdef double loss = 0
+    cdef real rs = <real>(1.0 / B)
+    _softmax(s, s, n, C)
+    for i in range(n):
+        t = T[rows[i]]
+        loss -= log(<double>(s[i * C + t] + <real>LOG_EPS))
+        for j in range(C):
+            s[i * C + j] = s[i * C + j] * rs
+        s[i * C + t] = s[i * C + t] - rs
+    return loss
+
+
 # ---------------------------------------------------------------- the kernel table
 # which function _unary and _binary_backward apply (not activation codes: see Act)
 cdef enum _Map:

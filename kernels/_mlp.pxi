@@ -46,22 +46,6 @@ cdef int _net_of(_Net* n, object sizes, int act, long long B) except -1:
     return 0
 
 
-cdef double _softmax_loss_delta(real* s, long long* T, long long* rows, int B, int C) noexcept nogil:
-    """s (B x C) scores -> (softmax(s) - onehot(t)) / B in place; returns the mean loss."""
-    cdef Py_ssize_t i, j
-    cdef long long t
-    cdef double loss = 0
-    cdef real rs = <real>(1.0 / B)
-    _softmax(s, s, B, C)
-    for i in range(B):
-        t = T[rows[i]]
-        loss -= log(<double>(s[i * C + t] + <real>LOG_EPS))
-        for j in range(C):
-            s[i * C + j] = s[i * C + j] * rs
-        s[i * C + t] = s[i * C + t] - rs
-    return loss / B
-
-
 cdef double _mlp_backprop(_Net* n, real* theta, real* grad, real* x, real* acts, real* deltas,
                           long long* T, long long* rows, int lo, double decay, double sgd) noexcept nogil:
     """Forward from layer lo (input x when lo is 0, else layer lo - 1's outputs already
@@ -89,7 +73,7 @@ cdef double _mlp_backprop(_Net* n, real* theta, real* grad, real* x, real* acts,
                 n.act if k < L - 1 else 0)
     ly = &n.layer[L - 1]
     dz = acts + ly.out
-    loss = _softmax_loss_delta(dz, T, rows, B, <int>ly.n_out)
+    loss = _softmax_loss_delta(dz, T, rows, B, B, <int>ly.n_out) / B
     for k in range(L - 1, -1, -1):
         ly = &n.layer[k]
         W, dW, db = theta + ly.w, grad + ly.w, grad + ly.b

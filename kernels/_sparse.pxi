@@ -25,18 +25,8 @@ cdef double _top_rows(real* h, long long* T, long long* idx, real* W2, real* b2,
     h, s = softmax(h @ W2 + b2), then ds = (s - onehot(t)) / B in place of s, and
     dh = act'(ds @ W2.T).  Each row depends on its own inputs only, so blocks of rows
     may run on different threads.  Returns the sum of the rows' losses, in row order."""
-    cdef Py_ssize_t i, j
-    cdef long long t
-    cdef double loss = 0
-    cdef real rs = <real>(1.0 / B)
     _affine(h, W2, b2, s, n, H, C, 0)
-    _softmax(s, s, n, C)
-    for i in range(n):
-        t = T[idx[i]]
-        loss -= log(<double>(s[i * C + t] + <real>LOG_EPS))
-        for j in range(C):
-            s[i * C + j] = s[i * C + j] * rs
-        s[i * C + t] = s[i * C + t] - rs
+    cdef double loss = _softmax_loss_delta(s, T, idx, n, B, C)
     # dh = ds @ W2.T (with the old W2), then the activation's derivative
     _gemm(False, True, n, H, C, <real>1, s, C, W2, C, <real>0, dh, H)
     if act == ACT_RELU:

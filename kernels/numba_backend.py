@@ -312,19 +312,9 @@ def _step_top(h, T, idx, W2, b2, act, s, dh, db1, dW2, db2):
     """Everything of a two-layer step above the first layer's product: the second
     Affine, softmax-with-loss, dW2, db2, dh (with the old W2, through the activation's
     derivative) and db1.  Returns the batch loss."""
-    B, C = s.shape
+    B = s.shape[0]
     _affine(h, W2, b2, s, 0)
-    _softmax_rows(s, s)
-    loss = 0.0
-    for i in range(B):
-        loss -= np.log(np.float64(s[i, T[idx[i]]]) + LOG_EPS)
-    loss /= B
-    scale = 1.0 / B
-    for i in range(B):
-        t = T[idx[i]]
-        for j in range(C):
-            s[i, j] = s[i, j] * scale
-        s[i, t] = s[i, t] - scale
+    loss = _softmax_loss_delta(s, T, idx)
     np.dot(s, W2.T, dh)
     _affine_backward(h, W2, s, dW2, db2)
     if act == 1:
