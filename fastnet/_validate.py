@@ -35,22 +35,30 @@ def rows_view(x: np.ndarray) -> np.ndarray:
     return x.reshape(1, -1) if x.ndim < 2 else x.reshape(-1, x.shape[-1])
 
 
-def labels(t, rows: int, classes: int, name: str = "t") -> np.ndarray:
-    """Integer class labels of shape (rows,), each in [0, classes)."""
+def labels(t, rows: int, classes: int, name: str = "t", one_hot: bool = False) -> np.ndarray:
+    """Class labels as a C-contiguous int64 array of shape (rows,), each in [0, classes):
+    what every kernel that takes labels is given.  Integer labels are taken as they
+    are; with ``one_hot``, a (rows, classes) array is taken row by row by its highest
+    entry, as the book's ``accuracy`` does (``np.argmax(t, axis=1)``)."""
     t = np.asarray(t)
+    if one_hot and t.ndim == 2:
+        if t.shape != (rows, classes):
+            raise ValueError(f"one-hot labels {name} have shape {t.shape}, expected {(rows, classes)}")
+        t = np.argmax(t, axis=1)
     if t.ndim != 1 or t.shape[0] != rows:
-        raise ValueError(f"labels {name} have shape {t.shape} but the scores have {rows} rows")
+        raise ValueError(f"labels {name} have shape {t.shape} but there are {rows} rows")
     if t.dtype.kind not in "iu":
         raise TypeError(
             f"integer labels {name} must have an integer dtype, got {t.dtype}; "
-            "pass one-hot labels as a 2-D array of the scores' shape"
+            "pass one-hot labels as a 2-D array of one row per sample"
         )
     if rows:
         lo, hi = int(t.min()), int(t.max())
         if lo < 0 or hi >= classes:
             bad = lo if lo < 0 else hi
-            raise ValueError(f"label {bad} in {name} is out of range for {classes} classes [0, {classes})")
-    return t if t.dtype == np.int64 else t.astype(np.int64)
+            raise ValueError(f"label {bad} in {name} is out of range for {classes} classes "
+                             f"(outside [0, {classes}))")
+    return np.ascontiguousarray(t, dtype=np.int64)
 
 
 def describe_nonfinite(arr: np.ndarray, name: str) -> str | None:

@@ -8,7 +8,6 @@ line, ``fastnet: error: …``, and exit with status 2; they never show a traceba
 from __future__ import annotations
 
 import argparse
-import gc
 import math
 import os
 import sys
@@ -111,6 +110,8 @@ def _cmd_backends(args) -> int:
     return 0
 
 
+#: the hidden activations of fastnet.nets (named here so that --help needs no numpy)
+ACTIVATIONS = ("relu", "sigmoid")
 DEFAULT_LR = {"sgd": 0.1, "momentum": 0.01, "adagrad": 0.01, "adam": 0.001}
 
 
@@ -216,7 +217,6 @@ def _cmd_train(args) -> int:
                       batch_size=args.batch_size, optimizer=args.optimizer, lr=lr, seed=args.seed,
                       gradient=args.gradient, checkpoint_dir=out, progress=progress, verbose=True,
                       callbacks=[share])
-    _collector_back(args)
     try:
         history = trainer.fit()
     except TrainingInterrupted as stop:
@@ -275,7 +275,7 @@ def _cmd_search(args) -> int:
         if name not in OPTIMIZERS:
             raise CLIError(f"--optimizer: unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
     for name in space.dims["activation"].values:
-        if name not in ("relu", "sigmoid"):
+        if name not in ACTIVATIONS:
             raise CLIError(f"--activation: {name!r} is not relu or sigmoid")
     scheduler = args.scheduler or os.environ.get("FASTNET_SCHEDULER") or None
     try:
@@ -450,13 +450,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dataset", default="mnist", help="mnist (default) or fashion-mnist")
     train.add_argument("--hidden", default=[50], type=_hidden_sizes,
                        help="hidden layer size, or sizes like 100,50 (default 50)")
-    train.add_argument("--activation", choices=["relu", "sigmoid"], default="relu")
+    train.add_argument("--activation", choices=ACTIVATIONS, default="relu")
     train.add_argument("--iters", type=_positive, default=None, help="iterations (default 10000)")
     train.add_argument("--epochs", type=_positive, default=None, help="epochs instead of --iters")
     train.add_argument("--batch-size", type=_positive, default=100)
     train.add_argument("--lr", type=float, default=None,
                        help="learning rate (default: sgd 0.1, momentum 0.01, adagrad 0.01, adam 0.001)")
-    train.add_argument("--optimizer", choices=["sgd", "momentum", "adagrad", "adam"], default="sgd")
+    train.add_argument("--optimizer", choices=list(DEFAULT_LR), default="sgd")
     train.add_argument("--weight-init-std", default=0.01,
                        type=lambda v: v if v in ("he", "xavier") else float(v),
                        help="initial weight scale: a number (default 0.01), he or xavier")
@@ -480,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--dataset", default="mnist")
     check.add_argument("--data-dir", default=None)
     check.add_argument("--hidden", default=[50], type=_hidden_sizes, help="hidden layer size(s), e.g. 50 or 100,50")
-    check.add_argument("--activation", choices=["relu", "sigmoid"], default="relu")
+    check.add_argument("--activation", choices=ACTIVATIONS, default="relu")
     check.add_argument("--weight-init-std", default=0.01,
                        type=lambda v: v if v in ("he", "xavier") else float(v))
     check.add_argument("--dtype", choices=["float32", "float64"], default="float64")
@@ -552,12 +552,6 @@ def main(argv=None) -> int:
     # the training figure's worker starts before anything else, so that its import of
     # matplotlib overlaps this process's own start (numpy, the kernels, the data)
     args.figure = _figure_worker() if args.command == "train" and args.plot else None
-    # The set-up (imports, data, the net) runs without the cyclic garbage collector: it
-    # makes some 10^5 objects and no cyclic garbage, and the 44 collections it set off
-    # took 9-14 ms before the training could start.  `train` turns it back on before
-    # the loop (_collector_back); the other commands, short, when they return.
-    args.collector_was_on = gc.isenabled()
-    gc.disable()
     try:
         chosen = getattr(args, "backend_sub", None) or getattr(args, "backend", None)
         if chosen:
@@ -582,7 +576,6 @@ def main(argv=None) -> int:
         print(f"fastnet: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     finally:
-        _collector_back(args)
         if args.figure is not None:
             args.figure.close()
 
@@ -599,21 +592,17 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(line.strip() for line in text.splitlines())
 
 
-def _collector_back(args) -> None:
-    if getattr(args, "collector_was_on", False):
-        gc.enable()
-
-
 def run() -> None:
     """The ``fastnet`` command (console script and ``python -m fastnet``): :func:`main`,
     then a quick exit.
 
     When main() returns, every file it wrote is closed (weights and metrics are written
-    atomically).  What is left is the interpreter's teardown of the ~900 modules that
-    numpy, the backends and matplotlib load: 0.11 s here, a twentieth of ``fastnet
-    train``.  So the exit handlers run (``atexit``: logging, temporary files, …), the
-    standard streams are flushed, and the process ends without that teardown.  Where
-    ``atexit`` cannot run its handlers (another Python), the plain ``sys.exit``.
+    atomically).  What is left is the interpreter's teardown of the modules that numpy
+    and the backends load, which the command's user would wait for (2-3% of ``fastnet
+    train``; benchmarks/README.md).  So the exit handlers run (``atexit``: logging,
+    temporary files, …), the standard streams are flushed, and the process ends without
+    that teardown.  Where ``atexit`` cannot run its handlers (another Python), the plain
+    ``sys.exit``.
 
     A reader that goes away early (``fastnet demo | head``) ends the command quietly with
     status 141, as a program killed by SIGPIPE would, instead of a traceback."""

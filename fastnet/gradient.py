@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._validate import as_float_array
+from ._validate import as_float_array, labels
 
 H = 1e-4
 
@@ -137,16 +137,13 @@ def _numerical_gradient_compiled(f, x, h):
 
 # ------------------------------------------------------------------ nets
 def _integer_labels(t, rows, classes):
+    """The labels as the kernels take them, or None for soft labels (2-D rows that are
+    not one-hot), of which only the generic loop computes the book's loss."""
     t = np.asarray(t)
-    if t.ndim == 2:
-        if t.shape != (rows, classes):
-            raise ValueError(f"one-hot labels have shape {t.shape}, expected {(rows, classes)}")
+    if t.ndim == 2 and t.shape == (rows, classes):
         if not (np.all((t == 0) | (t == 1)) and np.all(t.sum(axis=1) == 1)):
-            return None  # soft labels: only the generic loop computes the book's formula
-        return np.argmax(t, axis=1).astype(np.int64)
-    from ._validate import labels
-
-    return labels(t, rows, classes)
+            return None
+    return labels(t, rows, classes, one_hot=True)
 
 
 def numerical_gradient_net(net, x, t, h: float = H):

@@ -19,7 +19,7 @@ from collections import OrderedDict
 import numpy as np
 
 from . import gradient as _gradient
-from ._validate import as_float_array, describe_nonfinite, float_dtype
+from ._validate import as_float_array, describe_nonfinite, float_dtype, labels
 from .backend import get_backend, kernels
 from .kernels.contract import Act, mlp_size, mlp_views
 from .layers import Affine, Relu, Sigmoid, SoftmaxWithLoss
@@ -27,8 +27,6 @@ from .layers import Affine, Relu, Sigmoid, SoftmaxWithLoss
 __all__ = ["MultiLayerNet", "TwoLayerNet", "ThreeLayerNet", "init_network", "forward", "predict"]
 
 ACTIVATIONS = {"relu": Relu, "sigmoid": Sigmoid}
-#: the kernels' code of each hidden activation (contract.Act)
-ACT_CODES = {"relu": int(Act.RELU), "sigmoid": int(Act.SIGMOID)}
 _FUSED = {Relu: "affine_relu", Sigmoid: "affine_sigmoid"}
 #: rows per chunk when a whole data set goes through ``predict`` for accuracy
 EVAL_BATCH = 2000
@@ -53,11 +51,6 @@ def _init_scale(weight_init_std, activation: str, fan_in: int) -> float:
             return float(np.sqrt(1.0 / fan_in))
         raise ValueError(f"weight_init_std must be a number, 'he' or 'xavier'; got {weight_init_std!r}")
     return float(weight_init_std)
-
-
-def _labels_to_index(t) -> np.ndarray:
-    t = np.asarray(t)
-    return np.argmax(t, axis=1) if t.ndim != 1 else t
 
 
 def _batch_rows(x, dtype, width):
@@ -135,7 +128,7 @@ class MultiLayerNet:
     @property
     def act_code(self) -> int:
         """The kernels' code of the hidden activation (contract.Act)."""
-        return ACT_CODES[self.activation]
+        return int(Act[self.activation.upper()])
 
     def _views(self, theta) -> dict:
         """``{W1: ..., b1: ..., ...}``: the views of ``theta`` in the engine's layout."""
@@ -268,17 +261,15 @@ class MultiLayerNet:
         Runs ``predict`` in chunks of ``batch_size`` rows so a whole data set fits in
         cache and memory.
         """
-        t = _labels_to_index(t)
         n = len(x)
-        if t.shape[0] != n:
-            raise ValueError(f"x has {n} rows but t has {t.shape[0]} labels")
+        t = labels(t, n, self.sizes[-1], one_hot=True)
         if n == 0:
             raise ValueError("accuracy of an empty batch is undefined")
         if self._compiled():  # one kernel call: predict_mlp labels every row
-            labels = np.empty(n, np.int64)
+            predicted = np.empty(n, np.int64)
             kernels().predict_mlp(_batch_rows(x, self.dtype, self.sizes[0]), self.sizes, self.act_code,
-                                  self.flat_params(), labels)
-            return int(np.count_nonzero(labels == t)) / float(n)
+                                  self.flat_params(), predicted)
+            return int(np.count_nonzero(predicted == t)) / float(n)
         correct = 0
         for start in range(0, n, batch_size):
             y = self.predict(x[start : start + batch_size])
@@ -327,16 +318,12 @@ class MultiLayerNet:
 
     def _fused_gradient(self, x, t):
         rows = _batch_rows(x, self.dtype, self.sizes[0])
-        labels = _labels_to_index(t)
-        if labels.shape != (rows.shape[0],):
-            raise ValueError(f"t has shape {np.shape(t)} but x has {rows.shape[0]} rows")
-        if labels.dtype.kind not in "iu":
-            raise TypeError(f"labels t must be integers or one-hot rows, got {labels.dtype}")
+        t = labels(t, rows.shape[0], self.sizes[-1], one_hot=True)
         theta = self.flat_params()
         grad = np.empty_like(theta)
         batch = np.arange(rows.shape[0], dtype=np.int64)
-        loss = kernels().mlp_gradient(rows, labels.astype(np.int64, copy=False), batch, self.sizes, self.act_code,
-                                      theta, self.weight_decay_lambda, grad)
+        loss = kernels().mlp_gradient(rows, t, batch, self.sizes, self.act_code, theta, self.weight_decay_lambda,
+                                      grad)
         if not np.isfinite(loss):
             self._explain_nonfinite(x)
         self.lastLayer.loss = loss - self.weight_decay() if self.weight_decay_lambda else loss
@@ -459,9 +446,7 @@ class ThreeLayerNet:
     forward = predict
 
     def accuracy(self, x, t, batch_size: int = 100):
-        t = _labels_to_index(t)
-        if len(x) != t.shape[0]:
-            raise ValueError(f"x has {len(x)} rows but t has {t.shape[0]} labels")
+        t = labels(t, len(x), _layer_params(self.params)[-1][0].shape[1], one_hot=True)
         correct = 0
         for start in range(0, len(x), batch_size):
             y = self.predict(x[start : start + batch_size])

@@ -84,9 +84,7 @@ class FigureWorker:
 
     def __init__(self):
         root = str(Path(__file__).resolve().parent.parent)  # the same fastnet, whatever the cwd
-        # the cyclic garbage collector is off while the worker imports (see _serve)
-        code = (f"import gc; gc.disable(); import sys; sys.path.insert(0, {root!r}); "
-                "from fastnet.plots import _serve; _serve()")
+        code = f"import sys; sys.path.insert(0, {root!r}); from fastnet.plots import _serve; _serve()"
         self._proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                       bufsize=0, start_new_session=True)
         self._state = "importing"  # then "ready", or "broken" (plot() draws here)
@@ -183,7 +181,6 @@ def _serve():
     input ends.  It ends without the interpreter's teardown of the ~900 modules that
     matplotlib brings (0.1 s here, which the caller would wait for), and quietly when
     the caller is gone (a closed pipe)."""
-    import gc
     import signal
     from types import SimpleNamespace
 
@@ -197,14 +194,6 @@ def _serve():
             answers.write(f"failed {exc}\n")
             answers.flush()
             return
-        finally:
-            # The import ran without the cyclic collector (started off by FigureWorker):
-            # it makes some 10^5 objects and no garbage, and the collections it set off
-            # were 15% of its CPU time (0.76 -> 0.64 s, medians of 12 imports), time
-            # taken from the training beside it.  Drawing runs with the collector on, the
-            # imported objects kept out of its way (gc.freeze).
-            gc.freeze()
-            gc.enable()
         answers.write("ready\n")
         answers.flush()
         for line in sys.stdin:

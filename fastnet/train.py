@@ -19,16 +19,17 @@ from __future__ import annotations
 import json
 import math
 import sys
-import threading
 import time
 import zipfile
-from dataclasses import dataclass, field, fields
+from concurrent import futures
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 
 from . import io as _io
-from ._validate import describe_nonfinite
+from ._validate import describe_nonfinite, labels
 from .backend import get_backend, kernels
 from .gradient import numerical_gradient_net
 from .kernels.contract import OPT_ITER, OPT_LR
@@ -58,52 +59,11 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.history, self.saved = history, saved
 
 
-class _Losses(list):
-    """``History.loss``: a list that keeps the JSON text of its items.
-
-    metrics.json is written again after every epoch with every loss so far (10,000 in
-    the book's run: 5 ms of float formatting each time).  Training only appends, so
-    only the losses added since the last write are encoded; any other change to the
-    list forgets the text and the next write encodes all of it."""
-
-    __slots__ = ("_text", "_done")
-
-    def __init__(self, *args):
-        super().__init__(*args)
-        self._forget()
-
-    def _forget(self):
-        self._text, self._done = "", 0
-
-    def json(self) -> str:
-        n = len(self)
-        if n > self._done:
-            new = json.dumps([float(v) for v in self[self._done:]])[1:-1]
-            self._text = f"{self._text}, {new}" if self._text else new
-            self._done = n
-        return f"[{self._text}]"
-
-
-def _forgetting(name):
-    method = getattr(list, name)
-
-    def changed(self, *args):
-        self._forget()
-        return method(self, *args)
-
-    changed.__name__ = name
-    return changed
-
-
-for _name in ("__setitem__", "__delitem__", "__imul__", "insert", "pop", "remove", "clear", "sort", "reverse"):
-    setattr(_Losses, _name, _forgetting(_name))
-
-
 @dataclass
 class History:
     """What a run measured: the loss of every step and the accuracies of every epoch."""
 
-    loss: list = field(default_factory=_Losses)
+    loss: list = field(default_factory=list)
     epoch_iter: list = field(default_factory=list)
     train_acc: list = field(default_factory=list)
     test_acc: list = field(default_factory=list)
@@ -113,23 +73,17 @@ class History:
     interrupted: bool = False
     config: dict = field(default_factory=dict)
 
-    def _fields(self) -> dict:
-        """The fields, shallow (``dataclasses.asdict`` would deep-copy the 10,000 losses
-        at every checkpoint)."""
-        data = {f.name: getattr(self, f.name) for f in fields(self)}
-        data["config"] = dict(self.config)
-        return data
-
     def to_json(self) -> dict:
         """The fields as plain JSON values."""
-        data = self._fields()
-        if any(type(v) is not float for v in self.loss):
-            data["loss"] = [float(v) for v in self.loss]
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["loss"] = [float(v) for v in self.loss]
         return data
 
-    def __post_init__(self):
-        if not isinstance(self.loss, _Losses):
-            self.loss = _Losses(self.loss)
+    def snapshot(self) -> History:
+        """A copy that the training's later steps do not change (the lists and the
+        config copied, their values shared): what a checkpoint writes."""
+        return replace(self, **{f.name: list(getattr(self, f.name)) for f in fields(self)
+                                if isinstance(getattr(self, f.name), list)}, config=dict(self.config))
 
     def collapsed(self, classes: int) -> str | None:
         """Why this run learned nothing, or None: its last accuracy on the training data
@@ -147,13 +101,9 @@ class History:
                 f"{self.config.get('lr')} is likely too large)")
 
     def dumps(self) -> str:
-        """metrics.json: one line per field.  json's C encoder runs only without
-        ``indent``, so each field is encoded compactly and the lines are joined; the
-        losses are encoded as they come (see _Losses)."""
-        kept = isinstance(self.loss, _Losses)
-        data = self._fields() if kept else self.to_json()
-        lines = [f' "loss": {self.loss.json()}' if kept and k == "loss"
-                 else f" {json.dumps(k)}: {json.dumps(v)}" for k, v in data.items()]
+        """metrics.json: one line per field (json's C encoder runs only without
+        ``indent``, so each field is encoded compactly and the lines are joined)."""
+        lines = [f" {json.dumps(k)}: {json.dumps(v)}" for k, v in self.to_json().items()]
         return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
@@ -165,19 +115,6 @@ def _as_rows(x, name):
     if x.dtype != np.uint8 and x.dtype.kind != "f":
         raise TypeError(f"{name} must be float or uint8 pixels, got {x.dtype}")
     return np.ascontiguousarray(x)
-
-
-def _as_labels(t, rows, classes, name):
-    t = np.asarray(t)
-    if t.ndim == 2:
-        t = np.argmax(t, axis=1)
-    if t.shape != (rows,):
-        raise ValueError(f"{name} has shape {t.shape}, expected {rows} labels")
-    if t.dtype.kind not in "iu":
-        raise TypeError(f"{name} must be integer class labels or one-hot rows, got {t.dtype}")
-    if rows and (t.min() < 0 or t.max() >= classes):
-        raise ValueError(f"{name} holds labels outside [0, {classes})")
-    return np.ascontiguousarray(t, dtype=np.int64)
 
 
 class _Progress:
@@ -276,13 +213,13 @@ class Trainer:
             raise ValueError(f"x_train has {d} features per row but the net takes {net.sizes[0]}")
         if n == 0:
             raise ValueError("x_train is empty")
-        self.t_train = _as_labels(t_train, n, classes, "t_train")
+        self.t_train = labels(t_train, n, classes, "t_train", one_hot=True)
         self.x_test = self.t_test = None
         if x_test is not None:
             self.x_test = _as_rows(x_test, "x_test")
             if self.x_test.shape[1] != d:
                 raise ValueError(f"x_test has {self.x_test.shape[1]} features per row, x_train {d}")
-            self.t_test = _as_labels(t_test, self.x_test.shape[0], classes, "t_test")
+            self.t_test = labels(t_test, self.x_test.shape[0], classes, "t_test", one_hot=True)
         for name, x in (("x_train", self.x_train), ("x_test", self.x_test)):
             if x is not None and x.dtype.kind == "f":
                 problem = describe_nonfinite(x, name)
@@ -303,7 +240,8 @@ class Trainer:
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         if self.checkpoint_dir is not None:
             repair_checkpoint(self.checkpoint_dir)
-        self._writer = _CheckpointWriter()
+        self._checkpoints = []  # the epochs' checkpoints submitted to the writer and not yet checked
+        self._newest = 0  # the number of the newest of them
         self.progress = progress
         self.verbose = verbose
         self.stream = sys.stderr if stream is None else stream
@@ -427,12 +365,13 @@ class Trainer:
             x = _as_rows(x, "x")
             if x.dtype.kind == "f" and x.dtype != net.dtype:
                 x = x.astype(net.dtype)
-        labels = np.empty(x.shape[0], np.int64)
+            t = labels(t, x.shape[0], net.sizes[-1], one_hot=True)
+        predicted = np.empty(x.shape[0], np.int64)
         if self._sparse if self._sparse is not None else self.use_sparse():
-            k.sparse_predict_mlp(*self._rows_csr(x), 0, net.sizes, net.act_code, net.flat_params(), labels)
+            k.sparse_predict_mlp(*self._rows_csr(x), 0, net.sizes, net.act_code, net.flat_params(), predicted)
         else:
-            k.predict_mlp(x, net.sizes, net.act_code, net.flat_params(), labels)
-        return int(np.count_nonzero(labels == t)) / x.shape[0]
+            k.predict_mlp(x, net.sizes, net.act_code, net.flat_params(), predicted)
+        return int(np.count_nonzero(predicted == t)) / x.shape[0]
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> History:
@@ -457,6 +396,10 @@ class Trainer:
         step = self._step_fused if self.fused else self._step_layers
         n, B, per_epoch = self.x_train.shape[0], self.batch_size, self.iter_per_epoch
         bar = _Progress(self.iters, self.stream, self.progress)
+        # the epochs' checkpoints are written on a thread of their own: a rename over the
+        # previous files can hold it for a quarter of a second on a busy disk, and the
+        # training goes on meanwhile
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="fastnet-checkpoints")
         start = time.perf_counter()
         epoch_start = start
         done = h.iterations
@@ -497,10 +440,12 @@ class Trainer:
             bar.line(f"interrupted after {done} of {self.iters} iterations{where}", self.stream)
             raise TrainingInterrupted(h, saved) from None
         except BaseException:
-            self._writer.wait(errors=False)  # the checkpoints taken so far are on disk; this error first
+            self._checkpoints_written(errors=False)  # the checkpoints taken so far are on disk; this error first
             raise
+        finally:
+            self._writer.shutdown()
         h.seconds = time.perf_counter() - start
-        self._writer.wait()  # fit() returns with the last epoch's checkpoint on disk
+        self._checkpoints_written()  # fit() returns with the last epoch's checkpoint on disk
         return h
 
     def _diverged(self, loss, done):
@@ -542,13 +487,35 @@ class Trainer:
         epochs' checkpoints still being written); returns the folder."""
         if self.checkpoint_dir is None:
             return None
-        self._writer.wait()
+        self._checkpoints_written()
         return _write_checkpoint(self.checkpoint_dir, _net_arrays(self.net), self.history.dumps().encode())
 
     def _checkpoint_epoch(self):
-        """The checkpoint of an epoch's end: taken now, written by the writer's thread."""
-        if self.checkpoint_dir is not None:
-            self._writer.submit(self.checkpoint_dir, _net_arrays(self.net, copy=True), self.history.dumps().encode())
+        """The checkpoint of an epoch's end: the weights and the history copied now,
+        written by the writer's thread.  The writer takes them in order and skips one
+        that a newer checkpoint follows, so a slow disk writes the newest next."""
+        if self.checkpoint_dir is None:
+            return
+        self._checkpoints_written(wait=False)  # an earlier epoch's error, if any, stops the training
+        self._newest += 1
+        self._checkpoints.append(self._writer.submit(self._write_epoch, self._newest, self.checkpoint_dir,
+                                                     _net_arrays(self.net, copy=True), self.history.snapshot()))
+
+    def _write_epoch(self, number, folder, arrays, history):
+        if number == self._newest:
+            _write_checkpoint(folder, arrays, history.dumps().encode())
+
+    def _checkpoints_written(self, wait: bool = True, errors: bool = True) -> None:
+        """Raise the error of an epoch's checkpoint that could not be written (disk full,
+        folder gone), or forget it with ``errors=False``; with ``wait``, first wait until
+        every submitted checkpoint is written."""
+        if wait:
+            futures.wait(self._checkpoints)
+        done = [f for f in self._checkpoints if f.done()]
+        self._checkpoints = [f for f in self._checkpoints if not f.done()]
+        for future in done:
+            if errors and future.exception() is not None:
+                raise future.exception()
 
 
 def _net_arrays(net: MultiLayerNet, copy: bool = False) -> dict:
@@ -561,68 +528,6 @@ def _net_arrays(net: MultiLayerNet, copy: bool = False) -> dict:
 def save_net(path, net: MultiLayerNet):
     """Save a net's parameters with what is needed to rebuild it (``load_net``)."""
     return _io.save_params(path, _net_arrays(net))
-
-
-class _CheckpointWriter:
-    """Writes the checkpoints taken after each epoch on a thread of its own.
-
-    Each file is still replaced atomically, but the training no longer waits for the
-    disk: on this machine's ext4 a rename over the previous checkpoint sometimes held
-    the loop 20-270 ms (in about one run in three of the chapter-5 experiment), against
-    2 ms of work.  A checkpoint is a copy of the weights and the text of metrics.json
-    taken at the epoch's end; when the previous one is still being written, the newer
-    one replaces it in the queue (the files always end up holding the newest).  The
-    thread ends when the queue is empty (the next checkpoint starts another).  An error
-    of the writer (disk full, folder gone) is raised by the next ``submit`` or by
-    ``wait``."""
-
-    def __init__(self):
-        self._cond = threading.Condition()
-        self._queued = None  # (folder, arrays, metrics bytes) not yet taken by the thread
-        self._busy = False
-        self._error = None
-        self._thread = None
-
-    def submit(self, folder: Path, arrays: dict, metrics: bytes) -> None:
-        with self._cond:
-            self._raise()
-            self._queued = (folder, arrays, metrics)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="fastnet-checkpoints", daemon=True)
-                self._thread.start()
-
-    def wait(self, errors: bool = True) -> None:
-        """Until every submitted checkpoint is on disk; raises the writer's error (or,
-        with ``errors=False``, forgets it)."""
-        with self._cond:
-            while self._queued is not None or self._busy:
-                self._cond.wait()
-            if errors:
-                self._raise()
-            self._error = None
-
-    def _raise(self):
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
-
-    def _run(self):
-        while True:
-            with self._cond:
-                if self._queued is None:
-                    self._thread = None  # under the lock: a submit from now on starts a new one
-                    return
-                (folder, arrays, metrics), self._queued = self._queued, None
-                self._busy = True
-            try:
-                _write_checkpoint(folder, arrays, metrics)
-            except BaseException as exc:  # handed to the training thread
-                with self._cond:
-                    self._error = exc
-            finally:
-                with self._cond:
-                    self._busy = False
-                    self._cond.notify_all()
 
 
 def _write_checkpoint(folder: Path, arrays: dict, metrics: bytes) -> Path:

@@ -1,6 +1,7 @@
 # Argument checks of the elementary kernels (included by _cython.pyx): dtypes, shapes and
-# contiguity, checked once per call before the GIL is released.  The MLP engine's
-# kernels are checked in Python by _checks.py, for all three backends.
+# contiguity, checked once per call before the GIL is released.  Labels, activation
+# codes and the MLP engine's arguments are checked in Python by _checks.py, for all
+# three backends.
 
 # ---------------------------------------------------------------- argument checks
 cdef inline int _typenum(object a, str name) except -1:
@@ -49,32 +50,6 @@ cdef cnp.ndarray _vec(object a, int tn, str name, Py_ssize_t n, bint writeable):
         arr = np.ascontiguousarray(arr)
     if writeable and not cnp.PyArray_ISWRITEABLE(arr):
         raise ValueError(f"{name} must be writeable")
-    return arr
-
-
-cdef cnp.ndarray _labels(object t, Py_ssize_t n, Py_ssize_t C):
-    """Labels as C-contiguous int64 of shape (n,), each in [0, C): the kernels index
-    rows by them without further checks."""
-    cdef cnp.ndarray arr = _label_array(t, n)
-    cdef long long* pt = <long long*>cnp.PyArray_DATA(arr)
-    cdef Py_ssize_t i
-    for i in range(n):
-        if pt[i] < 0 or pt[i] >= C:
-            raise ValueError(label_error(arr, C))
-    return arr
-
-
-cdef cnp.ndarray _label_array(object t, Py_ssize_t n):
-    """Labels as C-contiguous int64 of shape (n,), not yet range-checked (the fused
-    steps check only the labels of their batches' rows)."""
-    cdef cnp.ndarray arr
-    if (cnp.PyArray_Check(t) and cnp.PyArray_TYPE(<cnp.ndarray>t) == cnp.NPY_INT64
-            and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>t)):
-        arr = <cnp.ndarray>t
-    else:
-        arr = np.ascontiguousarray(t, dtype=np.int64)
-    if cnp.PyArray_NDIM(arr) != 1 or arr.shape[0] != n:
-        raise ValueError(f"labels have shape {(<object>arr).shape}, expected ({n},)")
     return arr
 
 

@@ -106,6 +106,14 @@ def csr(indptr, indices, data, dtype, who: str):
 
 
 # ------------------------------------------------------------------ the MLP engine
+def activation(act, identity: bool = False) -> None:
+    """``act`` must be a hidden activation (relu or sigmoid), or identity where allowed."""
+    allowed = ([Act.IDENTITY] if identity else []) + [Act.RELU, Act.SIGMOID]
+    if act not in allowed:
+        names = ", ".join(f"{int(a)} ({a.name.lower()})" for a in allowed)
+        raise ValueError(f"act must be {names}, got {act!r}")
+
+
 def mlp_net(sizes, act, theta, writeable=False):
     """The net of an MLP kernel: ``sizes`` as int64 (at least input and output, each
     >= 1), ``act`` relu or sigmoid, ``theta`` a C-contiguous 1-D float32/float64
@@ -116,8 +124,7 @@ def mlp_net(sizes, act, theta, writeable=False):
         raise ValueError(f"sizes must list at least two layer widths, each >= 1, got {sizes.tolist()}")
     if sizes.max() > 2**31 - 1:
         raise ValueError(f"a layer of {sizes.max()} units is too wide for BLAS")
-    if act not in (Act.RELU, Act.SIGMOID):
-        raise ValueError(f"act must be {int(Act.RELU)} (relu) or {int(Act.SIGMOID)} (sigmoid), got {act!r}")
+    activation(act)
     dt = dtype_of(theta, "theta")
     want = mlp_size(sizes)
     if theta.shape != (want,):

@@ -87,7 +87,8 @@ from importlib.util import find_spec as importlib_find_spec
 from . import _blas as _blas_lib
 from . import _checks as _chk
 from . import _scratch
-from ._checks import label_error
+from ._checks import activation
+from ._checks import labels as _checked_labels
 from ._checks import threads as _threads
 
 cnp.import_array()

@@ -38,7 +38,7 @@ cdef void _map_relu_backward(real* dout, real* y, real* out, Py_ssize_t n) noexc
 
 cdef void _affine(real* x, real* W, real* b, real* out, int N, int D, int M,
                   int act) noexcept nogil:
-    """out = act(x @ W + b); act 0 identity, 1 relu, 2 sigmoid."""
+    """out = act(x @ W + b) (contract.Act)."""
     cdef Py_ssize_t i, j
     for i in range(N):
         for j in range(M):
@@ -309,7 +309,7 @@ def cross_entropy_labels(y, t):
     cdef int tn = _typenum(y, "y")
     cdef cnp.ndarray ya = _in2(y, tn, "y")
     cdef Py_ssize_t N = ya.shape[0], C = ya.shape[1]
-    cdef cnp.ndarray ta = _labels(t, N, C)
+    cdef cnp.ndarray ta = _checked_labels(t, N, C)
     cdef double r
     cdef void* py = _p(ya)
     cdef long long* pt = <long long*>_p(ta)
@@ -367,7 +367,7 @@ def softmax_loss_labels(x, t, y):
     cdef int tn = _typenum(x, "x")
     cdef cnp.ndarray xa = _in2(x, tn, "x")
     cdef Py_ssize_t N = xa.shape[0], C = xa.shape[1]
-    cdef cnp.ndarray ta = _labels(t, N, C)
+    cdef cnp.ndarray ta = _checked_labels(t, N, C)
     cdef cnp.ndarray ya = _out2(y, tn, "y", N, C)
     cdef double r
     cdef void* px = _p(xa)
@@ -392,7 +392,7 @@ def softmax_loss_backward_labels(y, t, double dout, dx):
     cdef int tn = _typenum(y, "y")
     cdef cnp.ndarray ya = _in2(y, tn, "y")
     cdef Py_ssize_t N = ya.shape[0], C = ya.shape[1]
-    cdef cnp.ndarray ta = _labels(t, N, C)
+    cdef cnp.ndarray ta = _checked_labels(t, N, C)
     cdef cnp.ndarray da = _out2(dx, tn, "dx", N, C)
     cdef void* py = _p(ya)
     cdef long long* pt = <long long*>_p(ta)

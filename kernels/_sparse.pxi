@@ -487,8 +487,8 @@ cdef int _two_layer_sgd_sparse(indptr, indices, data, T, idx, theta, long long D
 cdef tuple _first_layer_args(str who, indptr, indices, data, W, b, int act, str wname, str bname):
     """The checks of a kernel whose first layer reads CSR rows: act, the CSR arrays, W and
     b.  Returns (dtype number, whether data holds uint8 pixels, W, b) as contiguous arrays."""
-    if act < 0 or act > 2:
-        raise ValueError(f"act must be 0 (identity), 1 (relu) or 2 (sigmoid), got {act}")
+    if act != ACT_IDENTITY and act != ACT_RELU and act != ACT_SIGMOID:
+        activation(act, identity=True)  # the error, in the words of every backend
     cdef int tn = _typenum(W, wname)
     pixels = _csr(indptr, indices, data, tn, who)
     cdef cnp.ndarray Wa = _in2(W, tn, wname)

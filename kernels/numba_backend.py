@@ -22,7 +22,23 @@ from numba.extending import intrinsic, overload
 from . import _checks as chk
 from ._blas import one_thread
 from ._scratch import buffer
-from .contract import LOG_EPS, OPT_DECAY, OPT_KIND, OPT_LR, Opt, mlp_size, mlp_views
+from .contract import (
+    LOG_EPS,
+    OPT_BETA1,
+    OPT_BETA2,
+    OPT_DECAY,
+    OPT_ITER,
+    OPT_KIND,
+    OPT_LR,
+    Act,
+    Opt,
+    mlp_size,
+    mlp_views,
+)
+
+# the codes as plain ints: Numba compiles module globals in as constants
+IDENTITY, RELU, SIGMOID = int(Act.IDENTITY), int(Act.RELU), int(Act.SIGMOID)
+SGD, MOMENTUM, ADAGRAD = int(Opt.SGD), int(Opt.MOMENTUM), int(Opt.ADAGRAD)
 
 NAME = "numba"
 
@@ -185,16 +201,16 @@ def _relu_backward(dout, y, out):
 
 @jit
 def _affine(x, W, b, out, act):
-    """out = act(x @ W + b); act 0 identity, 1 relu, 2 sigmoid."""
+    """out = act(x @ W + b) (contract.Act)."""
     np.dot(x, W, out)
     n, m = out.shape
     for i in range(n):
         for j in range(m):
             v = out[i, j] + b[j]
-            if act == 1:
+            if act == RELU:
                 v = 0 if v <= 0 else v
             out[i, j] = v
-    if act == 2:
+    if act == SIGMOID:
         _sigmoid_inplace(out.reshape(-1))
 
 
@@ -317,7 +333,7 @@ def _step_top(h, T, idx, W2, b2, act, s, dh, db1, dW2, db2):
     loss = _softmax_loss_delta(s, T, idx)
     np.dot(s, W2.T, dh)
     _affine_backward(h, W2, s, dW2, db2)
-    if act == 1:
+    if act == RELU:
         _relu_backward(dh, h, dh)
     else:
         _sigmoid_backward(dh, h, dh)
@@ -482,10 +498,10 @@ def _forward_rows(indptr, indices, data, lut, rows, row0, lo, hi, W, b, out, act
                 for k in range(width):
                     o[k] += v * w[k]
             p += 1
-        if act == 1:
+        if act == RELU:
             for k in range(width):
                 o[k] = 0 if o[k] <= 0 else o[k]
-        elif act == 2:
+        elif act == SIGMOID:
             _sigmoid_inplace(o)
     return nb
 
@@ -773,7 +789,7 @@ def _mlp_backprop(theta, grad, sizes, off, act, x, acts, deltas, aoff, T, rows, 
             below = _rows_view(deltas, aoff, k - 1, B)
             np.dot(dz, W.T, below)
             h = _rows_view(acts, aoff, k - 1, B)
-            if act == 1:
+            if act == RELU:
                 _relu_backward(below, h, below)
             else:
                 _sigmoid_backward(below, h, below)
@@ -792,29 +808,29 @@ def _mlp_backprop(theta, grad, sizes, off, act, x, acts, deltas, aoff, T, rows, 
 def _optimizer_update(theta, grad, opt, state, start):
     """The optimiser of the record opt on theta[start:] from grad (fastnet.optim's
     formulas, in theta's dtype)."""
-    kind = int(opt[0])
+    kind = int(opt[OPT_KIND])
     one = theta.dtype.type(1)
-    lr = theta.dtype.type(opt[1])
+    lr = theta.dtype.type(opt[OPT_LR])
     eps = theta.dtype.type(LOG_EPS)
-    if kind == 1:
+    if kind == SGD:
         for q in range(start, theta.size):
             theta[q] -= lr * grad[q]
-    elif kind == 2:
-        mom = theta.dtype.type(opt[2])
+    elif kind == MOMENTUM:
+        mom = theta.dtype.type(opt[OPT_BETA1])
         v = state[0]
         for q in range(start, theta.size):
             v[q] = v[q] * mom - lr * grad[q]
             theta[q] += v[q]
-    elif kind == 3:
+    elif kind == ADAGRAD:
         h = state[0]
         for q in range(start, theta.size):
             g = grad[q]
             h[q] += g * g
             theta[q] -= lr * g / (np.sqrt(h[q]) + eps)
     else:
-        opt[5] += 1
-        b1, b2, it = opt[2], opt[3], opt[5]
-        lr_t = theta.dtype.type(opt[1] * np.sqrt(1.0 - b2**it) / (1.0 - b1**it))
+        opt[OPT_ITER] += 1
+        b1, b2, it = opt[OPT_BETA1], opt[OPT_BETA2], opt[OPT_ITER]
+        lr_t = theta.dtype.type(opt[OPT_LR] * np.sqrt(1.0 - b2**it) / (1.0 - b1**it))
         c1, c2 = one - theta.dtype.type(b1), one - theta.dtype.type(b2)
         m, v = state[0], state[1]
         for q in range(start, theta.size):
@@ -843,7 +859,7 @@ def _mlp_steps(X, div, T, idx, sizes, act, theta, opt, state, losses):
     grad = np.empty_like(theta)
     for k in range(S):
         _gather(X, idx[k], div, xb)
-        losses[k] = _mlp_backprop(theta, grad, sizes, off, act, xb, acts, deltas, aoff, T, idx[k], 0, opt[4])
+        losses[k] = _mlp_backprop(theta, grad, sizes, off, act, xb, acts, deltas, aoff, T, idx[k], 0, opt[OPT_DECAY])
         _optimizer_update(theta, grad, opt, state, 0)
         if not np.isfinite(losses[k]):
             return k + 1
@@ -869,8 +885,8 @@ def _mlp_steps_sparse(indptr, indices, data, lut, T, idx, sizes, act, theta, opt
     acts, deltas = np.empty(aoff[-1], theta.dtype), np.empty(aoff[-1], theta.dtype)
     grad = np.empty_like(theta)
     none = np.empty((0, sizes[0]), theta.dtype)
-    direct = opt[0] == 1 and opt[4] == 0
-    mlr = theta.dtype.type(-opt[1])
+    direct = opt[OPT_KIND] == SGD and opt[OPT_DECAY] == 0
+    mlr = theta.dtype.type(-opt[OPT_LR])
     W0, b0 = _weights(theta, sizes, off, 0)
     dW0 = _weights(grad, sizes, off, 0)[0]
     L = sizes.size - 1
@@ -879,7 +895,7 @@ def _mlp_steps_sparse(indptr, indices, data, lut, T, idx, sizes, act, theta, opt
         cut = _split_rows(indptr, rows, 0, B, nt)
         h = _rows_view(acts, aoff, 0, B)
         bad = _sp_forward_par(indptr, indices, data, lut, rows, 0, W0, b0, h, act if L > 1 else 0, cut)
-        losses[k] = _mlp_backprop(theta, grad, sizes, off, act, none, acts, deltas, aoff, T, rows, 1, opt[4])
+        losses[k] = _mlp_backprop(theta, grad, sizes, off, act, none, acts, deltas, aoff, T, rows, 1, opt[OPT_DECAY])
         G = _rows_view(deltas, aoff, 0, B) if L > 1 else h
         if direct:
             for i in range(B):
@@ -889,8 +905,8 @@ def _mlp_steps_sparse(indptr, indices, data, lut, T, idx, sizes, act, theta, opt
             _optimizer_update(theta, grad, opt, state, W0.size)
         else:
             bad += _sp_scatter_par(indptr, indices, data, lut, rows, G, dW0, cut.size - 1, True)
-            if opt[4] != 0:
-                d = theta.dtype.type(opt[4])
+            if opt[OPT_DECAY] != 0:
+                d = theta.dtype.type(opt[OPT_DECAY])
                 for q in range(W0.size):
                     grad[q] += d * theta[q]
             _optimizer_update(theta, grad, opt, state, 0)
@@ -1006,7 +1022,7 @@ def _scores_row_loss(s, n, t):
 
 @inline
 def _act64(v, act):
-    if act == 1:
+    if act == RELU:
         return v if v > 0 else 0.0
     return 1.0 / (1.0 + np.exp(-v))
 
@@ -1292,8 +1308,7 @@ def sparse_rows(X):
 
 
 def sparse_affine(indptr, indices, data, row0, W, b, act, out):
-    if act not in (0, 1, 2):
-        raise ValueError(f"act must be 0 (identity), 1 (relu) or 2 (sigmoid), got {act}")
+    chk.activation(act, identity=True)
     dt = chk.dtype_of(W, "W")
     chk.csr(indptr, indices, data, dt, "sparse_affine")
     W = chk.inp(W, dt, "W")
