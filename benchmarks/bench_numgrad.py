@@ -7,9 +7,9 @@ import numpy as np
 import fastnet
 import fastnet.nets
 from fastnet.gradient import gradcheck
-from fastnet.kernels.contract import mlp_size
+from fastnet.kernels.contract import Act, mlp_size
 
-from .common import BACKENDS, batch, reference_numgrad_seconds, require_backend
+from .common import BACKENDS, OnBackend, batch, reference_numgrad_seconds, require_backend
 
 #: layer sizes of each case; "small" is small enough for the reference loop in asv's time
 SIZES = {"small": (100, 20, 10), "784-50-10": (784, 50, 10), "784-100-100-10": (784, 100, 100, 10)}
@@ -23,7 +23,7 @@ def _setup(size):
     else:
         x, t = batch(np.float64, 100)
     theta = 0.1 * np.random.default_rng(0).standard_normal(mlp_size(sizes))
-    return x, t, sizes, theta, np.empty_like(theta)
+    return x, t, sizes, int(Act.RELU), theta, 1e-4, np.empty_like(theta)  # numerical_gradient_mlp's arguments
 
 
 class NumericalGradient:
@@ -39,8 +39,7 @@ class NumericalGradient:
         self.time_gradient(backend, net)
 
     def time_gradient(self, backend, net):
-        x, t, sizes, theta, grad = self.args
-        self.k.numerical_gradient_mlp(x, t, sizes, 1, theta, 1e-4, grad)
+        self.k.numerical_gradient_mlp(*self.args)
 
 
 class NumericalGradientSpeedup:
@@ -55,25 +54,22 @@ class NumericalGradientSpeedup:
     def setup(self, backend, net):
         self.k = require_backend(backend)
         self.args = _setup(net)
-        x, t, sizes, theta, grad = self.args
-        self.k.numerical_gradient_mlp(x, t, sizes, 1, theta, 1e-4, grad)
+        self.k.numerical_gradient_mlp(*self.args)
 
     def track_speedup(self, backend, net):
-        x, t, sizes, theta, grad = self.args
+        x, t, sizes, _, theta, _, _ = self.args
         reference = reference_numgrad_seconds(x, t, sizes, theta, sample=200)
         start = time.perf_counter()
-        self.k.numerical_gradient_mlp(x, t, sizes, 1, theta, 1e-4, grad)
+        self.k.numerical_gradient_mlp(*self.args)
         return reference / (time.perf_counter() - start)
 
 
-class Gradcheck:
+class Gradcheck(OnBackend):
     def setup(self):
-        require_backend("cython")
+        self.activate("cython")
         self.x, self.t = batch(np.float64)
-        with fastnet.use_backend("cython"):
-            self.net = fastnet.nets.TwoLayerNet(784, 50, 10, seed=0)
-            gradcheck(self.net, self.x[:5], self.t[:5])
+        self.net = fastnet.nets.TwoLayerNet(784, 50, 10, seed=0)
+        gradcheck(self.net, self.x[:5], self.t[:5])
 
     def time_gradcheck(self):
-        with fastnet.use_backend("cython"):
-            gradcheck(self.net, self.x, self.t)
+        gradcheck(self.net, self.x, self.t)

@@ -17,6 +17,7 @@ from .common import (
     BookLoop,
     BookStep,
     EngineSteps,
+    OnBackend,
     TorchStep,
     batch,
     mnist_pixels,
@@ -25,7 +26,7 @@ from .common import (
 )
 
 
-class Gradient:
+class Gradient(OnBackend):
     """TwoLayerNet.gradient as the book calls it: the layers on the reference backend, one
     mlp_gradient call on the compiled ones."""
 
@@ -33,16 +34,13 @@ class Gradient:
     param_names = ["backend", "dtype"]
 
     def setup(self, backend, dtype):
-        require_backend(backend)
-        self.backend = backend
-        with fastnet.use_backend(backend):
-            self.net = fastnet.nets.TwoLayerNet(784, 50, 10, seed=0, dtype=dtype)
+        self.activate(backend)
+        self.net = fastnet.nets.TwoLayerNet(784, 50, 10, seed=0, dtype=dtype)
         self.x, self.t = batch(dtype)
         self.time_gradient(backend, dtype)
 
     def time_gradient(self, backend, dtype):
-        with fastnet.use_backend(self.backend):
-            self.net.gradient(self.x, self.t)
+        self.net.gradient(self.x, self.t)
 
 
 class TrainingStep:
@@ -188,25 +186,22 @@ class EndToEnd:
         return self._run(1200).test_acc[-1]
 
 
-class Inference:
-    """Accuracy over the 10,000 test images (batched predict)."""
+class Inference(OnBackend):
+    """Accuracy over the 10,000 test images (predict_mlp on the compiled backends)."""
 
     params = (BACKENDS, DTYPES)
     param_names = ["backend", "dtype"]
 
     def setup(self, backend, dtype):
-        require_backend(backend)
+        self.activate(backend)
         _, (xt, tt) = mnist_pixels()
         self.x = (xt / np.float64(255)).astype(dtype)
         self.t = tt
-        self.backend = backend
-        with fastnet.use_backend(backend):
-            self.net = fastnet.nets.TwoLayerNet(784, 50, 10, seed=0, dtype=dtype)
-            self.net.accuracy(self.x[:100], self.t[:100])
+        self.net = fastnet.nets.TwoLayerNet(784, 50, 10, seed=0, dtype=dtype)
+        self.net.accuracy(self.x[:100], self.t[:100])
 
     def time_test_set(self, backend, dtype):
-        with fastnet.use_backend(self.backend):
-            self.net.accuracy(self.x, self.t)
+        self.net.accuracy(self.x, self.t)
 
 
 class EpochEvaluation:

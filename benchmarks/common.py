@@ -25,6 +25,21 @@ def require_backend(name: str):
     return backend.load(name)
 
 
+class OnBackend:
+    """A suite whose timed calls go through fastnet's active backend: ``activate`` (from
+    setup) makes it the given one and teardown restores the previous, so that the
+    ``time_*`` bodies are the call alone."""
+
+    def activate(self, name: str):
+        module = require_backend(name)
+        self._previous = backend.get_backend()
+        backend.set_backend(name)
+        return module
+
+    def teardown(self, *params):
+        backend.set_backend(self._previous)
+
+
 def mnist_pixels(n_train=None, fashion=False):
     """Real MNIST (Fashion-MNIST when ``fashion``) as uint8 (from FASTNET_DATA,
     ../shared/data, the system's datasets or the cache) or, when it is not there,

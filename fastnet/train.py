@@ -73,12 +73,6 @@ class History:
     interrupted: bool = False
     config: dict = field(default_factory=dict)
 
-    def to_json(self) -> dict:
-        """The fields as plain JSON values."""
-        data = {f.name: getattr(self, f.name) for f in fields(self)}
-        data["loss"] = [float(v) for v in self.loss]
-        return data
-
     def snapshot(self) -> History:
         """A copy that the training's later steps do not change (the lists and the
         config copied, their values shared): what a checkpoint writes."""
@@ -100,11 +94,29 @@ class History:
                 f"{classes} classes and the loss went from {first:.4g} to {last:.4g} (the learning rate "
                 f"{self.config.get('lr')} is likely too large)")
 
-    def dumps(self) -> str:
+    def dumps(self, cache: dict | None = None) -> str:
         """metrics.json: one line per field (json's C encoder runs only without
         ``indent``, so each field is encoded compactly and the lines are joined)."""
-        lines = [f" {json.dumps(k)}: {json.dumps(v)}" for k, v in self.to_json().items()]
+        losses = self._losses_json(cache)
+        lines = [f" {json.dumps(f.name)}: {losses if f.name == 'loss' else json.dumps(getattr(self, f.name))}"
+                 for f in fields(self)]
         return "{\n" + ",\n".join(lines) + "\n}\n"
+
+    def _losses_json(self, cache: dict | None) -> str:
+        """The losses as JSON.  ``cache``, a dict kept from one call to the next, holds
+        the losses encoded last and their text: when they still begin the list (the same
+        objects: a quick compare), only the losses after them are encoded.  A run of
+        10,000 steps writes metrics.json after each of its 17 epochs, and encoding every
+        loss each time takes several times as long as the new ones."""
+        if cache is None:
+            return json.dumps([float(v) for v in self.loss])
+        done, text = cache.get("losses", []), cache.get("text", "")
+        if self.loss[: len(done)] != done:
+            done, text = [], ""
+        new = json.dumps([float(v) for v in self.loss[len(done):]])[1:-1]
+        text = ", ".join(part for part in (text, new) if part)
+        cache.update(losses=list(self.loss), text=text)
+        return f"[{text}]"
 
 
 def _as_rows(x, name):
@@ -242,6 +254,7 @@ class Trainer:
             repair_checkpoint(self.checkpoint_dir)
         self._checkpoints = []  # the epochs' checkpoints submitted to the writer and not yet checked
         self._newest = 0  # the number of the newest of them
+        self._metrics_cache = {}  # what History.dumps encoded last (used by one thread at a time)
         self.progress = progress
         self.verbose = verbose
         self.stream = sys.stderr if stream is None else stream
@@ -488,7 +501,8 @@ class Trainer:
         if self.checkpoint_dir is None:
             return None
         self._checkpoints_written()
-        return _write_checkpoint(self.checkpoint_dir, _net_arrays(self.net), self.history.dumps().encode())
+        metrics = self.history.dumps(self._metrics_cache).encode()
+        return _write_checkpoint(self.checkpoint_dir, _net_arrays(self.net), metrics)
 
     def _checkpoint_epoch(self):
         """The checkpoint of an epoch's end: the weights and the history copied now,
@@ -503,7 +517,7 @@ class Trainer:
 
     def _write_epoch(self, number, folder, arrays, history):
         if number == self._newest:
-            _write_checkpoint(folder, arrays, history.dumps().encode())
+            _write_checkpoint(folder, arrays, history.dumps(self._metrics_cache).encode())
 
     def _checkpoints_written(self, wait: bool = True, errors: bool = True) -> None:
         """Raise the error of an epoch's checkpoint that could not be written (disk full,

@@ -71,10 +71,9 @@ static inline void fn_prefetch_row(const long long *indptr, const int *indices,
  * prefetched, and their row pointers, which miss the cache too, four ahead) before the
  * work on them starts.  The rows of a random batch come from memory; prefetching a row
  * ahead inside the forward loop does not hide that, since there the loads of W keep the
- * cache's miss buffers busy.  A pass of its own over the thread's rows, then the
- * forward on cached rows: 121 -> 110 us a step of forward and update in a C
- * micro-benchmark on this machine, 2 threads (not committed).  The update that follows
- * in the same step finds the rows in cache too. */
+ * cache's miss buffers busy.  So a pass of its own over the thread's rows comes first,
+ * and the forward and the update that follow in the same step find the rows in cache
+ * (benchmarks/README.md, "Kernel layouts"). */
 static inline void fn_touch_rows(const long long *indptr, const int *indices, const void *data,
                                  const long long *rows, long long n, int value_size)
 {
@@ -108,10 +107,9 @@ static inline long long fn_lower_bound(const int *indices, long long lo, long lo
  * entries (L = 64 bytes of lanes: 16 floats or 8 doubles), each row 64-byte aligned, the
  * lanes past H zero.  Every vector load and store of W is then whole and aligned: rows of
  * the book's 50 floats (200 bytes) would otherwise start anywhere in a cache line, and
- * a 64-byte load across two lines costs two.  Measured in a C micro-benchmark on this
- * 2-core EPYC, one thread, batches of 100 MNIST rows: forward 40 -> 30 us, update
- * 59 -> 43 us.  The wrappers copy W into the layout once per call (fn_pad_rows) and
- * back after it; a call of many training steps pays that once.  The forward writes
+ * a 64-byte load across two lines costs two (a quarter of the forward and of the update;
+ * benchmarks/README.md, "Kernel layouts").  The wrappers copy W into the layout once
+ * per call (fn_pad_rows) and back after it; a call of many training steps pays that once.  The forward writes
  * its output unpadded (rows of H). */
 static long long fn_padded(long long H, long long tsize)
 {
@@ -143,13 +141,11 @@ static void fn_unpad_rows(const void *src, long long n, long long wp, void *dst,
  * aligned), and the t lanes left over are kept apart, after all D rows of W, in rows of
  * Q entries (16 bytes, zero past t).  A non-zero then reads HM / L cache lines of W and
  * 16 bytes of tails, which fit in L1 (MNIST: 784 rows, 12.5 kB), instead of HM / L + 1
- * lines: the loops are bound by the lines they bring from L2 (measured with
- * sparse_predict_2layer on 60,000 MNIST rows, 16 hidden units a line: 48 units 13.7 ms,
- * 50 units 17.6 ms, 64 units 17.6 ms; the split layout: 16.2 -> 14.8 ms, old and new
- * builds alternating).  The forward over consecutive rows (fn_sparse_forward: the
- * evaluation, sparse_affine) reads W so; b keeps its padded row.  The training step keeps
- * the plain layout: there the split measured no faster (92.4 -> 93.2 and 103.8 -> 119.0
- * us a step, alternating), its update being bound by other things than these lines.
+ * lines: the loops are bound by the lines they bring from L2.  The forward over
+ * consecutive rows (fn_sparse_forward: the evaluation, sparse_affine) reads W so; b
+ * keeps its padded row.  The training step keeps the plain layout: its update is bound
+ * by other things than these lines, and there the split is no faster (both measured:
+ * benchmarks/README.md, "Kernel layouts").
  * fn_w_main returns HM for the split layout, 0 for the plain padded one (rows of HP). */
 static long long fn_w_main(long long H, long long tsize)
 {
@@ -432,7 +428,7 @@ FN_INLINE void fn_scatter_row_##S(int m, int half, const int *indices, const VT 
 /* [jlo, jhi); W and G padded (rows of HP).  When the last vector holds no more than */     \
 /* half a vector of the H columns (the book's 50 floats: 2 of 16), only its lower half */   \
 /* is updated: the update is bound by its stores, and AVX-512 on this EPYC stores 32 */     \
-/* bytes a cycle (C micro-benchmark, one thread: 42.5 -> 37.8 us a batch) */                \
+/* bytes a cycle (benchmarks/README.md, "Kernel layouts") */                                \
 FN_SPARSE_CLONES static void fn_sparse_scatter_##S(                                         \
     const long long *indptr, const int *indices, const VT *data, const T *lut,            \
     const long long *rows, long long n, const T *__restrict G, T *__restrict W,           \

@@ -1,13 +1,10 @@
 /* The layers above the first of a sparse two-layer training step, for fastnet's Cython
  * kernels: one block of the batch's rows, with each row's classes in one 64-byte vector.
  *
- * _sp_step_par in _cython.pyx runs the batch above the first layer as TOP_BLOCKS blocks
- * of rows.  Each block did this with three small BLAS calls (h @ W2, ds @ W2.T,
- * h.T @ ds) and scalar loops around them.  With 10 classes a row of logits is one vector
- * (16 floats), so the whole block runs here in registers.  Measured with 100 steps a
- * call of the book's 784-50-10 net, the builds before and after alternating in one
- * process: 117 -> 111 us a step on one thread, 68-74 -> 66-72 us on two (where the
- * blocks run side by side and wait for each other between the phases).
+ * _sp_step_par in _sparse.pxi runs the batch above the first layer as TOP_BLOCKS blocks
+ * of rows.  With 10 classes a row of logits is one vector (16 floats), so a whole block
+ * runs here in registers, in place of three small BLAS calls (h @ W2, ds @ W2.T,
+ * h.T @ ds) and the scalar loops around them (benchmarks/README.md, "Kernel layouts").
  *
  *
  *   h    = act(parts[0] + parts[1] + ...)        the first layer's sums by pixel blocks

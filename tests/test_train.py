@@ -325,6 +325,15 @@ def test_metrics_json_is_one_line_per_field_with_float_losses():
     assert lines[0] == "{" and lines[-1] == "}" and len(lines) == 2 + len(json.loads(text))
     assert f' "loss": {json.dumps([2.5, float(np.float32(0.3)), 1e-300, 7.0])},' in lines
     assert json.loads(text)["config"] == {"lr": 0.1}
+    cache = {}  # encoding only the losses added since the last call gives the same text
+    assert h.dumps(cache) == text
+    h.loss.extend([np.float32(0.25), 3.0])
+    assert h.dumps(cache) == h.dumps() and json.loads(h.dumps(cache))["loss"][-2:] == [0.25, 3.0]
+    h.loss[0] = 9.0  # any other change: encoded whole again
+    assert h.dumps(cache) == h.dumps()
+    h.loss.clear()
+    assert h.dumps(cache) == h.dumps() and json.loads(h.dumps(cache))["loss"] == []
+    h.loss[:] = [2.5, np.float32(0.3), np.float64(1e-300), 7]
     copy = h.snapshot()
     h.loss.append(1.0)
     h.train_acc.append(0.9)
