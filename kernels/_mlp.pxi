@@ -531,13 +531,21 @@ def mlp_gradient(X, T, idx, sizes, int act, theta, double decay, grad):
     cdef void* pg = _p(grad)
     cdef void* pb = _p(xb)
     cdef double loss
+    cdef long long i
+    cdef bint in_order = not pixels  # the batch is X's rows as they are (a net's gradient of x): no copy
+    for i in range(n.B):
+        in_order = in_order and pi[i] == i
+    if in_order:
+        pb = px
     with nogil:
         if f32:
-            _gather_rows(<float*>px, pu, pi, <float*>pb, n.B, <int>n.layer[0].n_in)
+            if not in_order:
+                _gather_rows(<float*>px, pu, pi, <float*>pb, n.B, <int>n.layer[0].n_in)
             loss = _mlp_backprop(&n, <float*>pth, <float*>pg, <float*>pb, <float*>pa, <float*>pd, pT, pi, 0, decay,
                                  0)
         else:
-            _gather_rows(<double*>px, pu, pi, <double*>pb, n.B, <int>n.layer[0].n_in)
+            if not in_order:
+                _gather_rows(<double*>px, pu, pi, <double*>pb, n.B, <int>n.layer[0].n_in)
             loss = _mlp_backprop(&n, <double*>pth, <double*>pg, <double*>pb, <double*>pa, <double*>pd, pT, pi, 0,
                                  decay, 0)
     return loss
