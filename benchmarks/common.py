@@ -10,7 +10,7 @@ import numpy as np
 import fastnet
 import fastnet.nets
 from fastnet import backend
-from fastnet.kernels.contract import mlp_size
+from fastnet.kernels.contract import Act, Opt, mlp_size
 
 BACKENDS = ("numpy", "numba", "cython")
 DTYPES = ("float32", "float64")
@@ -317,18 +317,19 @@ def kernel_args(name, dtype, n=100, d=784, m=50, seed=0):
         sizes = np.array([d, m, c])
         theta = (0.01 * rng.standard_normal(mlp_size(sizes))).astype(dt)
         if name == "mlp_gradient":
-            return (X, T, rng.integers(0, len(X), n), sizes, 1, theta, 0.0, np.empty_like(theta))
+            return (X, T, rng.integers(0, len(X), n), sizes, Act.RELU, theta, 0.0, np.empty_like(theta))
         rows = mnist_csr(d) if name.endswith("sparse") else (X,)
-        return (*rows, T, rng.integers(0, len(X), (5, n)), sizes, 1, theta, np.array([1, 0.1, 0.9, 0.999, 0, 0]),
-                np.zeros((2, theta.size), dt), np.empty(5))
+        opt = np.array([Opt.SGD, 0.1, 0.9, 0.999, 0, 0])
+        return (*rows, T, rng.integers(0, len(X), (5, n)), sizes, Act.RELU, theta, opt, np.zeros((2, theta.size), dt),
+                np.empty(5))
     if name in ("predict_mlp", "sparse_predict_mlp"):  # the labels of one evaluation chunk of rows
         (X, _), _ = mnist_pixels()
         sizes = np.array([d, m, c])
         theta = (0.1 * rng.standard_normal(mlp_size(sizes))).astype(dt)
         row0 = int(rng.integers(0, len(X) - n))
         if name == "predict_mlp":
-            return (np.ascontiguousarray(X[row0 : row0 + n, :d]), sizes, 1, theta, np.empty(n, np.int64))
-        return (*mnist_csr(d), row0, sizes, 1, theta, np.empty(n, np.int64))
+            return (np.ascontiguousarray(X[row0 : row0 + n, :d]), sizes, Act.RELU, theta, np.empty(n, np.int64))
+        return (*mnist_csr(d), row0, sizes, Act.RELU, theta, np.empty(n, np.int64))
     if name == "sparse_affine":
         indptr = mnist_csr(d)[0]
         row0 = int(rng.integers(0, len(indptr) - 1 - n))
@@ -338,7 +339,7 @@ def kernel_args(name, dtype, n=100, d=784, m=50, seed=0):
     if name == "numerical_gradient_mlp":  # a small net: the kernel's cost grows with every parameter
         sizes = np.array([d, m, c])
         theta = (0.01 * rng.standard_normal(mlp_size(sizes))).astype(dt)
-        return (x.astype(dt), labels, sizes, 1, theta, 1e-4, np.empty_like(theta))
+        return (x.astype(dt), labels, sizes, Act.RELU, theta, 1e-4, np.empty_like(theta))
     return table[name]
 
 
@@ -356,8 +357,8 @@ def reference_numgrad_seconds(x, t, sizes, theta, sample: int = 400, seed: int =
     for i in picks:
         tmp = theta[i]
         theta[i] = tmp + 1e-4
-        loss(x, t, sizes, 1, theta)
+        loss(x, t, sizes, Act.RELU, theta)
         theta[i] = tmp - 1e-4
-        loss(x, t, sizes, 1, theta)
+        loss(x, t, sizes, Act.RELU, theta)
         theta[i] = tmp
     return (time.perf_counter() - start) / len(picks) * theta.size

@@ -38,7 +38,7 @@ import numpy as np
 import fastnet
 import fastnet.nets
 from fastnet import backend
-from fastnet.kernels.contract import mlp_size
+from fastnet.kernels.contract import Act, mlp_size
 
 from . import common
 
@@ -246,7 +246,7 @@ def numgrad_section(table, full: bool):
         results, notes = {}, {}
         if full:
             start = time.perf_counter()
-            backend.load("numpy").numerical_gradient_mlp(x, t, sizes, 1, theta, 1e-4, grad)
+            backend.load("numpy").numerical_gradient_mlp(x, t, sizes, Act.RELU, theta, 1e-4, grad)
             results["reference loop (the book's)"] = time.perf_counter() - start
             notes["reference loop (the book's)"] = f"all {theta.size:,} parameters"
         else:
@@ -255,11 +255,11 @@ def numgrad_section(table, full: bool):
             notes["reference loop (the book's)"] = f"{sample} parameters timed, scaled to {theta.size:,}"
         for name in ("numba", "cython"):
             k = common.require_backend(name)
-            k.numerical_gradient_mlp(x, t, sizes, 1, theta, 1e-4, grad)  # warm up
+            k.numerical_gradient_mlp(x, t, sizes, Act.RELU, theta, 1e-4, grad)  # warm up
             times = []
             for _ in range(3):
                 start = time.perf_counter()
-                k.numerical_gradient_mlp(x, t, sizes, 1, theta, 1e-4, grad)
+                k.numerical_gradient_mlp(x, t, sizes, Act.RELU, theta, 1e-4, grad)
                 times.append(time.perf_counter() - start)
             results[name] = statistics.median(times)
         table.section(f"numerical gradient, {label}, batch 100, float64", results, "reference loop (the book's)",

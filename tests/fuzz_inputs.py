@@ -178,7 +178,7 @@ import sys, warnings
 import numpy as np
 from fastnet import backend
 from fastnet.kernels import contract
-from fastnet.kernels.contract import mlp_size
+from fastnet.kernels.contract import Act, mlp_size
 from test_kernel_parity import ELEMENTARY, make_case, _sparse_case
 
 warnings.simplefilter("ignore")
@@ -205,12 +205,12 @@ def valid_call(name):
     opt = np.array([int(rng.integers(1, 5)), 0.1, 0.9, 0.999, float(rng.integers(2)) * 0.01, 0.0])
     state = np.zeros((2, theta.size), dtype)
     cases = {
-        "train_steps_mlp": [X, T, steps, sizes, 1, theta, opt, state, losses],
-        "train_steps_mlp_sparse": [*csr, T, steps, sizes, 1, theta, opt, state, losses],
-        "mlp_gradient": [X, T, idx, sizes, 1, theta, 0.0, np.empty_like(theta)],
-        "predict_mlp": [X, sizes, 1, theta, np.empty(len(X), np.int64)],
-        "sparse_predict_mlp": [*csr, 0, sizes, 1, theta, out],
-        "numerical_gradient_mlp": [X[:B].astype(dtype), T[:B], sizes, 1, theta, 1e-4, np.empty_like(theta)],
+        "train_steps_mlp": [X, T, steps, sizes, Act.RELU, theta, opt, state, losses],
+        "train_steps_mlp_sparse": [*csr, T, steps, sizes, Act.RELU, theta, opt, state, losses],
+        "mlp_gradient": [X, T, idx, sizes, Act.RELU, theta, 0.0, np.empty_like(theta)],
+        "predict_mlp": [X, sizes, Act.RELU, theta, np.empty(len(X), np.int64)],
+        "sparse_predict_mlp": [*csr, 0, sizes, Act.RELU, theta, out],
+        "numerical_gradient_mlp": [X[:B].astype(dtype), T[:B], sizes, Act.RELU, theta, 1e-4, np.empty_like(theta)],
         "sparse_rows": [X],
         "sparse_affine": [*csr, 0, params[0], params[1], 1, np.empty((3, H), dtype)],
     }

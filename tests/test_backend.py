@@ -8,7 +8,7 @@ import pytest
 import fastnet
 from fastnet import backend
 from fastnet.kernels import contract
-from fastnet.kernels.contract import Opt, mlp_size
+from fastnet.kernels.contract import Act, Opt, mlp_size
 
 
 def test_every_backend_implements_the_contract():
@@ -162,13 +162,13 @@ def test_results_do_not_depend_on_set_num_threads(name):
                 state, losses = np.zeros((2, theta.size), dtype), np.empty(20)
                 opt = np.array([kind, 0.05, 0.9, 0.999, 0.0, 0.0])
                 if sparse:
-                    k.train_steps_mlp_sparse(*csr, T, idx, sizes, 1, theta, opt, state, losses)
-                    out.append(k.sparse_predict_mlp(*csr, 0, sizes, 1, theta, np.empty(400, np.int64)))
+                    k.train_steps_mlp_sparse(*csr, T, idx, sizes, Act.RELU, theta, opt, state, losses)
+                    out.append(k.sparse_predict_mlp(*csr, 0, sizes, Act.RELU, theta, np.empty(400, np.int64)))
                 else:
                     xf = (X / 255).astype(dtype)
-                    k.train_steps_mlp(xf, T, idx, sizes, 1, theta, opt, state, losses)
+                    k.train_steps_mlp(xf, T, idx, sizes, Act.RELU, theta, opt, state, losses)
                     grad = np.empty_like(theta)
-                    k.numerical_gradient_mlp(xf[:20], T[:20], sizes, 1, theta, 1e-4, grad)
+                    k.numerical_gradient_mlp(xf[:20], T[:20], sizes, Act.RELU, theta, 1e-4, grad)
                     out.append(grad)
                 out += [theta, losses]
         W = (0.1 * np.random.default_rng(5).standard_normal((300, 50))).astype(dtype)
@@ -189,6 +189,7 @@ def test_results_do_not_depend_on_set_num_threads(name):
 _FIRST_BLAS_CALL = """
 import sys, numpy as np
 from fastnet.kernels import _cython as k
+from fastnet.kernels.contract import Act
 rng = np.random.default_rng(0)
 X = (rng.integers(1, 256, (300, 40)) * (rng.random((300, 40)) < 0.3)).astype(np.uint8)
 T = rng.integers(0, 10, 300)
@@ -200,8 +201,8 @@ def net(*hidden, kind=1):
     return sizes, theta, np.array([kind, 0.1, 0.9, 0.999, 0, 0]), np.zeros((2, n), np.float32), np.empty(3)
 csr = k.sparse_rows(X)
 sizes, theta, opt, state, losses = net(50)
-k.train_steps_mlp_sparse(*csr, T, idx, sizes, 1, theta, opt, state, losses)  # vector top: no BLAS
-k.sparse_predict_mlp(*csr, 0, sizes, 1, theta, np.empty(300, np.int64))
+k.train_steps_mlp_sparse(*csr, T, idx, sizes, Act.RELU, theta, opt, state, losses)  # vector top: no BLAS
+k.sparse_predict_mlp(*csr, 0, sizes, Act.RELU, theta, np.empty(300, np.int64))
 assert not k._blas_loaded() and "scipy" not in sys.modules, "BLAS loaded by the sparse path"
 case = sys.argv[1]
 x, w = rng.random((30, 20)).astype(np.float32), rng.random((20, 7)).astype(np.float32)
@@ -214,31 +215,31 @@ elif case == "affine_backward":
     assert np.allclose(dW, x.T @ np.ones((30, 7)), rtol=1e-5)
 elif case == "dense steps":
     sizes, theta, opt, state, losses = net(50)
-    k.train_steps_mlp((X / 255).astype(np.float32), T, idx, sizes, 1, theta, opt, state, losses)
+    k.train_steps_mlp((X / 255).astype(np.float32), T, idx, sizes, Act.RELU, theta, opt, state, losses)
     assert np.isfinite(losses).all()
 elif case == "sparse steps through BLAS":  # 70 hidden units: the rows above the first layer go through BLAS
     sizes, theta, opt, state, losses = net(70)
-    k.train_steps_mlp_sparse(*csr, T, idx, sizes, 1, theta, opt, state, losses)
+    k.train_steps_mlp_sparse(*csr, T, idx, sizes, Act.RELU, theta, opt, state, losses)
     assert np.isfinite(losses).all()
 elif case == "deep sparse steps":
     sizes, theta, opt, state, losses = net(30, 20, kind=4)
-    k.train_steps_mlp_sparse(*csr, T, idx, sizes, 1, theta, opt, state, losses)
+    k.train_steps_mlp_sparse(*csr, T, idx, sizes, Act.RELU, theta, opt, state, losses)
     assert np.isfinite(losses).all()
 elif case == "deep sparse predict":
     sizes, theta, opt, state, losses = net(30, 20)
-    labels = k.sparse_predict_mlp(*csr, 0, sizes, 1, theta, np.empty(300, np.int64))
+    labels = k.sparse_predict_mlp(*csr, 0, sizes, Act.RELU, theta, np.empty(300, np.int64))
     assert labels.min() >= 0 and labels.max() < 10
 elif case == "gradient":
     sizes, theta, opt, state, losses = net(30)
     grad = np.empty_like(theta)
-    assert np.isfinite(k.mlp_gradient(X, T, idx[0], sizes, 1, theta, 0.0, grad))
+    assert np.isfinite(k.mlp_gradient(X, T, idx[0], sizes, Act.RELU, theta, 0.0, grad))
 elif case == "predict":
     sizes, theta, opt, state, losses = net(30)
-    k.predict_mlp(X, sizes, 1, theta, np.empty(300, np.int64))
+    k.predict_mlp(X, sizes, Act.RELU, theta, np.empty(300, np.int64))
 else:
     sizes, theta, opt, state, losses = net(5)
     grad = np.empty_like(theta)
-    k.numerical_gradient_mlp((X[:4] / 255).astype(np.float32), T[:4], sizes, 1, theta, 1e-4, grad)
+    k.numerical_gradient_mlp((X[:4] / 255).astype(np.float32), T[:4], sizes, Act.RELU, theta, 1e-4, grad)
     assert np.isfinite(grad).all()
 print(k._blas_loaded())
 """
