@@ -867,11 +867,11 @@ def _mlp_steps(X, div, T, idx, sizes, act, theta, opt, state, losses):
 
 
 @jit
-def _mlp_gradient(X, div, T, rows, sizes, act, theta, decay, grad, xb, acts, deltas):
-    """The gradient of one batch; xb (B, D), acts and deltas are the caller's scratch."""
+def _mlp_gradient(xb, T, rows, sizes, act, theta, decay, grad, acts, deltas):
+    """The gradient of one batch, the rows xb (B, D) of T's rows ``rows``; acts and
+    deltas are the caller's scratch."""
     B = rows.size
     off, aoff = _mlp_offsets(sizes), _act_offsets(sizes, B)
-    _gather(X, rows, div, xb)
     return _mlp_backprop(theta, grad, sizes, off, act, xb, acts, deltas, aoff, T, rows, 0, decay)
 
 
@@ -1363,9 +1363,13 @@ def train_steps_mlp_sparse(indptr, indices, data, T, idx, sizes, act, theta, opt
 def mlp_gradient(X, T, idx, sizes, act, theta, decay, grad):
     X, T, idx, sizes = chk.mlp_gradient(X, T, idx, sizes, act, theta, decay, grad)
     B, dt, outs = idx.shape[0], theta.dtype, idx.shape[0] * int(sizes[1:].sum())
-    xb = buffer("batch", B * int(sizes[0]), dt).reshape(B, int(sizes[0]))
-    return float(_mlp_gradient(X, _div(X, dt), T, idx, sizes, int(act), theta, float(decay), grad, xb,
-                               buffer("acts", outs, dt), buffer("deltas", outs, dt)))
+    if X.dtype == dt and np.array_equal(idx, np.arange(B)):  # X's rows as they are: read in place
+        xb = X
+    else:
+        xb = buffer("batch", B * int(sizes[0]), dt).reshape(B, int(sizes[0]))
+        _gather(X, idx, _div(X, dt), xb)
+    return float(_mlp_gradient(xb, T, idx, sizes, int(act), theta, float(decay), grad, buffer("acts", outs, dt),
+                               buffer("deltas", outs, dt)))
 
 
 def predict_mlp(X, sizes, act, theta, out):
@@ -1430,7 +1434,7 @@ def warmup(dtypes=(np.float32, np.float64)):
                 opt[OPT_DECAY] = 0.01  # the general sparse engine
                 train_steps_mlp_sparse(*csr, T, idx[None], sizes, 1, theta, opt, state, np.empty(1))
                 opt[OPT_DECAY] = 0.0
-                mlp_gradient(rows, T, idx, sizes, 1, theta, 0.0, np.empty_like(theta))
+                mlp_gradient(rows, T, idx, sizes, RELU, theta, 0.0, np.empty_like(theta))
                 predict_mlp(rows, sizes, 1, theta, np.empty(4, np.int64))
                 sparse_predict_mlp(*csr, 0, sizes, 1, theta, np.empty(4, np.int64))
                 sparse_affine(*csr, 0, W, b, 1, np.empty((4, 2), dtype))

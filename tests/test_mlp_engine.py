@@ -257,6 +257,7 @@ def test_mlp_gradient_of_rows_in_order_reads_them_in_place(backend_name, dtype):
     theta = _net(sizes, dtype)
     idx = np.arange(7, 47)
     batch, labels = X[idx].copy(), T[idx].copy()
+    batch.flags.writeable = False  # read, never written: a read-only array will do
     g0, g1 = np.empty_like(theta), np.empty_like(theta)
     l0 = k.mlp_gradient(X, T, idx, sizes, Act.RELU, theta, 0.01, g0)
     l1 = k.mlp_gradient(batch, labels, np.arange(40), sizes, Act.RELU, theta, 0.01, g1)
