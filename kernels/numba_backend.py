@@ -37,7 +37,7 @@ from .contract import (
 )
 
 # the codes as plain ints: Numba compiles module globals in as constants
-IDENTITY, RELU, SIGMOID = int(Act.IDENTITY), int(Act.RELU), int(Act.SIGMOID)
+RELU, SIGMOID = int(Act.RELU), int(Act.SIGMOID)
 SGD, MOMENTUM, ADAGRAD = int(Opt.SGD), int(Opt.MOMENTUM), int(Opt.ADAGRAD)
 
 NAME = "numba"
