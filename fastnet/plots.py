@@ -131,11 +131,9 @@ class FigureWorker:
         if self._state == "importing":
             self._state = "ready" if self._answer(wait=True) == "ready" else "broken"
         if self._state == "ready":
-            losses = history.loss
-            loss = losses.json() if hasattr(losses, "json") else json.dumps([float(v) for v in losses])
             accuracies = {k: [float(v) for v in getattr(history, k)] for k in ("train_acc", "test_acc")}
-            request = (f'{{"path": {json.dumps(str(path.absolute()))}, "title": {json.dumps(title)}, '
-                       f'"loss": {loss}, "accuracies": {json.dumps(accuracies)}}}\n')
+            request = json.dumps({"path": str(path.absolute()), "title": title,
+                                  "loss": [float(v) for v in history.loss], "accuracies": accuracies}) + "\n"
             try:
                 self._proc.stdin.write(request.encode())
                 self._proc.stdin.flush()
