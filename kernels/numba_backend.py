@@ -13,6 +13,8 @@ strided inputs contiguous, then calls the jitted ``_name`` function.
 
 from __future__ import annotations
 
+import platform
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
@@ -393,6 +395,36 @@ def _prefetch(typingctx, arr, i):
         return context.get_dummy_value()
 
     return types.void(arr, i), codegen
+
+
+#: x86's MXCSR bits FTZ and DAZ: subnormal results and inputs are taken as 0
+_FLUSH_BITS = 0x8040
+_X86 = platform.machine().lower() in ("x86_64", "amd64")
+
+
+@intrinsic
+def _mxcsr(typingctx, value):
+    """Set the calling thread's MXCSR (SSE control) register to ``value`` (an unsigned
+    32-bit int; -1 leaves it as it is) and return what it held before; 0, and nothing
+    set, where the CPU is not x86."""
+
+    def codegen(context, builder, sig, args):
+        i32 = ir.IntType(32)
+        if not _X86:
+            return i32(0)
+        i8p = ir.IntType(8).as_pointer()
+        cell = cgutils.alloca_once(builder, i32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p])
+        read = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.sse.stmxcsr")
+        write = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.sse.ldmxcsr")
+        builder.call(read, [builder.bitcast(cell, i8p)])
+        before = builder.load(cell)
+        with builder.if_then(builder.icmp_signed("!=", args[0], i32(-1))):
+            builder.store(args[0], cell)
+            builder.call(write, [builder.bitcast(cell, i8p)])
+        return before
+
+    return types.int32(types.int32), codegen
 
 
 @inline
@@ -807,7 +839,16 @@ def _mlp_backprop(theta, grad, sizes, off, act, x, acts, deltas, aoff, T, rows, 
 @jit
 def _optimizer_update(theta, grad, opt, state, start):
     """The optimiser of the record opt on theta[start:] from grad (fastnet.optim's
-    formulas, in theta's dtype)."""
+    formulas, in theta's dtype), with subnormal numbers flushed to zero as in
+    _optim.h (Momentum's and Adam's state decays into them where a gradient is 0)."""
+    before = _mxcsr(-1)
+    _mxcsr(before | _FLUSH_BITS)
+    _optimizer_loops(theta, grad, opt, state, start)
+    _mxcsr(before)
+
+
+@jit
+def _optimizer_loops(theta, grad, opt, state, start):
     kind = int(opt[OPT_KIND])
     one = theta.dtype.type(1)
     lr = theta.dtype.type(opt[OPT_LR])

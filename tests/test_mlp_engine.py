@@ -132,6 +132,25 @@ def test_uint8_pixels_equal_normalised_floats(backend_name, dtype):
     np.testing.assert_array_equal(runs[0][1], runs[1][1])
 
 
+@pytest.mark.parametrize("backend_name", COMPILED)
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "csr"])
+def test_optimisers_flush_subnormals_and_leave_the_thread_as_it_was(backend_name, sparse):
+    """The optimisers' loops flush subnormal numbers to zero (Adam's state decays into
+    them where a pixel is 0, and they are slow), and put the calling thread's float
+    settings back after: subnormals computed here afterwards are still subnormal."""
+    k = backend.load(backend_name)
+    sizes = np.array(DEPTHS[2])
+    X, T = _data(np.float32)
+    theta = _net(sizes, np.float32)
+    state = np.zeros((2, theta.size), np.float32)
+    state[1, :] = np.float32(1e-39)  # a subnormal second moment everywhere
+    idx = np.random.default_rng(3).integers(0, len(X), (2, 20))
+    _train(k, sparse, X, T, idx, sizes, Act.RELU, theta, _opt(Opt.ADAM, 0.001), state)
+    tiny = np.finfo(np.float32).tiny
+    assert not np.any((state != 0) & (np.abs(state) < tiny))  # flushed, not carried on
+    assert np.float32(1e-38) / np.float32(10) != 0  # this thread's settings are back
+
+
 @pytest.mark.parametrize("backend_name", ("numpy",) + COMPILED)
 @pytest.mark.parametrize("sparse", [False, True], ids=["dense", "csr"])
 def test_many_steps_equal_single_steps(backend_name, sparse):
