@@ -10,6 +10,7 @@ import numpy as np
 import fastnet
 import fastnet.nets
 from fastnet import backend
+from fastnet.cli import DEFAULT_LR
 from fastnet.kernels.contract import Act, Opt, mlp_size
 
 BACKENDS = ("numpy", "numba", "cython")
@@ -114,8 +115,9 @@ def try_torch():
 #: the nets and optimisers of the benchmark matrix (hidden layers of 784-...-10)
 NETS = {"784-50-10": (50,), "784-100-10": (100,), "784-100-100-10": (100, 100), "784-100x5-10": (100,) * 5}
 OPTIMIZERS = ("sgd", "momentum", "adam")
-#: the learning rates the matrix trains with (the book's 0.1 for SGD, chapter 6's others)
-LEARNING_RATES = {"sgd": 0.1, "momentum": 0.01, "adagrad": 0.01, "adam": 0.001}
+#: the learning rates the matrix trains with: fastnet train's defaults (the book's 0.1 for
+#: SGD, chapter 6's others)
+LEARNING_RATES = DEFAULT_LR
 
 
 def torch_net(torch, seed=0, dtype="float32", hidden=(50,), optimizer="sgd"):

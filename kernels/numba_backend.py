@@ -404,9 +404,9 @@ _X86 = platform.machine().lower() in ("x86_64", "amd64")
 
 @intrinsic
 def _mxcsr(typingctx, value):
-    """Set the calling thread's MXCSR (SSE control) register to ``value`` (an unsigned
-    32-bit int; -1 leaves it as it is) and return what it held before; 0, and nothing
-    set, where the CPU is not x86."""
+    """Set the calling thread's MXCSR (SSE control) register to ``value`` (its 32 bits;
+    -1 leaves it as it is) and return what it held before; 0, and nothing set, where
+    the CPU is not x86."""
 
     def codegen(context, builder, sig, args):
         i32 = ir.IntType(32)
@@ -1470,15 +1470,15 @@ def warmup(dtypes=(np.float32, np.float64)):
             opt = np.array([Opt.SGD, 0.1, 0.9, 0.999, 0.0, 0.0])
             for rows in (X, X.astype(np.uint8)):
                 csr = sparse_rows(rows)
-                train_steps_mlp(rows, T, idx[None], sizes, 1, theta, opt, state, np.empty(1))
-                train_steps_mlp_sparse(*csr, T, idx[None], sizes, 1, theta, opt, state, np.empty(1))
+                train_steps_mlp(rows, T, idx[None], sizes, RELU, theta, opt, state, np.empty(1))
+                train_steps_mlp_sparse(*csr, T, idx[None], sizes, RELU, theta, opt, state, np.empty(1))
                 opt[OPT_DECAY] = 0.01  # the general sparse engine
-                train_steps_mlp_sparse(*csr, T, idx[None], sizes, 1, theta, opt, state, np.empty(1))
+                train_steps_mlp_sparse(*csr, T, idx[None], sizes, RELU, theta, opt, state, np.empty(1))
                 opt[OPT_DECAY] = 0.0
                 mlp_gradient(rows, T, idx, sizes, RELU, theta, 0.0, np.empty_like(theta))
-                predict_mlp(rows, sizes, 1, theta, np.empty(4, np.int64))
-                sparse_predict_mlp(*csr, 0, sizes, 1, theta, np.empty(4, np.int64))
-                sparse_affine(*csr, 0, W, b, 1, np.empty((4, 2), dtype))
-        numerical_gradient_mlp(x, t, np.array([3, 2, 2]), 1, theta[: mlp_size([3, 2, 2])].copy(), 1e-4,
+                predict_mlp(rows, sizes, RELU, theta, np.empty(4, np.int64))
+                sparse_predict_mlp(*csr, 0, sizes, RELU, theta, np.empty(4, np.int64))
+                sparse_affine(*csr, 0, W, b, RELU, np.empty((4, 2), dtype))
+        numerical_gradient_mlp(x, t, np.array([3, 2, 2]), RELU, theta[: mlp_size([3, 2, 2])].copy(), 1e-4,
                                np.empty(mlp_size([3, 2, 2]), dtype))
     return time.perf_counter() - start
