@@ -115,6 +115,69 @@ cdef double _mlp_backprop(_Net* n, real* theta, real* grad, real* x, real* acts,
     return loss
 
 
+cdef extern from "_nzrows.h" nogil:
+    # the first layer of a dense float32 batch over its non-zeros (see _nzrows.h)
+    int fn_nz_ready()
+    int fn_nz_finite(const float* W, long long n)
+    long long fn_nz_rows(const float* X, long long B, long long D, int* col, float* val, long long* ptr,
+                         long long most)
+    void fn_nz_forward(const long long* ptr, const int* col, const float* val, long long B, long long D,
+                       const float* W, const float* b, long long H, float* h, float* S, long long* cur)
+    void fn_nz_backward(const long long* ptr, const int* col, const float* val, long long B, long long D,
+                        const float* dz, long long H, float* dW, float* S, long long* cur)
+    enum: FN_NZ_SCRATCH  # floats of S, 64-byte aligned
+
+# mlp_gradient runs the first layer over the non-zeros (float32, on a CPU with AVX-512)
+# when at most NZ_MAX_DENSITY of the batch's inputs are non-zero and the layer has at
+# least NZ_MIN_UNITS units and at most NZ_MAX_OUTPUTS outputs (rows x units); elsewhere
+# BLAS's dense products are as fast or faster (benchmarks/README.md, "mlp_gradient over
+# the non-zeros").
+NZ_READY = bool(fn_nz_ready())
+NZ_MAX_DENSITY = 0.22
+NZ_MIN_UNITS = 32
+NZ_MAX_OUTPUTS = 32000
+
+
+cdef struct _NzWork:
+    # the non-zeros of a batch (fn_nz_rows) and the scratch of the two products
+    long long most        # the most non-zeros worth listing (NZ_MAX_DENSITY of the batch)
+    long long* ptr        # B + 1: row i's non-zeros are col[ptr[i]:ptr[i + 1]] and val[...]
+    int* col              # most + D + 16
+    float* val            # most + D + 16
+    long long* cur        # B positions
+    float* S              # FN_NZ_SCRATCH floats, 64-byte aligned
+
+
+cdef bint _mlp_gradient_nz(_Net* n, float* theta, float* grad, float* x, float* acts, float* deltas,
+                           long long* T, long long* rows, double decay, _NzWork* w, double* loss) noexcept nogil:
+    """_mlp_backprop's gradient with the first layer's two products over the non-zeros of
+    x (fn_nz_rows, fn_nz_forward, fn_nz_backward).  Returns False when x has more than
+    w.most non-zeros (the dense products are then the faster way), and when W1 holds a
+    value that is not finite or the loss is not finite: a NaN or inf then spreads through
+    the dense products' zeros (0 * inf) as the caller's dense pass spreads it."""
+    cdef _Layer* ly = &n.layer[0]
+    cdef long long D = ly.n_in, H = ly.n_out, q
+    cdef float* h = acts + ly.out
+    cdef float d = <float>decay
+    if not fn_nz_finite(theta + ly.w, D * H) or fn_nz_rows(x, n.B, D, w.col, w.val, w.ptr, w.most) < 0:
+        return False
+    fn_nz_forward(w.ptr, w.col, w.val, n.B, D, theta + ly.w, theta + ly.b, H, h, w.S, w.cur)
+    if n.L > 1:
+        if n.act == ACT_RELU:
+            _map_relu(h, h, n.B * H)
+        else:
+            _map_sigmoid(h, h, n.B * H)
+    loss[0] = _mlp_backprop(n, theta, grad, <float*>NULL, acts, deltas, T, rows, 1, decay, 0)
+    if not (loss[0] - loss[0] == 0):
+        return False
+    fn_nz_backward(w.ptr, w.col, w.val, n.B, D, (deltas if n.L > 1 else acts) + ly.out, H, grad + ly.w, w.S,
+                   w.cur)
+    if decay != 0:
+        for q in range(D * H):
+            grad[ly.w + q] += d * theta[ly.w + q]
+    return True
+
+
 cdef extern from "_optim.h" nogil:
     # the optimisers' loops over a flat vector (see _optim.h)
     void fn_sgd_f(float* p, const float* g, long long n, float lr)
@@ -531,18 +594,33 @@ def mlp_gradient(X, T, idx, sizes, int act, theta, double decay, grad):
     cdef void* pg = _p(grad)
     cdef void* pb = _p(xb)
     cdef double loss
-    cdef long long i
+    cdef long long i, D = n.layer[0].n_in
     cdef bint in_order = not pixels  # the batch is X's rows as they are (a net's gradient of x): no copy
     for i in range(n.B):
         in_order = in_order and pi[i] == i
     if in_order:
         pb = px
+    cdef _NzWork nzw
+    cdef long long H = n.layer[0].n_out
+    cdef bint nz = f32 and NZ_READY and H >= NZ_MIN_UNITS and n.B * H <= NZ_MAX_OUTPUTS, done = False
+    if nz:
+        nzw.most = <long long>(NZ_MAX_DENSITY * n.B * D)  # fn_nz_rows gives up past it
+        nzw.S = <float*>_p(_scratch.buffer("nz_S", FN_NZ_SCRATCH + 16, np.float32))
+        nzw.S += (-<size_t>nzw.S % 64) // 4
+        nzw.ptr = <long long*>_p(_scratch.buffer("nz_rows", 2 * n.B + 1, np.int64))
+        nzw.cur = nzw.ptr + n.B + 1
+        nzw.col = <int*>_p(_scratch.buffer("nz_col", nzw.most + D + 16, np.int32))
+        nzw.val = <float*>_p(_scratch.buffer("nz_val", nzw.most + D + 16, np.float32))
     with nogil:
         if f32:
             if not in_order:
-                _gather_rows(<float*>px, pu, pi, <float*>pb, n.B, <int>n.layer[0].n_in)
-            loss = _mlp_backprop(&n, <float*>pth, <float*>pg, <float*>pb, <float*>pa, <float*>pd, pT, pi, 0, decay,
-                                 0)
+                _gather_rows(<float*>px, pu, pi, <float*>pb, n.B, <int>D)
+            if nz:
+                done = _mlp_gradient_nz(&n, <float*>pth, <float*>pg, <float*>pb, <float*>pa, <float*>pd, pT, pi,
+                                        decay, &nzw, &loss)
+            if not done:
+                loss = _mlp_backprop(&n, <float*>pth, <float*>pg, <float*>pb, <float*>pa, <float*>pd, pT, pi, 0,
+                                     decay, 0)
         else:
             if not in_order:
                 _gather_rows(<double*>px, pu, pi, <double*>pb, n.B, <int>n.layer[0].n_in)

@@ -285,6 +285,128 @@ def test_mlp_gradient_of_rows_in_order_reads_them_in_place(backend_name, dtype):
     np.testing.assert_array_equal(batch, X[idx])
 
 
+# ---------------------------------------------------------------- mlp_gradient over the non-zeros
+def _cython_module():
+    if "cython" not in COMPILED:
+        pytest.skip("the Cython extension is not built")
+    from fastnet.kernels import _cython
+
+    return _cython
+
+
+def _nonzeros_or_skip():
+    """The Cython module, where this CPU runs its first layer over the non-zeros."""
+    c = _cython_module()
+    if not c.NZ_READY:
+        pytest.skip("this CPU has no AVX-512: mlp_gradient keeps the dense products")
+    return c
+
+
+def _mnist_like(N=100, D=784, density=0.19, seed=3, pixels=False):
+    """Rows of D inputs in [0, 1], about `density` of them non-zero, some rows all zero and
+    one all non-zero (a row longer than most)."""
+    rng = np.random.default_rng(seed)
+    X = ((rng.random((N, D)) < density) * rng.integers(1, 256, (N, D))).astype(np.uint8)
+    X[5] = 0
+    X[7] = rng.integers(1, 256, D)
+    T = rng.integers(0, 10, N).astype(np.int64)
+    return (X if pixels else (X / 255).astype(np.float32)), T
+
+
+def _gradients(c, X, T, idx, sizes, act, theta, decay, dense=False, monkeypatch=None):
+    g = np.full(theta.size, np.nan, theta.dtype)
+    if dense:
+        monkeypatch.setattr(c, "NZ_MAX_DENSITY", 0.0)
+    loss = c.mlp_gradient(X, T, idx, sizes, act, theta, decay, g)
+    if dense:
+        monkeypatch.undo()
+    return loss, g
+
+
+@pytest.mark.parametrize("hidden", [[32], [50], [64], [100], [130], [50, 40], [100, 64, 32]],
+                         ids=lambda h: "-".join(map(str, h)))
+@pytest.mark.parametrize("D", [784, 37])
+@pytest.mark.parametrize("decay", [0.0, 0.05], ids=["", "decay"])
+@pytest.mark.parametrize("act", [Act.RELU, Act.SIGMOID], ids=["relu", "sigmoid"])
+def test_mlp_gradient_over_the_nonzeros(hidden, D, decay, act, monkeypatch):
+    """float32 rows with few non-zeros: the first layer over its non-zeros (one tile of 64
+    units or several, a partial last vector, inputs not a multiple of 16) equals the
+    reference's gradient and the dense products' within float32 rounding, and is not the
+    dense products' bit for bit (so the path ran)."""
+    c = _nonzeros_or_skip()
+    sizes = np.array([D, *hidden, 10])
+    X, T = _mnist_like(D=D)
+    theta = _net(sizes, np.float32, scale=0.1)
+    idx = np.arange(X.shape[0])
+    l_ref, g_ref = 0.0, np.empty_like(theta)
+    l_ref = backend.load("numpy").mlp_gradient(X, T, idx, sizes, act, theta, decay, g_ref)
+    loss, g = _gradients(c, X, T, idx, sizes, act, theta, decay)
+    l_dense, g_dense = _gradients(c, X, T, idx, sizes, act, theta, decay, dense=True, monkeypatch=monkeypatch)
+    _close(loss, l_ref, np.float32, "loss")
+    _close(g, g_ref, np.float32, "gradient")
+    _close(g, g_dense.astype(np.float64), np.float32, "gradient against the dense products")
+    assert not np.array_equal(g, g_dense)
+    np.testing.assert_array_equal(theta, _net(sizes, np.float32, scale=0.1))
+
+
+def test_mlp_gradient_over_the_nonzeros_of_gathered_rows(monkeypatch):
+    """uint8 pixels and float rows gathered by idx (out of order, repeated) take the same
+    path and give what the same rows in order give, bit for bit."""
+    c = _nonzeros_or_skip()
+    sizes = np.array([784, 50, 10])
+    theta = _net(sizes, np.float32, scale=0.1)
+    U, T = _mnist_like(N=300, pixels=True)
+    idx = np.array([250, 3, 3, 99, 5, 12] * 20)
+    batch = (U[idx] / 255).astype(np.float32)
+    l0, g0 = _gradients(c, batch, T[idx], np.arange(idx.size), sizes, Act.RELU, theta, 0.01)
+    for X in (U, (U / 255).astype(np.float32)):
+        l1, g1 = _gradients(c, X, T, idx, sizes, Act.RELU, theta, 0.01)
+        assert l1 == l0
+        np.testing.assert_array_equal(g1, g0)
+    l2, g2 = _gradients(c, batch, T[idx], np.arange(idx.size), sizes, Act.RELU, theta, 0.01, dense=True,
+                        monkeypatch=monkeypatch)
+    assert not np.array_equal(g0, g2)
+
+
+@pytest.mark.parametrize("case", ["dense batch", "narrow layer", "many outputs", "float64", "inf in W1",
+                                  "nan in X", "inf in X", "diverged"])
+def test_mlp_gradient_keeps_the_dense_products(case, monkeypatch):
+    """Where the non-zeros would not be faster (over NZ_MAX_DENSITY of the inputs non-zero,
+    fewer than NZ_MIN_UNITS units, more than NZ_MAX_OUTPUTS outputs, float64), and where a
+    value that is not finite must spread as through the dense products (0 * inf is NaN):
+    the result is the dense products' bit for bit, NaN in the same places."""
+    c = _cython_module()
+    hidden, N, density, dtype = 50, 100, 0.19, np.float32
+    if case == "dense batch":
+        density = c.NZ_MAX_DENSITY + 0.05
+    elif case == "narrow layer":
+        hidden = c.NZ_MIN_UNITS - 1
+    elif case == "many outputs":
+        N = c.NZ_MAX_OUTPUTS // hidden + 1
+    elif case == "float64":
+        dtype = np.float64
+    sizes = np.array([784, hidden, 10])
+    X, T = _mnist_like(N=N, density=density)
+    X = X.astype(dtype)
+    theta = _net(sizes, dtype, scale=0.1)
+    if case == "inf in W1":
+        theta[784 * 3 + 4] = np.inf  # W1[3, 4]: pixel 3 is 0 in most rows
+        X[:, 3] = 0
+    elif case == "nan in X":
+        X[11, 200] = np.nan
+    elif case == "inf in X":
+        X[11, 200] = np.inf
+    elif case == "diverged":
+        theta *= 1e30  # logits overflow: the loss is inf or NaN
+    idx = np.arange(N)
+    loss, g = _gradients(c, X, T, idx, sizes, Act.RELU, theta, 0.0)
+    l_dense, g_dense = _gradients(c, X, T, idx, sizes, Act.RELU, theta, 0.0, dense=True, monkeypatch=monkeypatch)
+    np.testing.assert_array_equal(g, g_dense)
+    assert loss == l_dense or (np.isnan(loss) and np.isnan(l_dense))
+    if case in ("inf in W1", "nan in X", "inf in X", "diverged"):
+        assert not np.isfinite(loss)
+
+
 @pytest.mark.parametrize("backend_name", ("numpy",) + COMPILED)
 @pytest.mark.parametrize("depth", [1, 2, 5])
 def test_backprop_equals_the_numerical_gradient(backend_name, depth):
