@@ -120,15 +120,16 @@ def mlp_net(sizes, act, theta, writeable=False):
     vector of exactly the length the sizes need.  Returns (sizes, dtype)."""
     if not (type(sizes) is np.ndarray and sizes.dtype == np.int64 and sizes.flags.c_contiguous):
         sizes = np.ascontiguousarray(sizes, dtype=np.int64)
-    if sizes.ndim != 1 or sizes.shape[0] < 2 or sizes.min() < 1:
-        raise ValueError(f"sizes must list at least two layer widths, each >= 1, got {sizes.tolist()}")
-    if sizes.max() > 2**31 - 1:
-        raise ValueError(f"a layer of {sizes.max()} units is too wide for BLAS")
+    widths = sizes.tolist()  # a few Python ints: quicker to check than NumPy reductions
+    if sizes.ndim != 1 or len(widths) < 2 or min(widths) < 1:
+        raise ValueError(f"sizes must list at least two layer widths, each >= 1, got {widths}")
+    if max(widths) > 2**31 - 1:
+        raise ValueError(f"a layer of {max(widths)} units is too wide for BLAS")
     activation(act)
     dt = dtype_of(theta, "theta")
-    want = mlp_size(sizes)
+    want = mlp_size(widths)
     if theta.shape != (want,):
-        raise ValueError(f"theta has shape {theta.shape}; layers {sizes.tolist()} need ({want},)")
+        raise ValueError(f"theta has shape {theta.shape}; layers {widths} need ({want},)")
     if not theta.flags.c_contiguous or (writeable and not theta.flags.writeable):
         raise ValueError("theta must be a " + ("writeable " if writeable else "") + "C-contiguous array")
     return sizes, dt

@@ -603,14 +603,17 @@ def mlp_gradient(X, T, idx, sizes, int act, theta, double decay, grad):
     cdef _NzWork nzw
     cdef long long H = n.layer[0].n_out
     cdef bint nz = f32 and NZ_READY and H >= NZ_MIN_UNITS and n.B * H <= NZ_MAX_OUTPUTS, done = False
-    if nz:
+    cdef long long listed
+    cdef char* at
+    if nz:  # one scratch array: S (64-byte aligned), ptr and cur, col, val
         nzw.most = <long long>(NZ_MAX_DENSITY * n.B * D)  # fn_nz_rows gives up past it
-        nzw.S = <float*>_p(_scratch.buffer("nz_S", FN_NZ_SCRATCH + 16, np.float32))
-        nzw.S += (-<size_t>nzw.S % 64) // 4
-        nzw.ptr = <long long*>_p(_scratch.buffer("nz_rows", 2 * n.B + 1, np.int64))
+        listed = nzw.most + D + 16
+        at = <char*>_p(_scratch.buffer("nonzeros", 64 + FN_NZ_SCRATCH * 4 + (2 * n.B + 1) * 8 + listed * 8, np.uint8))
+        nzw.S = <float*>(at + (-<size_t>at % 64))
+        nzw.ptr = <long long*>(nzw.S + FN_NZ_SCRATCH)
         nzw.cur = nzw.ptr + n.B + 1
-        nzw.col = <int*>_p(_scratch.buffer("nz_col", nzw.most + D + 16, np.int32))
-        nzw.val = <float*>_p(_scratch.buffer("nz_val", nzw.most + D + 16, np.float32))
+        nzw.col = <int*>(nzw.cur + n.B)
+        nzw.val = <float*>(nzw.col + listed)
     with nogil:
         if f32:
             if not in_order:
