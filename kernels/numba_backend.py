@@ -1404,8 +1404,8 @@ def train_steps_mlp_sparse(indptr, indices, data, T, idx, sizes, act, theta, opt
 def mlp_gradient(X, T, idx, sizes, act, theta, decay, grad):
     X, T, idx, sizes = chk.mlp_gradient(X, T, idx, sizes, act, theta, decay, grad)
     B, dt, outs = idx.shape[0], theta.dtype, idx.shape[0] * int(sizes[1:].sum())
-    if X.dtype == dt and np.array_equal(idx, np.arange(B)):  # X's rows as they are: read in place
-        xb = X
+    if X.dtype == dt and np.array_equal(idx, np.arange(B)):  # X's first B rows as they are: read in place
+        xb = X[:B]
     else:
         xb = buffer("batch", B * int(sizes[0]), dt).reshape(B, int(sizes[0]))
         _gather(X, idx, _div(X, dt), xb)

@@ -267,12 +267,12 @@ def test_mlp_gradient_parity(backend_name, dtype, depth, decay):
 @pytest.mark.parametrize("backend_name", COMPILED)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_mlp_gradient_of_rows_in_order_reads_them_in_place(backend_name, dtype):
-    """A batch that is X's rows in order (a net's gradient of the x it is given) is read
-    where it lies; the gradient is the same, bit for bit, as that of the same rows
-    gathered from elsewhere, and X is left as it was."""
+    """A batch that is X's rows in order (a net's gradient of the x it is given), or its
+    first rows in order, is read where it lies; the gradient is the same, bit for bit,
+    as that of the same rows gathered from elsewhere, and X is left as it was."""
     k = backend.load(backend_name)
     sizes = np.array(DEPTHS[3])
-    X, T = _data(dtype)
+    X, T = _data(dtype, pixels=False)
     theta = _net(sizes, dtype)
     idx = np.arange(7, 47)
     batch, labels = X[idx].copy(), T[idx].copy()
@@ -283,6 +283,10 @@ def test_mlp_gradient_of_rows_in_order_reads_them_in_place(backend_name, dtype):
     assert l1 == l0
     np.testing.assert_array_equal(g1, g0)
     np.testing.assert_array_equal(batch, X[idx])
+    # the first rows of a longer X, in order
+    l2 = k.mlp_gradient(X[7:], T[7:], np.arange(40), sizes, Act.RELU, theta, 0.01, g1)
+    assert l2 == l0
+    np.testing.assert_array_equal(g1, g0)
 
 
 # ---------------------------------------------------------------- mlp_gradient over the non-zeros
