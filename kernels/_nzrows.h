@@ -32,6 +32,7 @@
 /* 1 when this CPU (and its OS) run AVX-512F code */
 static int fn_nz_ready(void)
 {
+    __builtin_cpu_init();  /* a no-op once libgcc's constructor has run */
     return __builtin_cpu_supports("avx512f");
 }
 
