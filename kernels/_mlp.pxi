@@ -5,7 +5,9 @@
 # three backends; the code here trusts them.  A layer is a record (_Layer) inside the
 # net's record (_Net): its sizes and where its parameters and outputs lie.  Products
 # go to BLAS (_gemm); the first layer over CSR rows goes through the loops of
-# _sparse.h in their padded layout, split between threads by blocks of pixels.
+# _sparse.h in their padded layout, split between threads by blocks of pixels; and
+# mlp_gradient runs the first layer of a sparse float32 batch over its non-zeros
+# (_nzrows.h) on the calling thread.
 
 DEF MAX_LAYERS = 64
 
