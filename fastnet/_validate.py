@@ -44,7 +44,8 @@ def labels(t, rows: int, classes: int, name: str = "t", one_hot: bool = False) -
     if one_hot and t.ndim == 2:
         if t.shape != (rows, classes):
             raise ValueError(f"one-hot labels {name} have shape {t.shape}, expected {(rows, classes)}")
-        t = np.argmax(t, axis=1)
+        # an argmax over `classes` columns: in range by construction
+        return np.ascontiguousarray(np.argmax(t, axis=1), dtype=np.int64)
     if t.ndim != 1 or t.shape[0] != rows:
         raise ValueError(f"labels {name} have shape {t.shape} but there are {rows} rows")
     if t.dtype.kind not in "iu":
