@@ -51,6 +51,7 @@ cdef extern from "_sparse.h" nogil:
                    int split, int back)
     void fn_pad_rows(const void* src, long long n, long long w, void* dst, long long wp, long long tsize)
     void fn_unpad_rows(const void* src, long long n, long long wp, void* dst, long long w, long long tsize)
+    void fn_prefetch_bytes(const void* p, long long n)
     void* fn_scratch_take(size_t nbytes)
     void fn_scratch_give(void* p)
     int fn_max_threads()

@@ -67,6 +67,17 @@ static inline void fn_prefetch_row(const long long *indptr, const int *indices,
 #endif
 }
 
+/* Bring the n bytes at p into cache: a row of a random batch, asked for while the row
+ * before it is read (dense rows lie far apart in a data set too). */
+static inline void fn_prefetch_bytes(const void *p, long long n)
+{
+#if defined(__GNUC__)
+    for (long long at = 0; at < n; at += 64) __builtin_prefetch((const char *)p + at);
+#else
+    (void)p; (void)n;
+#endif
+}
+
 /* Read the CSR entries of rows[0 .. n) (one load per 64-byte line; the rows two ahead
  * prefetched, and their row pointers, which miss the cache too, four ahead) before the
  * work on them starts.  The rows of a random batch come from memory; prefetching a row

@@ -5,11 +5,17 @@
 
 # ---------------------------------------------------------------- fused training step
 cdef void _gather_rows(real* X, unsigned char* U, long long* idx, real* xb, int B, int D) noexcept nogil:
-    """xb[i] = X[idx[i]], or U[idx[i]] / 255 for uint8 pixels (load_mnist's normalisation)."""
+    """xb[i] = X[idx[i]], or U[idx[i]] / 255 for uint8 pixels (load_mnist's normalisation).
+    Row i + 1 is asked for from memory while row i is read (fn_prefetch_bytes)."""
     cdef Py_ssize_t i, j
     cdef unsigned char* row
     cdef real* out
     for i in range(B):
+        if i + 1 < B:
+            if U == NULL:
+                fn_prefetch_bytes(&X[idx[i + 1] * D], D * sizeof(real))
+            else:
+                fn_prefetch_bytes(&U[idx[i + 1] * D], D)
         if U == NULL:
             memcpy(&xb[i * D], &X[idx[i] * D], D * sizeof(real))
         else:
