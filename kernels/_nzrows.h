@@ -103,8 +103,8 @@ FN_NZ_TARGET static long long fn_nz_rows(const float *X, long long B, long long 
  * The sums they update go to scratch S in rows of 64 lanes, 64-byte aligned: rows of
  * H floats side by side share cache lines, and a load that overlaps the lanes of an
  * earlier masked store to the row beside it waits for that store to reach the cache
- * (no store forwarding), which made the backward four times slower (benchmarks/
- * README.md).  A tile's rows of W (or dW) are taken in blocks of FN_NZ_KC rows, which
+ * (no store forwarding), a wait on almost every update of the backward (benchmarks/
+ * README.md has the figures).  A tile's rows of W (or dW) are taken in blocks of FN_NZ_KC rows, which
  * stay in L1 while every batch row works through its non-zeros in that block; cur[i]
  * is how far row i's list has got. */
 
@@ -113,6 +113,17 @@ FN_NZ_TARGET static long long fn_nz_rows(const float *X, long long B, long long 
 #define FN_NZ_KC 128
 #define FN_NZ_RB 64
 #define FN_NZ_SCRATCH (FN_NZ_KC * 64)
+
+/* the NV vectors of a 64-lane scratch row s into lanes [j0, ...) of an output row o of
+ * H floats (masks m0..m3 from fn_nz_lanes) */
+FN_NZ_INLINE void fn_nz_put(const int NV, float *o, const float *s, __mmask16 m0, __mmask16 m1, __mmask16 m2,
+                            __mmask16 m3)
+{
+    _mm512_mask_storeu_ps(o, m0, _mm512_load_ps(s));
+    if (NV > 1) _mm512_mask_storeu_ps(o + 16, m1, _mm512_load_ps(s + 16));
+    if (NV > 2) _mm512_mask_storeu_ps(o + 32, m2, _mm512_load_ps(s + 32));
+    if (NV > 3) _mm512_mask_storeu_ps(o + 48, m3, _mm512_load_ps(s + 48));
+}
 
 FN_NZ_INLINE void fn_nz_forward_tile(const int NV, const long long *ptr, const int *col, const float *val,
                                      long long i0, long long i1, long long D, const float *W, const float *b,
@@ -176,14 +187,7 @@ FN_NZ_INLINE void fn_nz_forward_tile(const int NV, const long long *ptr, const i
             cur[i] = p;
         }
     }
-    for (long long i = i0; i < i1; i++) {
-        const float *s = S + (i - i0) * 64;
-        float *o = h + i * H + j0;
-        _mm512_mask_storeu_ps(o, m0, _mm512_load_ps(s));
-        if (NV > 1) _mm512_mask_storeu_ps(o + 16, m1, _mm512_load_ps(s + 16));
-        if (NV > 2) _mm512_mask_storeu_ps(o + 32, m2, _mm512_load_ps(s + 32));
-        if (NV > 3) _mm512_mask_storeu_ps(o + 48, m3, _mm512_load_ps(s + 48));
-    }
+    for (long long i = i0; i < i1; i++) fn_nz_put(NV, h + i * H + j0, S + (i - i0) * 64, m0, m1, m2, m3);
 }
 
 /* h = X W + b (B x H) over the non-zeros listed by fn_nz_rows; W is D x H; S holds
@@ -232,14 +236,7 @@ FN_NZ_INLINE void fn_nz_backward_tile(const int NV, const long long *ptr, const 
             } while (p < e && col[p] < k1);
             cur[i] = p;
         }
-        for (long long k = k0; k < k1; k++) {
-            const float *s = S + (k - k0) * 64;
-            float *o = dW + k * H + j0;
-            _mm512_mask_storeu_ps(o, m0, _mm512_load_ps(s));
-            if (NV > 1) _mm512_mask_storeu_ps(o + 16, m1, _mm512_load_ps(s + 16));
-            if (NV > 2) _mm512_mask_storeu_ps(o + 32, m2, _mm512_load_ps(s + 32));
-            if (NV > 3) _mm512_mask_storeu_ps(o + 48, m3, _mm512_load_ps(s + 48));
-        }
+        for (long long k = k0; k < k1; k++) fn_nz_put(NV, dW + k * H + j0, S + (k - k0) * 64, m0, m1, m2, m3);
     }
 }
 

@@ -52,23 +52,9 @@
 #define FN_INLINE static inline
 #endif
 
-/* Bring the CSR entries of the next row into cache while this one is worked on: rows
- * of a random batch lie far apart in a data set of tens of MB, and without it every
- * row starts with a wait for memory (measured: a quarter of the loop's time). */
-static inline void fn_prefetch_row(const long long *indptr, const int *indices,
-                                   const void *data, long long r, int value_size)
-{
-#if defined(__GNUC__)
-    const char *a = (const char *)(indices + indptr[r]), *ae = (const char *)(indices + indptr[r + 1]);
-    for (; a < ae; a += 64) __builtin_prefetch(a);
-    const char *c = (const char *)data + indptr[r] * value_size;
-    const char *ce = (const char *)data + indptr[r + 1] * value_size;
-    for (; c < ce; c += 64) __builtin_prefetch(c);
-#endif
-}
-
 /* Bring the n bytes at p into cache: a row of a random batch, asked for while the row
- * before it is read (dense rows lie far apart in a data set too). */
+ * before it is worked on.  Rows of a random batch lie far apart in a data set of tens of
+ * MB (dense or CSR), and without it every row starts with a wait for memory. */
 static inline void fn_prefetch_bytes(const void *p, long long n)
 {
 #if defined(__GNUC__)
@@ -76,6 +62,15 @@ static inline void fn_prefetch_bytes(const void *p, long long n)
 #else
     (void)p; (void)n;
 #endif
+}
+
+/* the CSR entries of row r (its column indices and values), as fn_prefetch_bytes */
+static inline void fn_prefetch_row(const long long *indptr, const int *indices,
+                                   const void *data, long long r, int value_size)
+{
+    long long nnz = indptr[r + 1] - indptr[r];
+    fn_prefetch_bytes(indices + indptr[r], nnz * (long long)sizeof(int));
+    fn_prefetch_bytes((const char *)data + indptr[r] * value_size, nnz * value_size);
 }
 
 /* Read the CSR entries of rows[0 .. n) (one load per 64-byte line; the rows two ahead

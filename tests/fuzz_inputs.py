@@ -212,7 +212,7 @@ def valid_call(name):
         "sparse_predict_mlp": [*csr, 0, sizes, Act.RELU, theta, out],
         "numerical_gradient_mlp": [X[:B].astype(dtype), T[:B], sizes, Act.RELU, theta, 1e-4, np.empty_like(theta)],
         "sparse_rows": [X],
-        "sparse_affine": [*csr, 0, params[0], params[1], 1, np.empty((3, H), dtype)],
+        "sparse_affine": [*csr, 0, params[0], params[1], Act.RELU, np.empty((3, H), dtype)],
     }
     return cases[name]
 
