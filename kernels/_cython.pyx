@@ -9,7 +9,7 @@
 
 cimport numpy as cnp
 from libc.limits cimport INT_MAX
-from libc.math cimport log, pow, sqrt
+from libc.math cimport INFINITY, NAN, fabs, log, pow, sqrt
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 from cython.parallel cimport parallel, prange, threadid
@@ -73,6 +73,11 @@ cdef extern from "_top.h" nogil:
                           int act, const double* wp, const double* wt, const double* b2, const long long* Tl,
                           const long long* idx, long long C, long long B, double mlr, double* G, double* sums,
                           double* acc)
+
+cdef extern from "_numgrad.h" nogil:
+    # a row's losses for every unit of a layer moved along its map (see _numgrad.h)
+    void fn_ng_losses(long long n, long long c, const double* z, const double* mt, const double* delta,
+                      long long t, double eps, double* s, double* loss)
 
 cdef extern from "_vmath.h" nogil:
     # vectorisable exp and sigmoid, in place (see _vmath.h)

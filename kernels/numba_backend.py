@@ -1064,7 +1064,7 @@ def _scores_row_loss(s, n, t):
 @inline
 def _act64(v, act):
     if act == RELU:
-        return v if v > 0 else 0.0
+        return 0.0 if v <= 0 else v  # NaN stays NaN, as in the reference
     return 1.0 / (1.0 + np.exp(-v))
 
 
@@ -1162,6 +1162,9 @@ def _numgrad_mlp(x, t, sizes, act, theta, h, grad):
     top = _rows_view(Z, aoff, L - 1, B)
     for r in range(B):
         base[r] = _scores_row_loss(top[r], sizes[L], t[r])
+    if np.isnan(base).any():  # the book's mean loss is NaN at every move: so is each entry
+        grad[:] = np.nan
+        return
     width = sizes.max()
     for k in range(L):
         a_in = x64 if k == 0 else _rows_view(A, aoff, k - 1, B)

@@ -90,6 +90,26 @@ def test_equals_reference_loop_on_mnist(backend_name, hidden, mnist_dir):
     assert zero_rows.size > 50 and not got[: 784 * H].reshape(784, H)[zero_rows].any()
 
 
+@pytest.mark.parametrize("backend_name", ["numba", "cython"])
+@pytest.mark.parametrize("where", ["theta", "x"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_values_give_nan_as_the_book_loop(backend_name, where, bad, rng):
+    """A NaN or inf weight or input makes the book's mean loss NaN at every move, so each
+    entry of its gradient is NaN; a ReLU once turned NaN into 0 in the kernels and an
+    input column of zeros still gave 0 (kernel rows skipped as unchanged)."""
+    sizes = np.array([10, 6, 5, 4])
+    x = rng.random((8, 10))
+    x[:, 7] = 0
+    t = rng.integers(0, 4, 8)
+    theta = 0.5 * rng.standard_normal(mlp_size(sizes))
+    (theta if where == "theta" else x)[3] = bad
+    ref, got = np.empty_like(theta), np.empty_like(theta)
+    with np.errstate(all="ignore"):
+        backend.load("numpy").numerical_gradient_mlp(x, t, sizes, 1, theta, 1e-4, ref)
+    backend.load(backend_name).numerical_gradient_mlp(x, t, sizes, 1, theta, 1e-4, got)
+    assert np.isnan(ref).all() and np.isnan(got).all()
+
+
 def test_net_method_uses_the_backend_and_matches(rng):
     x, t = rng.random((6, 12)), rng.integers(0, 3, 6)
     results = {}
@@ -196,3 +216,73 @@ def test_gradcheck_counts_kinks_of_deep_nets(rng):
     assert report.passed, str(report)
     assert report["b2"]["kinks"] == 2 and report["W2"]["kinks"] == 0
     assert gradcheck(net, x, rng.integers(0, 3, 5), include_kinks=True).passed is False
+
+
+# ---------------------------------------------------------------- the Cython kernel's linear maps
+# Where no ReLU above a moved unit changes side, the Cython kernel moves the scores along
+# the row's linear map instead of propagating the move layer by layer (_numgrad.pxi).
+# NUMGRAD_LINEAR = False propagates every move: both must equal the book's loop.
+
+
+def _cython_numgrad(x, t, sizes, act, theta, h, monkeypatch, linear):
+    if "cython" not in backend.available_backends():
+        pytest.skip("the Cython backend is not built")
+    from fastnet.kernels import _cython
+
+    monkeypatch.setattr(_cython, "NUMGRAD_LINEAR", linear)
+    got = np.empty_like(theta)
+    _cython.numerical_gradient_mlp(x, t, np.array(sizes), act, theta, h, got)
+    return got
+
+
+@pytest.mark.parametrize("act", [1, 2])
+@pytest.mark.parametrize("sizes", [[30, 6], [30, 9, 6], [30, 12, 9, 6], [30, 11, 10, 9, 8, 6]])
+@pytest.mark.parametrize("h", [1e-4, 0.3])
+def test_linear_maps_equal_the_propagation_and_the_book(act, sizes, h, rng, monkeypatch):
+    """h = 0.3 moves units far enough that many ReLUs above change side: those moves
+    must leave the map for the propagation and still equal the book's loop."""
+    x = rng.random((12, 30)) * (rng.random((12, 30)) > 0.5)
+    t = rng.integers(0, 6, 12)
+    theta = 0.5 * rng.standard_normal(mlp_size(sizes))
+    ref = np.empty_like(theta)
+    backend.load("numpy").numerical_gradient_mlp(x, t, np.array(sizes), act, theta, h, ref)
+    linear = _cython_numgrad(x, t, sizes, act, theta, h, monkeypatch, True)
+    propagated = _cython_numgrad(x, t, sizes, act, theta, h, monkeypatch, False)
+    np.testing.assert_allclose(linear, ref, rtol=0, atol=1e-8)
+    np.testing.assert_allclose(propagated, ref, rtol=0, atol=1e-8)
+    if len(sizes) > 2:  # the maps were taken: sums in another order
+        assert not np.array_equal(linear, propagated)
+
+
+def test_linear_maps_leave_a_unit_at_zero_to_the_propagation(rng, monkeypatch):
+    """Unit 0 of both hidden layers sits exactly at 0 (no weights in but W2[0, 0] = 1, no
+    bias): moving b1[0] by +h turns both on, by -h neither.  A unit at 0 changes side for
+    any move that reaches it, so its limit is 0 and the move is propagated."""
+    sizes = [10, 6, 5, 4]
+    x = rng.random((8, 10))
+    t = rng.integers(0, 4, 8)
+    theta = 0.5 * rng.standard_normal(mlp_size(sizes))
+    W1, b1 = theta[:60].reshape(10, 6), theta[60:66]
+    W2, b2 = theta[66:96].reshape(6, 5), theta[96:101]
+    W1[:, 0] = b1[0] = 0
+    W2[:, 0] = b2[0] = 0
+    W2[0, 0] = 1
+    ref = np.empty_like(theta)
+    backend.load("numpy").numerical_gradient_mlp(x, t, np.array(sizes), 1, theta, 1e-4, ref)
+    got = _cython_numgrad(x, t, sizes, 1, theta, 1e-4, monkeypatch, True)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-8)
+    assert abs(got[60]) > 1e-3  # b1[0]: half the slope through both kinks
+
+
+@pytest.mark.parametrize("where", ["theta", "x"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_linear_maps_give_what_the_propagation_gives_for_non_finite_values(where, bad, rng, monkeypatch):
+    """The book's mean loss is NaN at every move: every entry is NaN, as in its loop."""
+    sizes = [10, 6, 5, 4]
+    x = rng.random((8, 10))
+    t = rng.integers(0, 4, 8)
+    theta = 0.5 * rng.standard_normal(mlp_size(sizes))
+    (theta if where == "theta" else x)[3] = bad
+    linear = _cython_numgrad(x, t, sizes, 1, theta, 1e-4, monkeypatch, True)
+    propagated = _cython_numgrad(x, t, sizes, 1, theta, 1e-4, monkeypatch, False)
+    assert np.isnan(linear).all() and np.isnan(propagated).all()
