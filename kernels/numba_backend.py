@@ -1109,40 +1109,162 @@ def _loss_after(r, k, j, dz, sizes, off, W64, Z, A, aoff, B, act, t, bufs, base)
     return 0.0  # not reached
 
 
+# Where it holds, a move is not propagated unit by unit: moving unit j of layer k by
+# delta moves the row's scores by delta * M[j, :], M the product of the weights above
+# with the row's active ReLUs between them.  That holds while no ReLU above changes
+# side; the limit kept per row and unit is half the smallest |z_m[r, q]| / |N_m[j, q]|
+# over the hidden layers m above (N_m the map to layer m), and a move at or beyond it
+# is propagated (_loss_after).  The same rule as _numgrad.pxi on the Cython side.
+NG_MAP_BYTES = 1 << 25  # at most this much of maps per chunk of batch rows
+NUMGRAD_LINEAR = True  # read at each call: False propagates every move (the tests compare)
+
+
 @jit
-def _numgrad_input(i, k, a_in, sizes, off, act, theta, W64, Z, A, aoff, t, h, base, grad, width):
-    """The gradient of row i of W_k (i an input of layer k), or of b_k when i < 0."""
+def _finite(a):
+    for v in a:
+        if not (v - v == 0):
+            return False
+    return True
+
+
+@jit
+def _ng_limit(lim, N, z):
+    """lim[j] = min(lim[j], half the smallest |z[q]| / |N[j, q]|); 0 where that is NaN."""
+    for j in range(N.shape[0]):
+        for q in range(N.shape[1]):
+            b = abs(N[j, q])
+            if b != 0:
+                v = 0.5 * abs(z[q]) / b
+                if v != v:
+                    v = 0.0
+                if v < lim[j]:
+                    lim[j] = v
+
+
+@jit
+def _ng_layout(sizes, rows):
+    """Where layer k's maps (rows, C, n_k) and limits (rows, n_k) start in one buffer."""
+    L = sizes.size - 1
+    moff, loff = np.zeros(L, np.int64), np.zeros(L, np.int64)
+    at = 0
+    for k in range(L):
+        moff[k] = at
+        at += rows * sizes[L] * sizes[k + 1] if k < L - 1 else 0
+        loff[k] = at
+        at += rows * sizes[k + 1]
+    return moff, loff, at
+
+
+@jit
+def _ng_maps(r0, rows, sizes, off, W64, Z, aoff, B, mapped, maps, moff, loff):
+    """Each row's maps and limits for batch rows r0 .. r0 + rows - 1."""
+    L = sizes.size - 1
+    C = sizes[L]
+    for rr in range(rows):
+        r = r0 + rr
+        ok = True
+        for m in range(L):
+            ok = ok and _finite(_rows_view(Z, aoff, m, B)[r])
+        for k in range(L):
+            nk = sizes[k + 1]
+            lim = maps[loff[k] + rr * nk:loff[k] + (rr + 1) * nk]
+            lim[:] = np.inf if ok and mapped[k] else 0.0
+            if not (ok and mapped[k]) or k == L - 1:
+                continue
+            N = _weights(W64, sizes, off, k + 1)[0]
+            for m in range(k + 1, L):
+                if m > k + 1:  # N_m = N_{m-1}[:, active] W_m[active, :]
+                    active = np.flatnonzero(_rows_view(Z, aoff, m - 1, B)[r] > 0)
+                    Wm = _weights(W64, sizes, off, m)[0]
+                    N = np.dot(np.ascontiguousarray(N[:, active]), np.ascontiguousarray(Wm[active, :])) \
+                        if active.size else np.zeros((nk, sizes[m + 1]))
+                if m < L - 1:
+                    _ng_limit(lim, N, _rows_view(Z, aoff, m, B)[r])
+            mt = maps[moff[k] + rr * C * nk:moff[k] + (rr + 1) * C * nk].reshape((C, nk))
+            for j in range(nk):  # N is now the map to the scores
+                if not _finite(N[j]):
+                    lim[j] = 0.0
+                for c in range(C):
+                    mt[c, j] = N[j, c]
+
+
+@jit
+def _ng_losses(z, mt, delta, t, s, m, e, loss):
+    """loss[j] = -log(softmax(z + delta[j] * mt[:, j])[t] + 1e-7), each softmax as
+    _scores_row_loss computes it; the loops run along the units."""
+    C, n = mt.shape
+    for q in range(C):
+        for j in range(n):
+            s[q, j] = z[q] + delta[j] * mt[q, j]
+    for j in range(n):
+        m[j] = s[0, j]
+        e[j] = 0.0
+    for q in range(1, C):
+        for j in range(n):
+            if s[q, j] > m[j] or m[j] != m[j]:
+                m[j] = s[q, j]
+    for q in range(C):
+        for j in range(n):
+            e[j] += _exp64(s[q, j] - m[j])
+    for j in range(n):
+        loss[j] = -np.log(_exp64(s[t, j] - m[j]) / e[j] + LOG_EPS)
+
+
+@jit
+def _ng_row_losses(k, r, rr, d, v, sizes, off, act, W64, Z, A, aoff, B, t, base, mapped, maps, moff, loff,
+                   ident, delta, s, m, e, bufs, loss):
+    """loss[j]: row r's loss with unit j of layer k's pre-activation moved by d[j] * v."""
+    L = sizes.size - 1
+    nk, C = sizes[k + 1], sizes[L]
+    Zk, Ak = _rows_view(Z, aoff, k, B), _rows_view(A, aoff, k, B)
+    for j in range(nk):
+        dz = d[j] * v
+        delta[j] = dz if k == L - 1 else _act64(Zk[r, j] + dz, act) - Ak[r, j]
+    lim = maps[loff[k] + rr * nk:loff[k] + (rr + 1) * nk]
+    if mapped[k]:
+        mt = ident if k == L - 1 else maps[moff[k] + rr * C * nk:moff[k] + (rr + 1) * C * nk].reshape((C, nk))
+        _ng_losses(_rows_view(Z, aoff, L - 1, B)[r], mt, delta, t[r], s, m, e, loss)
+    for j in range(nk):
+        if delta[j] == 0:
+            loss[j] = base[r]
+        elif not (abs(delta[j]) < lim[j]):
+            loss[j] = _loss_after(r, k, j, d[j] * v, sizes, off, W64, Z, A, aoff, B, act, t, bufs, base)
+
+
+@jit
+def _numgrad_input(i, k, a_in, sizes, off, act, theta, W64, Z, A, aoff, t, h, base, G, width, r0, rows,
+                   mapped, maps, moff, loff, ident):
+    """Add rows r0 .. r0 + rows - 1's loss differences to G for row i of W_k (i an input
+    of layer k), or for b_k when i < 0."""
     B = a_in.shape[0]
-    W, b = _weights(theta, sizes, off, k)
-    gW, gb = _weights(grad, sizes, off, k)
+    nk, C = sizes[k + 1], sizes[sizes.size - 1]
+    o = off[k] + i * nk if i >= 0 else off[k] + sizes[k] * nk
     bufs = np.empty((2, width))
-    rows = np.empty(B, np.int64)
-    nr = 0
-    for r in range(B):
-        if i < 0 or a_in[r, i] != 0:
-            rows[nr] = r
-            nr += 1
+    d = np.empty((2, nk))
+    lp, lm, delta, m, e = np.empty(nk), np.empty(nk), np.empty(nk), np.empty(nk), np.empty(nk)
+    s = np.empty((C, nk))
     moved = np.empty(3, theta.dtype)
-    for j in range(sizes[k + 1]):
-        moved[2] = W[i, j] if i >= 0 else b[j]
+    for j in range(nk):
+        moved[2] = theta[o + j]
         moved[0] = moved[2] + h  # the perturbed parameter as the book's array holds it
         moved[1] = moved[2] - h
-        dp = np.float64(moved[0]) - np.float64(moved[2])
-        dm = np.float64(moved[1]) - np.float64(moved[2])
-        diff = 0.0
-        for q in range(nr):
-            r = rows[q]
-            v = a_in[r, i] if i >= 0 else 1.0
-            diff += (_loss_after(r, k, j, dp * v, sizes, off, W64, Z, A, aoff, B, act, t, bufs, base)
-                     - _loss_after(r, k, j, dm * v, sizes, off, W64, Z, A, aoff, B, act, t, bufs, base))
-        if i >= 0:
-            gW[i, j] = diff / B / (2.0 * h)
-        else:
-            gb[j] = diff / B / (2.0 * h)
+        d[0, j] = np.float64(moved[0]) - np.float64(moved[2])
+        d[1, j] = np.float64(moved[1]) - np.float64(moved[2])
+    for rr in range(rows):
+        r = r0 + rr
+        v = a_in[r, i] if i >= 0 else 1.0
+        if v == 0:
+            continue
+        _ng_row_losses(k, r, rr, d[0], v, sizes, off, act, W64, Z, A, aoff, B, t, base, mapped, maps, moff,
+                       loff, ident, delta, s, m, e, bufs, lp)
+        _ng_row_losses(k, r, rr, d[1], v, sizes, off, act, W64, Z, A, aoff, B, t, base, mapped, maps, moff,
+                       loff, ident, delta, s, m, e, bufs, lm)
+        for j in range(nk):
+            G[o + j] += lp[j] - lm[j]
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _numgrad_mlp(x, t, sizes, act, theta, h, grad):
+def _numgrad_mlp(x, t, sizes, act, theta, h, grad, linear):
     B = x.shape[0]
     L = sizes.size - 1
     off, aoff = _mlp_offsets(sizes), _act_offsets(sizes, B)
@@ -1166,10 +1288,26 @@ def _numgrad_mlp(x, t, sizes, act, theta, h, grad):
         grad[:] = np.nan
         return
     width = sizes.max()
+    C = sizes[L]
+    linear = linear and _finite(W64)
+    mapped = np.zeros(L, np.bool_)
     for k in range(L):
-        a_in = x64 if k == 0 else _rows_view(A, aoff, k - 1, B)
-        for i in prange(-1, sizes[k]):
-            _numgrad_input(i, k, a_in, sizes, off, act, theta, W64, Z, A, aoff, t, h, base, grad, width)
+        mapped[k] = linear and (k >= L - 2 or act == RELU)
+    chunk = max(1, min(B, NG_MAP_BYTES // (8 * _ng_layout(sizes, 1)[2])))
+    moff, loff, size = _ng_layout(sizes, chunk)
+    maps = np.zeros(size)
+    ident = np.eye(C)
+    G = np.zeros(theta.size)
+    for r0 in range(0, B, chunk):  # chunk by chunk: each entry of G sums its rows in order
+        rows = min(chunk, B - r0)
+        _ng_maps(r0, rows, sizes, off, W64, Z, aoff, B, mapped, maps, moff, loff)
+        for k in range(L):
+            a_in = x64 if k == 0 else _rows_view(A, aoff, k - 1, B)
+            for i in prange(-1, sizes[k]):
+                _numgrad_input(i, k, a_in, sizes, off, act, theta, W64, Z, A, aoff, t, h, base, G, width, r0,
+                               rows, mapped, maps, moff, loff, ident)
+    for p in range(theta.size):
+        grad[p] = G[p] / B / (2.0 * h)
 
 
 # ------------------------------------------------------------------ the kernel table
@@ -1438,7 +1576,7 @@ def sparse_predict_mlp(indptr, indices, data, row0, sizes, act, theta, out):
 
 def numerical_gradient_mlp(x, t, sizes, act, theta, h, grad):
     x, t, sizes = chk.mlp_numgrad(x, t, sizes, act, theta, h, grad)
-    _numgrad_mlp(x, t, sizes, int(act), theta, float(h), grad)
+    _numgrad_mlp(x, t, sizes, int(act), theta, float(h), grad, bool(NUMGRAD_LINEAR))
 
 
 def warmup(dtypes=(np.float32, np.float64)):

@@ -218,27 +218,31 @@ def test_gradcheck_counts_kinks_of_deep_nets(rng):
     assert gradcheck(net, x, rng.integers(0, 3, 5), include_kinks=True).passed is False
 
 
-# ---------------------------------------------------------------- the Cython kernel's linear maps
-# Where no ReLU above a moved unit changes side, the Cython kernel moves the scores along
-# the row's linear map instead of propagating the move layer by layer (_numgrad.pxi).
-# NUMGRAD_LINEAR = False propagates every move: both must equal the book's loop.
+# ---------------------------------------------------------------- the kernels' linear maps
+# Where no ReLU above a moved unit changes side, the compiled kernels move the scores
+# along the row's linear map instead of propagating the move layer by layer
+# (_numgrad.pxi, numba_backend.py).  NUMGRAD_LINEAR = False propagates every move: both
+# must equal the book's loop.
 
 
-def _cython_numgrad(x, t, sizes, act, theta, h, monkeypatch, linear):
-    if "cython" not in backend.available_backends():
-        pytest.skip("the Cython backend is not built")
-    from fastnet.kernels import _cython
-
-    monkeypatch.setattr(_cython, "NUMGRAD_LINEAR", linear)
+def _compiled_numgrad(backend_name, x, t, sizes, act, theta, h, monkeypatch, linear):
+    if backend_name not in backend.available_backends():
+        pytest.skip(f"the {backend_name} backend is not available")
+    if backend_name == "cython":
+        from fastnet.kernels import _cython as module
+    else:
+        from fastnet.kernels import numba_backend as module
+    monkeypatch.setattr(module, "NUMGRAD_LINEAR", linear)
     got = np.empty_like(theta)
-    _cython.numerical_gradient_mlp(x, t, np.array(sizes), act, theta, h, got)
+    module.numerical_gradient_mlp(x, t, np.array(sizes), act, theta, h, got)
     return got
 
 
+@pytest.mark.parametrize("backend_name", ["numba", "cython"])
 @pytest.mark.parametrize("act", [1, 2])
 @pytest.mark.parametrize("sizes", [[30, 6], [30, 9, 6], [30, 12, 9, 6], [30, 11, 10, 9, 8, 6]])
 @pytest.mark.parametrize("h", [1e-4, 0.3])
-def test_linear_maps_equal_the_propagation_and_the_book(act, sizes, h, rng, monkeypatch):
+def test_linear_maps_equal_the_propagation_and_the_book(backend_name, act, sizes, h, rng, monkeypatch):
     """h = 0.3 moves units far enough that many ReLUs above change side: those moves
     must leave the map for the propagation and still equal the book's loop."""
     x = rng.random((12, 30)) * (rng.random((12, 30)) > 0.5)
@@ -246,15 +250,16 @@ def test_linear_maps_equal_the_propagation_and_the_book(act, sizes, h, rng, monk
     theta = 0.5 * rng.standard_normal(mlp_size(sizes))
     ref = np.empty_like(theta)
     backend.load("numpy").numerical_gradient_mlp(x, t, np.array(sizes), act, theta, h, ref)
-    linear = _cython_numgrad(x, t, sizes, act, theta, h, monkeypatch, True)
-    propagated = _cython_numgrad(x, t, sizes, act, theta, h, monkeypatch, False)
+    linear = _compiled_numgrad(backend_name, x, t, sizes, act, theta, h, monkeypatch, True)
+    propagated = _compiled_numgrad(backend_name, x, t, sizes, act, theta, h, monkeypatch, False)
     np.testing.assert_allclose(linear, ref, rtol=0, atol=1e-8)
     np.testing.assert_allclose(propagated, ref, rtol=0, atol=1e-8)
     if len(sizes) > 2:  # the maps were taken: sums in another order
         assert not np.array_equal(linear, propagated)
 
 
-def test_linear_maps_leave_a_unit_at_zero_to_the_propagation(rng, monkeypatch):
+@pytest.mark.parametrize("backend_name", ["numba", "cython"])
+def test_linear_maps_leave_a_unit_at_zero_to_the_propagation(backend_name, rng, monkeypatch):
     """Unit 0 of both hidden layers sits exactly at 0 (no weights in but W2[0, 0] = 1, no
     bias): moving b1[0] by +h turns both on, by -h neither.  A unit at 0 changes side for
     any move that reaches it, so its limit is 0 and the move is propagated."""
@@ -269,20 +274,22 @@ def test_linear_maps_leave_a_unit_at_zero_to_the_propagation(rng, monkeypatch):
     W2[0, 0] = 1
     ref = np.empty_like(theta)
     backend.load("numpy").numerical_gradient_mlp(x, t, np.array(sizes), 1, theta, 1e-4, ref)
-    got = _cython_numgrad(x, t, sizes, 1, theta, 1e-4, monkeypatch, True)
+    got = _compiled_numgrad(backend_name, x, t, sizes, 1, theta, 1e-4, monkeypatch, True)
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-8)
     assert abs(got[60]) > 1e-3  # b1[0]: half the slope through both kinks
 
 
 @pytest.mark.parametrize("where", ["theta", "x"])
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
-def test_linear_maps_give_what_the_propagation_gives_for_non_finite_values(where, bad, rng, monkeypatch):
+@pytest.mark.parametrize("backend_name", ["numba", "cython"])
+def test_linear_maps_give_what_the_propagation_gives_for_non_finite_values(backend_name, where, bad, rng,
+                                                                           monkeypatch):
     """The book's mean loss is NaN at every move: every entry is NaN, as in its loop."""
     sizes = [10, 6, 5, 4]
     x = rng.random((8, 10))
     t = rng.integers(0, 4, 8)
     theta = 0.5 * rng.standard_normal(mlp_size(sizes))
     (theta if where == "theta" else x)[3] = bad
-    linear = _cython_numgrad(x, t, sizes, 1, theta, 1e-4, monkeypatch, True)
-    propagated = _cython_numgrad(x, t, sizes, 1, theta, 1e-4, monkeypatch, False)
+    linear = _compiled_numgrad(backend_name, x, t, sizes, 1, theta, 1e-4, monkeypatch, True)
+    propagated = _compiled_numgrad(backend_name, x, t, sizes, 1, theta, 1e-4, monkeypatch, False)
     assert np.isnan(linear).all() and np.isnan(propagated).all()
