@@ -74,11 +74,6 @@ cdef extern from "_top.h" nogil:
                           const long long* idx, long long C, long long B, double mlr, double* G, double* sums,
                           double* acc)
 
-cdef extern from "_numgrad.h" nogil:
-    # a row's losses for every unit of a layer moved along its map (see _numgrad.h)
-    void fn_ng_losses(long long n, long long c, const double* z, const double* mt, const double* delta,
-                      long long t, double eps, double* s, double* loss)
-
 cdef extern from "_vmath.h" nogil:
     # vectorisable exp and sigmoid, in place (see _vmath.h)
     double fn_exp(double x)

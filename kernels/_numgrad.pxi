@@ -1,13 +1,19 @@
 # The numerical gradient of an MLP of any depth (included by _cython.pyx after _mlp.pxi,
 # whose records _Net and _Layer it uses): the kernel numerical_gradient_mlp.
 
+cdef extern from "_numgrad.h" nogil:
+    # a row's losses for every unit of a layer moved along its map (see _numgrad.h)
+    void fn_ng_losses(long long n, long long c, const double* z, const double* mt, const double* delta,
+                      long long t, double eps, double* s, double* loss)
+
 # The book's central difference for every parameter of theta: the same two losses per
 # parameter, but only what the parameter changes is recomputed, in double.  A weight
 # W_k[i, j] moves unit j of layer k's pre-activation by d * a[r, i] in the rows r whose
 # input a[r, i] is not 0 (the other rows' losses are unchanged: their difference is 0);
-# above it only that row, from a rank-one change of layer k + 1 on.  The rows of W_k (and
-# b_k) are shared between the threads; each gradient entry is one thread's sum in row
-# order, so the result does not depend on the thread count.
+# above it only that row, along the row's linear map below (or, where that does not
+# hold, from a rank-one change of layer k + 1 on).  The rows of W_k (and b_k) are shared
+# between the threads; each gradient entry sums its rows in row order, whichever thread
+# adds them, so the result does not depend on the thread count.
 cdef inline double _act64(double v, int act) noexcept nogil:
     if act == ACT_RELU:
         return 0.0 if v <= 0 else v  # NaN stays NaN, as in the reference
