@@ -86,7 +86,7 @@ cdef double _loss_after(_Net* n, long long r, int k, long long j, double dz, dou
 # A row with a value that is not finite, or weights that are not, takes _loss_after for
 # every unit, as does every layer when NUMGRAD_LINEAR is False (the tests compare both).
 NUMGRAD_LINEAR = True
-DEF NG_MAP_BYTES = 1 << 25  # at most this much of maps per chunk of batch rows
+NUMGRAD_MAP_BYTES = 1 << 25  # at most this much of maps per chunk of batch rows (read at each call)
 
 
 cdef struct _NgMaps:
@@ -296,7 +296,7 @@ def numerical_gradient_mlp(x, t, sizes, int act, theta, double h, grad):
     for k in range(L):
         g.mapped[k] = linear and (k >= L - 2 or act == ACT_RELU)
         per_row += n.layer[k].n_out * (C * (k < L - 1) + 1)
-    cdef long long chunk = max(1, min(n.B, NG_MAP_BYTES // (8 * per_row)))
+    cdef long long chunk = max(1, min(n.B, int(NUMGRAD_MAP_BYTES) // (8 * per_row)))
     maps = np.zeros(chunk * per_row + C * C)
     cdef double* pm = <double*>_p(maps)
     for k in range(L):  # each layer's maps, then its limits; the top's map is the identity

@@ -1115,8 +1115,9 @@ def _loss_after(r, k, j, dz, sizes, off, W64, Z, A, aoff, B, act, t, bufs, base)
 # side; the limit kept per row and unit is half the smallest |z_m[r, q]| / |N_m[j, q]|
 # over the hidden layers m above (N_m the map to layer m), and a move at or beyond it
 # is propagated (_loss_after).  The same rule as _numgrad.pxi on the Cython side.
-NG_MAP_BYTES = 1 << 25  # at most this much of maps per chunk of batch rows
-NUMGRAD_LINEAR = True  # read at each call: False propagates every move (the tests compare)
+# read at each call: False propagates every move (the tests compare); the maps' budget
+NUMGRAD_LINEAR = True
+NUMGRAD_MAP_BYTES = 1 << 25  # at most this much of maps per chunk of batch rows
 
 
 @jit
@@ -1264,7 +1265,7 @@ def _numgrad_input(i, k, a_in, sizes, off, act, theta, W64, Z, A, aoff, t, h, ba
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _numgrad_mlp(x, t, sizes, act, theta, h, grad, linear):
+def _numgrad_mlp(x, t, sizes, act, theta, h, grad, linear, map_bytes):
     B = x.shape[0]
     L = sizes.size - 1
     off, aoff = _mlp_offsets(sizes), _act_offsets(sizes, B)
@@ -1293,7 +1294,7 @@ def _numgrad_mlp(x, t, sizes, act, theta, h, grad, linear):
     mapped = np.zeros(L, np.bool_)
     for k in range(L):
         mapped[k] = linear and (k >= L - 2 or act == RELU)
-    chunk = max(1, min(B, NG_MAP_BYTES // (8 * _ng_layout(sizes, 1)[2])))
+    chunk = max(1, min(B, map_bytes // (8 * _ng_layout(sizes, 1)[2])))
     moff, loff, size = _ng_layout(sizes, chunk)
     maps = np.zeros(size)
     ident = np.eye(C)
@@ -1576,7 +1577,7 @@ def sparse_predict_mlp(indptr, indices, data, row0, sizes, act, theta, out):
 
 def numerical_gradient_mlp(x, t, sizes, act, theta, h, grad):
     x, t, sizes = chk.mlp_numgrad(x, t, sizes, act, theta, h, grad)
-    _numgrad_mlp(x, t, sizes, int(act), theta, float(h), grad, bool(NUMGRAD_LINEAR))
+    _numgrad_mlp(x, t, sizes, int(act), theta, float(h), grad, bool(NUMGRAD_LINEAR), int(NUMGRAD_MAP_BYTES))
 
 
 def warmup(dtypes=(np.float32, np.float64)):

@@ -225,7 +225,7 @@ def test_gradcheck_counts_kinks_of_deep_nets(rng):
 # must equal the book's loop.
 
 
-def _compiled_numgrad(backend_name, x, t, sizes, act, theta, h, monkeypatch, linear):
+def _compiled_numgrad(backend_name, x, t, sizes, act, theta, h, monkeypatch, linear, map_bytes=None):
     if backend_name not in backend.available_backends():
         pytest.skip(f"the {backend_name} backend is not available")
     if backend_name == "cython":
@@ -233,6 +233,8 @@ def _compiled_numgrad(backend_name, x, t, sizes, act, theta, h, monkeypatch, lin
     else:
         from fastnet.kernels import numba_backend as module
     monkeypatch.setattr(module, "NUMGRAD_LINEAR", linear)
+    if map_bytes is not None:
+        monkeypatch.setattr(module, "NUMGRAD_MAP_BYTES", map_bytes)
     got = np.empty_like(theta)
     module.numerical_gradient_mlp(x, t, np.array(sizes), act, theta, h, got)
     return got
@@ -293,3 +295,16 @@ def test_linear_maps_give_what_the_propagation_gives_for_non_finite_values(backe
     linear = _compiled_numgrad(backend_name, x, t, sizes, 1, theta, 1e-4, monkeypatch, True)
     propagated = _compiled_numgrad(backend_name, x, t, sizes, 1, theta, 1e-4, monkeypatch, False)
     assert np.isnan(linear).all() and np.isnan(propagated).all()
+
+
+@pytest.mark.parametrize("backend_name", ["numba", "cython"])
+def test_linear_maps_by_chunks_of_rows_give_the_same_bits(backend_name, rng, monkeypatch):
+    """The maps are built for as many rows as NUMGRAD_MAP_BYTES holds at a time; each
+    entry still sums its rows in row order, so one row a chunk changes no bit."""
+    sizes = [30, 12, 9, 6]
+    x = rng.random((20, 30)) * (rng.random((20, 30)) > 0.5)
+    t = rng.integers(0, 6, 20)
+    theta = 0.5 * rng.standard_normal(mlp_size(sizes))
+    whole = _compiled_numgrad(backend_name, x, t, sizes, 1, theta, 1e-4, monkeypatch, True)
+    by_row = _compiled_numgrad(backend_name, x, t, sizes, 1, theta, 1e-4, monkeypatch, True, map_bytes=1)
+    np.testing.assert_array_equal(by_row, whole)
