@@ -95,8 +95,8 @@ def test_equals_reference_loop_on_mnist(backend_name, hidden, mnist_dir):
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_non_finite_values_give_nan_as_the_book_loop(backend_name, where, bad, rng):
     """A NaN or inf weight or input makes the book's mean loss NaN at every move, so each
-    entry of its gradient is NaN; a ReLU once turned NaN into 0 in the kernels and an
-    input column of zeros still gave 0 (kernel rows skipped as unchanged)."""
+    entry of its gradient is NaN: the kernels' ReLU keeps NaN, and the entries of an
+    input that is 0 in every row (column 7, whose rows the kernels skip) are NaN too."""
     sizes = np.array([10, 6, 5, 4])
     x = rng.random((8, 10))
     x[:, 7] = 0
