@@ -40,9 +40,13 @@ extensions = [
         depends=[str(p) for p in sorted(Path("kernels").glob("_*.[hp]*")) if p.suffix in (".h", ".pxi")],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         # -O3 without -ffast-math: NaN and inf must stay visible (kernels/contract.py).
-        # -fno-math-errno: sqrt need not set errno, so the optimisers' loops vectorise
-        # (NaN and inf are unchanged).
-        extra_compile_args=(["-O0", "-g"] if DEBUG else ["-O3", "-fno-math-errno"]) + omp,
+        # -fno-math-errno: sqrt need not set errno, so the optimisers' loops vectorise.
+        # -fno-trapping-math: no code here reads the floating-point exception flags, so
+        # the compiler may compute both sides of a select; without it the exp loops
+        # (_vmath.h, _numgrad.h), whose clamp GCC splits into branches, vectorise only
+        # where AVX-512 masks them, and run scalar on AVX2 and older CPUs.  Neither flag
+        # changes a result: NaN and inf are unchanged.
+        extra_compile_args=(["-O0", "-g"] if DEBUG else ["-O3", "-fno-math-errno", "-fno-trapping-math"]) + omp,
         # -s: no symbol tables or debug sections in the shipped extension (4.5 -> 1.1 MB)
         extra_link_args=omp + ([] if DEBUG else ["-s"]),
     )

@@ -256,7 +256,11 @@ def test_linear_maps_equal_the_propagation_and_the_book(backend_name, act, sizes
     propagated = _compiled_numgrad(backend_name, x, t, sizes, act, theta, h, monkeypatch, False)
     np.testing.assert_allclose(linear, ref, rtol=0, atol=1e-8)
     np.testing.assert_allclose(propagated, ref, rtol=0, atol=1e-8)
-    if len(sizes) > 2:  # the maps were taken: sums in another order
+    if act == 1 and len(sizes) > 3:
+        # the maps were taken: a ReLU map through two or more layers above is a product
+        # of weights, formed before the move, so its sums run in another order than the
+        # propagation's (a map over the top two layers is the top W itself, the
+        # propagation's own arithmetic, and may give the same bits)
         assert not np.array_equal(linear, propagated)
 
 
