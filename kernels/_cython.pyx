@@ -75,7 +75,8 @@ cdef extern from "_top.h" nogil:
                           double* acc)
 
 cdef extern from "_vmath.h" nogil:
-    # vectorisable exp and sigmoid, in place (see _vmath.h)
+    # vectorisable exp and sigmoid, in place, and the CPU's vector width (see _vmath.h)
+    int fn_wide_vectors()
     double fn_exp(double x)
     void fn_exp_inplace_d(double* y, Py_ssize_t n)
     void fn_exp_inplace_f(float* y, Py_ssize_t n)
@@ -95,6 +96,11 @@ from ._checks import threads as _threads
 cnp.import_array()
 
 NAME = "cython"
+
+#: whether this CPU has AVX-512's 64-byte registers: the sparse loops then run in 64-byte
+#: vectors, else in 32-byte ones, and the layers above a sparse two-layer step's first
+#: run in vectors (_top.h), else through BLAS
+WIDE_VECTORS = bool(fn_wide_vectors())
 
 
 def get_num_threads():

@@ -36,6 +36,7 @@
 
 #include <stdint.h>
 #include <string.h>
+#include "_vmath.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define FN_SPARSE_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -263,10 +264,10 @@ static void fn_scratch_give(void *p)
     default: fn(1, 1, __VA_ARGS__); break;                                                  \
     }
 
-#define FN_SPARSE_LOOPS(T, S, VT, VAL)                                                      \
-typedef T fn_vec_##S __attribute__((vector_size(64)));                                      \
-typedef T fn_uvec_##S __attribute__((vector_size(64), aligned(sizeof(T))));                 \
-typedef T fn_hvec_##S __attribute__((vector_size(32)));                                      \
+#define FN_SPARSE_LOOPS(T, S, VT, VAL, VB, ATTR)                                                \
+typedef T fn_vec_##S __attribute__((vector_size(VB)));                                      \
+typedef T fn_uvec_##S __attribute__((vector_size(VB), aligned(sizeof(T))));                 \
+typedef T fn_hvec_##S __attribute__((vector_size(VB / 2)));                                  \
 typedef T fn_qvec_##S __attribute__((vector_size(16)));                                      \
                                                                                             \
 /* the tail lanes of a split row (see fn_w_main): lanes [off, H) of an unpadded output */  \
@@ -279,12 +280,12 @@ FN_INLINE void fn_put_tail_##S(T *o, long long off, long long H, fn_qvec_##S q) 
 }                                                                                           \
                                                                                             \
 /* vector k of an unpadded output row of H entries, lanes [off, off + L): whole, or the */  \
-/* lanes below H */                                                                         \
+/* lanes below H (none: 32-byte vectors past H in a row padded to 64 bytes) */              \
 FN_INLINE void fn_put_##S(T *o, long long off, long long H, fn_vec_##S a)                  \
 {                                                                                           \
-    const long long L = 64 / sizeof(T);                                                     \
+    const long long L = VB / sizeof(T);                                                     \
     if (off + L <= H) { fn_uvec_##S u = a; memcpy(o + off, &u, sizeof u); }                 \
-    else { T t[64 / sizeof(T)]; memcpy(t, &a, sizeof a); memcpy(o + off, t, (H - off) * sizeof(T)); } \
+    else if (off < H) { T t[VB / sizeof(T)]; memcpy(t, &a, sizeof a); memcpy(o + off, t, (H - off) * sizeof(T)); } \
 }                                                                                           \
                                                                                             \
 /* vectors v0 .. v0 + m - 1 (m <= 4) of one output row; W (rows of WS), b at vector v0; */ \
@@ -304,7 +305,7 @@ FN_INLINE void fn_forward_row_##S(int m, int tail, const int *indices, const VT 
         if (m > 1) a1 = bv[1];                                                              \
         if (m > 2) a2 = bv[2];                                                              \
         if (m > 3) a3 = bv[3];                                                              \
-        if (tail) memcpy(&qa, b + m * (64 / sizeof(T)), sizeof qa);                         \
+        if (tail) memcpy(&qa, b + m * (VB / sizeof(T)), sizeof qa);                         \
     }                                                                                       \
     for (; p + 2 <= e; p += 2) {                                                            \
         int j = indices[p], k = indices[p + 1];                                             \
@@ -338,7 +339,7 @@ FN_INLINE void fn_forward_row_##S(int m, int tail, const int *indices, const VT 
             if (tail) qa += v * *(const fn_qvec_##S *)(Wq + (long long)j * Q);              \
         }                                                                                   \
     }                                                                                       \
-    const long long L = 64 / sizeof(T);                                                     \
+    const long long L = VB / sizeof(T);                                                     \
     if (tail) fn_put_tail_##S(o, off + m * L, H, qa + qc);                                  \
     if (m > 3) fn_put_##S(o, off + 3 * L, H, a3 + c3);                                      \
     if (m > 2) fn_put_##S(o, off + 2 * L, H, a2 + c2);                                      \
@@ -349,13 +350,13 @@ FN_INLINE void fn_forward_row_##S(int m, int tail, const int *indices, const VT 
 /* out[i, :H] = b + sum_p v_p W[j_p, :] over the non-zeros of row row0 + i; W in the */  \
 /* split layout where H allows it (fn_w_main; as fn_w_rows with split), else padded, */     \
 /* b padded (rows of HP), out unpadded (rows of H) */                                       \
-FN_SPARSE_CLONES static void fn_sparse_forward_##S(                                         \
+ATTR static void fn_sparse_forward_##S(                                         \
     const long long *indptr, const int *indices, const VT *data, const T *lut,            \
     long long row0, long long n, const T *W, const T *b,                                  \
     T *__restrict out, long long D, long long H, long long HP, long long *bad)            \
 {                                                                                           \
-    const long long L = 64 / sizeof(T), HM = fn_w_main(H, sizeof(T));                       \
-    const long long WS = HM ? HM : HP, nv = WS / L;                                         \
+    const long long L = VB / sizeof(T), HM = fn_w_main(H, sizeof(T));                       \
+    const long long WS = HM ? HM : HP, nv = HM ? HM / L : (H + L - 1) / L;                  \
     const T *Wq = W + D * WS; /* the tail rows, when split */                               \
     for (long long i = 0; i < n; i++) {                                                     \
         long long r = row0 + i;                                                             \
@@ -373,12 +374,12 @@ FN_SPARSE_CLONES static void fn_sparse_forward_##S(                             
 /* out[i, :] = b + sum_p v_p W[j_p, :] over the non-zeros of row rows[i] whose column */  \
 /* lies in [jlo, jhi) (b NULL: no b); W, b and out padded (rows of HP, whole vectors */     \
 /* stored).  The step's forward by blocks of W's rows (see fn_sum_parts) */                \
-FN_SPARSE_CLONES static void fn_sparse_forward_cols_##S(                                    \
+ATTR static void fn_sparse_forward_cols_##S(                                    \
     const long long *indptr, const int *indices, const VT *data, const T *lut,            \
     const long long *rows, long long n, const T *W, const T *b, T *__restrict out,        \
     long long D, long long HP, int jlo, int jhi, long long *bad)                          \
 {                                                                                           \
-    const long long L = 64 / sizeof(T), nv = HP / L;                                        \
+    const long long L = VB / sizeof(T), nv = HP / L;                                        \
     fn_touch_rows(indptr, indices, data, rows, n, sizeof(VT));                              \
     for (long long i = 0; i < n; i++) {                                                     \
         long long r = rows[i];                                                              \
@@ -394,12 +395,12 @@ FN_SPARSE_CLONES static void fn_sparse_forward_cols_##S(                        
 }                                                                                           \
                                                                                             \
 /* W[j] += v G[i] over columns [p, e) of one row, vectors v0 .. v0 + m - 1 (W, g at v0); */ \
-/* with `half` the last of them is done as its lower 32 bytes only (see fn_sparse_scatter) */ \
+/* with `half` the last of them is done as its lower half only (see fn_sparse_scatter)  */ \
 FN_INLINE void fn_scatter_row_##S(int m, int half, const int *indices, const VT *data,  \
     const T *lut, long long p, long long e, const T *__restrict g, T *__restrict W,       \
     long long D, long long HP, long long *bad)                                            \
 {                                                                                           \
-    const long long L = 64 / sizeof(T);                                                     \
+    const long long L = VB / sizeof(T);                                                     \
     const int mf = m - half; /* whole vectors */                                            \
     const fn_vec_##S *gv = (const fn_vec_##S *)g;                                           \
     fn_vec_##S g0 = {0}, g1 = {0}, g2 = {0}, g3 = {0};                                      \
@@ -431,16 +432,17 @@ FN_INLINE void fn_scatter_row_##S(int m, int half, const int *indices, const VT 
 }                                                                                           \
                                                                                             \
 /* W[j, :] += v G[i, :] over the non-zeros (i, j, v) of rows rows[0 .. n) with j in */      \
-/* [jlo, jhi); W and G padded (rows of HP).  When the last vector holds no more than */     \
-/* half a vector of the H columns (the book's 50 floats: 2 of 16), only its lower half */   \
-/* is updated: the update is bound by its stores, and AVX-512 on this EPYC stores 32 */     \
-/* bytes a cycle (benchmarks/README.md, "Kernel layouts") */                                \
-FN_SPARSE_CLONES static void fn_sparse_scatter_##S(                                         \
+/* [jlo, jhi); W and G padded (rows of HP).  Only the vectors holding the H columns are */ \
+/* updated, and when the last holds no more than half a vector of them (the book's 50 */    \
+/* floats: 2 of 16, or 2 of 8), only its lower half: the update is bound by its stores, */  \
+/* and AVX-512 on an EPYC 9004 stores 32 bytes a cycle (benchmarks/README.md, "Kernel */    \
+/* layouts") */                                                                             \
+ATTR static void fn_sparse_scatter_##S(                                         \
     const long long *indptr, const int *indices, const VT *data, const T *lut,            \
     const long long *rows, long long n, const T *__restrict G, T *__restrict W,           \
     long long D, long long H, long long HP, int jlo, int jhi, long long *bad)             \
 {                                                                                           \
-    const long long L = 64 / sizeof(T), nv = HP / L;                                        \
+    const long long L = VB / sizeof(T), nv = (H + L - 1) / L; /* the vectors holding H */   \
     const int half_last = H - (nv - 1) * L <= L / 2;                                        \
     for (long long i = 0; i < n; i++) {                                                     \
         long long r = rows[i]; /* read into cache by the step's forward (fn_touch_rows) */  \
@@ -459,10 +461,37 @@ FN_SPARSE_CLONES static void fn_sparse_scatter_##S(                             
 #define FN_VAL_DATA(p) (data[(p)])
 #define FN_VAL_PIXEL(p) (lut[data[(p)]])
 
-FN_SPARSE_LOOPS(float, fv, float, FN_VAL_DATA)
-FN_SPARSE_LOOPS(double, dv, double, FN_VAL_DATA)
-FN_SPARSE_LOOPS(float, fu, uint8_t, FN_VAL_PIXEL)
-FN_SPARSE_LOOPS(double, du, uint8_t, FN_VAL_PIXEL)
+/* Each loop is built twice: with 64-byte vectors for x86-64-v4 (AVX-512: 32 registers of
+ * 64 bytes), and with 32-byte vectors for x86-64-v3 (AVX2: 16 registers of 32 bytes) and
+ * baseline x86-64.  GCC splits a 64-byte vector into two halves where the target has no
+ * 64-byte registers, and the accumulators of a row then no longer fit in registers: on
+ * an AVX2 CPU (AMD EPYC 7003) the 64-byte build spent its time spilling them to the
+ * stack, and a training step took 4-14 times as long (benchmarks/README.md, "Vectors as
+ * wide as the registers").  The layout (fn_padded) is the same for both: rows of whole
+ * 64-byte lines, so whole 32-byte vectors too.  fn_wide_vectors (_vmath.h) picks the build. */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define FN_SPARSE_WIDE __attribute__((target("arch=x86-64-v4")))
+#define FN_SPARSE_NARROW __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define FN_SPARSE_WIDE
+#define FN_SPARSE_NARROW
+#endif
+
+FN_SPARSE_LOOPS(float, fv64, float, FN_VAL_DATA, 64, FN_SPARSE_WIDE)
+FN_SPARSE_LOOPS(double, dv64, double, FN_VAL_DATA, 64, FN_SPARSE_WIDE)
+FN_SPARSE_LOOPS(float, fu64, uint8_t, FN_VAL_PIXEL, 64, FN_SPARSE_WIDE)
+FN_SPARSE_LOOPS(double, du64, uint8_t, FN_VAL_PIXEL, 64, FN_SPARSE_WIDE)
+FN_SPARSE_LOOPS(float, fv32, float, FN_VAL_DATA, 32, FN_SPARSE_NARROW)
+FN_SPARSE_LOOPS(double, dv32, double, FN_VAL_DATA, 32, FN_SPARSE_NARROW)
+FN_SPARSE_LOOPS(float, fu32, uint8_t, FN_VAL_PIXEL, 32, FN_SPARSE_NARROW)
+FN_SPARSE_LOOPS(double, du32, uint8_t, FN_VAL_PIXEL, 32, FN_SPARSE_NARROW)
+
+/* fn(S, suffix, args): the build of fn_<name>_<S><suffix> for this CPU's vectors */
+#define FN_SPARSE_PICK(fn, S, x, ...)                                                       \
+    do {                                                                                    \
+        if (fn_wide_vectors()) fn##_##S##x##64(__VA_ARGS__);                                 \
+        else fn##_##S##x##32(__VA_ARGS__);                                                  \
+    } while (0)
 
 /* The entry points, one per working dtype: data holds uint8 pixels (pix != 0, looked up
  * in lut) or values of the working dtype. */
@@ -473,10 +502,10 @@ static void fn_sparse_forward_##S(                                              
     long long D, long long H, long long HP, long long *bad)                               \
 {                                                                                           \
     if (pix)                                                                                \
-        fn_sparse_forward_##S##u(indptr, indices, (const uint8_t *)data, lut, row0, n,      \
+        FN_SPARSE_PICK(fn_sparse_forward, S, u, indptr, indices, (const uint8_t *)data, lut, row0, n,      \
                                  W, b, out, D, H, HP, bad);                                 \
     else                                                                                    \
-        fn_sparse_forward_##S##v(indptr, indices, (const T *)data, lut, row0, n,            \
+        FN_SPARSE_PICK(fn_sparse_forward, S, v, indptr, indices, (const T *)data, lut, row0, n,            \
                                  W, b, out, D, H, HP, bad);                                 \
 }                                                                                           \
 static void fn_sparse_forward_cols_##S(                                                     \
@@ -485,10 +514,10 @@ static void fn_sparse_forward_cols_##S(                                         
     long long HP, int jlo, int jhi, long long *bad)                                       \
 {                                                                                           \
     if (pix)                                                                                \
-        fn_sparse_forward_cols_##S##u(indptr, indices, (const uint8_t *)data, lut, rows, n, \
+        FN_SPARSE_PICK(fn_sparse_forward_cols, S, u, indptr, indices, (const uint8_t *)data, lut, rows, n, \
                                       W, b, out, D, HP, jlo, jhi, bad);                     \
     else                                                                                    \
-        fn_sparse_forward_cols_##S##v(indptr, indices, (const T *)data, lut, rows, n,       \
+        FN_SPARSE_PICK(fn_sparse_forward_cols, S, v, indptr, indices, (const T *)data, lut, rows, n,       \
                                       W, b, out, D, HP, jlo, jhi, bad);                     \
 }                                                                                           \
 static void fn_sparse_scatter_##S(                                                          \
@@ -497,10 +526,10 @@ static void fn_sparse_scatter_##S(                                              
     long long HP, int jlo, int jhi, long long *bad)                                       \
 {                                                                                           \
     if (pix)                                                                                \
-        fn_sparse_scatter_##S##u(indptr, indices, (const uint8_t *)data, lut, rows, n, G, W, \
+        FN_SPARSE_PICK(fn_sparse_scatter, S, u, indptr, indices, (const uint8_t *)data, lut, rows, n, G, W, \
                                  D, H, HP, jlo, jhi, bad);                                  \
     else                                                                                    \
-        fn_sparse_scatter_##S##v(indptr, indices, (const T *)data, lut, rows, n, G, W,      \
+        FN_SPARSE_PICK(fn_sparse_scatter, S, v, indptr, indices, (const T *)data, lut, rows, n, G, W,      \
                                  D, H, HP, jlo, jhi, bad);                                  \
 }
 

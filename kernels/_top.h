@@ -47,11 +47,13 @@
 typedef T fn_yvec_##S __attribute__((vector_size(64)));                                     \
 typedef IT fn_ymask_##S __attribute__((vector_size(64)));                                   \
                                                                                             \
-/* whether a block of H hidden units and C classes fits the vectors of fn_top_block */      \
+/* whether a block of H hidden units and C classes fits the vectors of fn_top_block, on */ \
+/* a CPU with 64-byte registers (elsewhere the BLAS path is faster: 113 against 194 us */   \
+/* a step of 784-50-10 on an AVX2 EPYC, benchmarks/README.md) */                           \
 static int fn_top_fits_##S(long long H, long long C)                                        \
 {                                                                                           \
     const long long L = 64 / sizeof(T);                                                     \
-    return H >= 1 && C >= 1 && C <= L && H <= 4 * L;                                        \
+    return fn_wide_vectors() && H >= 1 && C >= 1 && C <= L && H <= 4 * L;                   \
 }                                                                                           \
                                                                                             \
 /* wp (H x L) and wt (C x HP) from W2 (H x C), the padding lanes zero */                    \

@@ -26,6 +26,21 @@
 #define FN_CLONES
 #endif
 
+/* Whether this CPU has the registers of x86-64-v4 (AVX-512: 32 of 64 bytes).  The loops
+ * written with 64-byte vectors (_sparse.h, _top.h) are built or taken only where it
+ * does: elsewhere GCC splits each such vector in two and the loops' accumulators no
+ * longer fit in the registers. */
+static int fn_wide_vectors(void)
+{
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")
+        && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")
+        && __builtin_cpu_supports("avx512cd");
+#else
+    return 0;
+#endif
+}
+
 static inline double fn_bits_to_double(uint64_t u) { double d; memcpy(&d, &u, 8); return d; }
 static inline uint64_t fn_double_to_bits(double d) { uint64_t u; memcpy(&u, &d, 8); return u; }
 
