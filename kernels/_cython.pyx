@@ -77,6 +77,7 @@ cdef extern from "_top.h" nogil:
 cdef extern from "_vmath.h" nogil:
     # vectorisable exp and sigmoid, in place, and the CPU's vector width (see _vmath.h)
     int fn_wide_vectors()
+    int fn_narrow_only
     double fn_exp(double x)
     void fn_exp_inplace_d(double* y, Py_ssize_t n)
     void fn_exp_inplace_f(float* y, Py_ssize_t n)
@@ -101,6 +102,16 @@ NAME = "cython"
 #: vectors, else in 32-byte ones, and the layers above a sparse two-layer step's first
 #: run in vectors (_top.h), else through BLAS
 WIDE_VECTORS = bool(fn_wide_vectors())
+
+
+def _narrow_vectors(bint on):
+    """With ``on``, the kernels take the builds of a CPU without AVX-512 on every CPU (so
+    that the tests run them on one with it); returns the setting before."""
+    global WIDE_VECTORS, fn_narrow_only
+    before = bool(fn_narrow_only)
+    fn_narrow_only = on
+    WIDE_VECTORS = bool(fn_wide_vectors())
+    return before
 
 
 def get_num_threads():

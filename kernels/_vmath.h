@@ -30,8 +30,10 @@
  * written with 64-byte vectors (_sparse.h, _top.h) are built or taken only where it
  * does: elsewhere GCC splits each such vector in two and the loops' accumulators no
  * longer fit in the registers. */
+static int fn_narrow_only; /* set: every CPU takes the narrow builds (the tests' switch) */
 static int fn_wide_vectors(void)
 {
+    if (fn_narrow_only) return 0;
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")
         && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")

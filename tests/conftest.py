@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import fastnet
+from fastnet import backend
 
 # Tests never touch the user's cache or data settings: downloads and parsed arrays go
 # to a throw-away cache for this test session.
@@ -67,3 +68,20 @@ def any_backend(request):
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)
+
+
+@pytest.fixture(params=["native", "narrow"])
+def vectors(request):
+    """The Cython sparse loops as built for this CPU, or (narrow) as built for a CPU
+    without AVX-512 (32-byte vectors, no vector top; the same where the CPU has none), so
+    that a CPU with AVX-512 tests both builds.  Tests of other backends skip "narrow"."""
+    if request.param == "narrow":
+        if request.node.callspec.params.get("backend_name", "cython") != "cython":
+            pytest.skip("the vector builds are the Cython backend's")
+        if "cython" not in backend.available_backends():
+            pytest.skip("the Cython extension is not built")
+        from fastnet.kernels import _cython
+
+        before = _cython._narrow_vectors(True)
+        request.addfinalizer(lambda: _cython._narrow_vectors(before))
+    return request.param

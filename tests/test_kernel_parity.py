@@ -362,7 +362,7 @@ def test_sparse_rows_uint8_blocks(backend_name):
 # where the lanes past whole vectors are at most 16 bytes: float32 19, 20, 50, 100 and
 # float64 10, 50, each side of that edge with 11 and 21
 @pytest.mark.parametrize("H", [7, 10, 11, 19, 20, 21, 32, 50, 100])
-def test_sparse_affine_parity(backend_name, dtype, pixels, act, H):
+def test_sparse_affine_parity(backend_name, dtype, pixels, act, H, vectors):
     ref, got = backend.load("numpy"), backend.load(backend_name)
     X, _, _, (W, b, _, _), _ = _sparse_case(dtype, 1, 37, H, 3, N=5000, pixels=pixels)
     csr = ref.sparse_rows(X)

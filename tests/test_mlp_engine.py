@@ -93,13 +93,15 @@ def test_train_steps_parity(backend_name, dtype, depth, optimizer, decay, rows):
 
 @pytest.mark.parametrize("backend_name", COMPILED)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("sizes", [[784, 50, 10], [784, 64, 10], [784, 100, 10], [784, 60, 40, 10]])
+@pytest.mark.parametrize("sizes", [[784, 50, 10], [784, 64, 10], [784, 100, 10], [784, 60, 40, 10],
+                                   [784, 5, 10]])
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_sparse_steps_with_threads(backend_name, dtype, sizes, optimizer):
+def test_sparse_steps_with_threads(backend_name, dtype, sizes, optimizer, vectors):
     """Batches of 100 MNIST-like rows (enough non-zeros for the threads), on the two-layer
     SGD special cases (the Cython vector top; Numba's padded float32 rows for 49 to 64
     hidden units) and the general sparse engine; against the dense steps of the same
-    backend and the reference."""
+    backend and the reference.  The Cython loops in both builds (``vectors``); 5 hidden
+    units pad to a row with a 32-byte vector wholly past them."""
     rng = np.random.default_rng(5)
     X = (rng.integers(1, 256, (500, 784)) * (rng.random((500, 784)) < 0.19)).astype(np.uint8)
     T = rng.integers(0, 10, 500).astype(np.int64)
@@ -451,10 +453,11 @@ def test_numerical_gradient_parity(backend_name, depth, act):
 @pytest.mark.parametrize("backend_name", COMPILED)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("depth", sorted(DEPTHS))
-def test_predict_parity(backend_name, dtype, depth):
+def test_predict_parity(backend_name, dtype, depth, vectors):
     """Labels of 700 rows (several blocks, a partial last one), dense floats, pixels and
     CSR rows from an offset, against the reference; rows whose two best scores are too
-    close for the order of a sum to decide are left out."""
+    close for the order of a sum to decide are left out.  The Cython loops in both
+    builds (``vectors``)."""
     sizes = np.array(DEPTHS[depth])
     ref, k = backend.load("numpy"), backend.load(backend_name)
     pixels, _ = _data(dtype, N=700)
