@@ -28,8 +28,8 @@
  * Values are either the stored floats or uint8 pixels looked up in a 256-entry table
  * lut[u] = u / 255 in the working dtype (what load_mnist(normalize=True) computes).
  *
- * Built for x86-64-v4 (AVX-512), x86-64-v3 (AVX2 + FMA) and baseline x86-64 with GCC's
- * target_clones where available; the loader picks one at run time.
+ * Built for x86-64-v4 (AVX-512) in 64-byte vectors, and for x86-64-v3 (AVX2 + FMA) and
+ * baseline x86-64 in 32-byte ones (see FN_SPARSE_LOOPS below); the CPU picks at run time.
  */
 #ifndef FASTNET_SPARSE_H
 #define FASTNET_SPARSE_H
@@ -466,8 +466,8 @@ ATTR static void fn_sparse_scatter_##S(                                         
  * baseline x86-64.  GCC splits a 64-byte vector into two halves where the target has no
  * 64-byte registers, and the accumulators of a row then no longer fit in registers: on
  * an AVX2 CPU (AMD EPYC 7003) the 64-byte build spent its time spilling them to the
- * stack, and a training step took 4-14 times as long (benchmarks/README.md, "Vectors as
- * wide as the registers").  The layout (fn_padded) is the same for both: rows of whole
+ * stack, and a training step took 6-7 times as long (benchmarks/README.md, "an AVX2
+ * host").  The layout (fn_padded) is the same for both: rows of whole
  * 64-byte lines, so whole 32-byte vectors too.  fn_wide_vectors (_vmath.h) picks the build. */
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define FN_SPARSE_WIDE __attribute__((target("arch=x86-64-v4")))

@@ -48,8 +48,8 @@ typedef T fn_yvec_##S __attribute__((vector_size(64)));                         
 typedef IT fn_ymask_##S __attribute__((vector_size(64)));                                   \
                                                                                             \
 /* whether a block of H hidden units and C classes fits the vectors of fn_top_block, on */ \
-/* a CPU with 64-byte registers (elsewhere the BLAS path is faster: 113 against 194 us */   \
-/* a step of 784-50-10 on an AVX2 EPYC, benchmarks/README.md) */                           \
+/* a CPU with 64-byte registers (elsewhere the BLAS path is faster: benchmarks/README.md, */ \
+/* "an AVX2 host") */                                                                       \
 static int fn_top_fits_##S(long long H, long long C)                                        \
 {                                                                                           \
     const long long L = 64 / sizeof(T);                                                     \
