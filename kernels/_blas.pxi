@@ -74,6 +74,39 @@ cdef int _load_blas() except -1:
     return 0
 
 
+cdef void _gemm_one_thread(bint ta, bint tb, int M, int N, int K, real alpha, real* A, int lda,
+                           real* B, int ldb, real beta, real* C, int ldc) noexcept nogil:
+    """_gemm with BLAS held to the calling thread (an OpenMP thread of _gemm_rows)."""
+    cdef int had[MAX_BLAS_LIBS]
+    _blas_one_thread(had)
+    _gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)
+    _blas_threads_back(had)
+
+
+# the blocks of _gemm_rows: fixed, so that its bits do not depend on the thread count
+DEF GEMM_BLOCKS = 2
+
+
+cdef void _gemm_rows(int nt, bint ta, bint tb, int M, int N, int K, real alpha, real* A, int lda,
+                     real* B, int ldb, real beta, real* C, int ldc) noexcept nogil:
+    """_gemm in GEMM_BLOCKS blocks of C's rows, block k on OpenMP thread k mod nt, each a
+    one-thread BLAS call; nt < 1: _gemm itself.  The sparse steps hold BLAS to one thread
+    (_blas_one_thread); this shares the layers above the first between the threads of
+    their OpenMP regions instead.  A row may round otherwise in a block than in one call
+    of all rows, so the blocks do not follow nt."""
+    cdef int k
+    cdef Py_ssize_t r0, r1
+    if nt < 1:
+        _gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)
+        return
+    for k in prange(GEMM_BLOCKS, num_threads=min(nt, GEMM_BLOCKS), schedule="static", chunksize=1):
+        r0 = <Py_ssize_t>M * k // GEMM_BLOCKS
+        r1 = <Py_ssize_t>M * (k + 1) // GEMM_BLOCKS
+        if r1 > r0:  # rows r0:r1 of op(A): of A itself, or its columns when transposed
+            _gemm_one_thread(ta, tb, <int>(r1 - r0), N, K, alpha, A + (r0 if ta else r0 * lda), lda, B, ldb,
+                             beta, C + r0 * ldc, ldc)
+
+
 cdef void _blas_one_thread(int* had) noexcept nogil:
     """Let BLAS calls from this thread use one thread; had[i] receives what library i had
     (MAX_BLAS_LIBS entries).  The sparse kernels call BLAS between OpenMP regions, whose

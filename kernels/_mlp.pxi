@@ -49,14 +49,17 @@ cdef int _net_of(_Net* n, object sizes, int act, long long B) except -1:
 
 
 cdef double _mlp_backprop(_Net* n, real* theta, real* grad, real* x, real* acts, real* deltas,
-                          long long* T, long long* rows, int lo, double decay, double sgd) noexcept nogil:
+                          long long* T, long long* rows, int lo, double decay, double sgd,
+                          int nt=0) noexcept nogil:
     """Forward from layer lo (input x when lo is 0, else layer lo - 1's outputs already
     in acts), softmax-with-loss, backward: every layer's db, its dW from layer lo on
     (+ decay W), and for lo = 1 layer 0's pre-activation gradient left in deltas (its dW
     is the caller's: the sparse product).  With sgd != 0 (plain SGD, no decay) the
     layers from lo on are updated in place instead (W -= sgd * dW folded into the
     product: alpha = -sgd, beta = 1) and grad is not written; a layer's W is used for
-    the gradient below it before it is updated.  Returns the loss (+ 0.5 decay sum W**2)."""
+    the gradient below it before it is updated.  nt >= 1: each product in blocks of rows
+    on nt OpenMP threads (_gemm_rows, for the sparse steps, whose BLAS is held to one
+    thread); 0: whole, on BLAS's threads.  Returns the loss (+ 0.5 decay sum W**2)."""
     cdef int k, B = n.B, L = n.L
     cdef Py_ssize_t i, j, q
     cdef _Layer* ly
@@ -71,8 +74,21 @@ cdef double _mlp_backprop(_Net* n, real* theta, real* grad, real* x, real* acts,
     for k in range(lo, L):
         ly = &n.layer[k]
         inp = x if k == 0 else acts + n.layer[k - 1].out
-        _affine(inp, theta + ly.w, theta + ly.b, acts + ly.out, B, <int>ly.n_in, <int>ly.n_out,
-                n.act if k < L - 1 else 0)
+        if nt < 1:
+            _affine(inp, theta + ly.w, theta + ly.b, acts + ly.out, B, <int>ly.n_in, <int>ly.n_out,
+                    n.act if k < L - 1 else 0)
+        else:
+            below = acts + ly.out
+            for i in range(B):
+                for j in range(ly.n_out):
+                    below[i * ly.n_out + j] = theta[ly.b + j]
+            _gemm_rows(nt, False, False, B, <int>ly.n_out, <int>ly.n_in, <real>1, inp, <int>ly.n_in, theta + ly.w,
+                       <int>ly.n_out, <real>1, below, <int>ly.n_out)
+            if k < L - 1:
+                if n.act == ACT_RELU:
+                    _map_relu(below, below, B * ly.n_out)
+                else:
+                    _map_sigmoid(below, below, B * ly.n_out)
     ly = &n.layer[L - 1]
     dz = acts + ly.out
     loss = _softmax_loss_delta(dz, T, rows, B, B, <int>ly.n_out) / B
@@ -87,8 +103,8 @@ cdef double _mlp_backprop(_Net* n, real* theta, real* grad, real* x, real* acts,
         below = NULL
         if k > 0:
             below = deltas + n.layer[k - 1].out
-            _gemm(False, True, B, <int>ly.n_in, <int>ly.n_out, <real>1, dz, <int>ly.n_out, W,
-                  <int>ly.n_out, <real>0, below, <int>ly.n_in)
+            _gemm_rows(nt, False, True, B, <int>ly.n_in, <int>ly.n_out, <real>1, dz, <int>ly.n_out, W,
+                       <int>ly.n_out, <real>0, below, <int>ly.n_in)
             if n.act == ACT_RELU:
                 _map_relu_backward(below, acts + n.layer[k - 1].out, below, B * ly.n_in)
             else:
@@ -96,13 +112,13 @@ cdef double _mlp_backprop(_Net* n, real* theta, real* grad, real* x, real* acts,
         if k >= lo:
             inp = x if k == 0 else acts + n.layer[k - 1].out
             if sgd != 0:
-                _gemm(True, False, <int>ly.n_in, <int>ly.n_out, B, <real>(-sgd), inp, <int>ly.n_in, dz,
-                      <int>ly.n_out, <real>1, W, <int>ly.n_out)
+                _gemm_rows(nt, True, False, <int>ly.n_in, <int>ly.n_out, B, <real>(-sgd), inp, <int>ly.n_in, dz,
+                           <int>ly.n_out, <real>1, W, <int>ly.n_out)
                 for j in range(ly.n_out):
                     theta[ly.b + j] -= <real>sgd * db[j]
             else:
-                _gemm(True, False, <int>ly.n_in, <int>ly.n_out, B, <real>1, inp, <int>ly.n_in, dz,
-                      <int>ly.n_out, <real>0, dW, <int>ly.n_out)
+                _gemm_rows(nt, True, False, <int>ly.n_in, <int>ly.n_out, B, <real>1, inp, <int>ly.n_in, dz,
+                           <int>ly.n_out, <real>0, dW, <int>ly.n_out)
                 if decay != 0:
                     for q in range(ly.n_in * ly.n_out):
                         dW[q] += d * W[q]
@@ -354,7 +370,7 @@ cdef int _mlp_steps_sparse(_Net* n, _SparseFirst* f, long long* T, long long* id
             nt = 1
         bad[0] += _sparse_forward(f, rows, n.B, D, H, n.act if n.L > 1 else 0, acts + ly.out, nt)
         losses[k] = _mlp_backprop(n, theta, grad, <real*>NULL, acts, deltas, T, rows, 1, opt[OPT_DECAY],
-                                  opt[OPT_LR] if f.direct else 0)
+                                  opt[OPT_LR] if f.direct else 0, nt)
         dz = (deltas if n.L > 1 else acts) + ly.out
         if f.direct:
             bad[0] += _sparse_scatter(f, rows, n.B, D, H, dz, <real>(-opt[OPT_LR]), <real*>NULL, nt)
