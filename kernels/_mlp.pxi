@@ -4,10 +4,10 @@
 # The arguments are checked once, in Python, by kernels/_checks.py (mlp_*), for all
 # three backends; the code here trusts them.  A layer is a record (_Layer) inside the
 # net's record (_Net): its sizes and where its parameters and outputs lie.  Products
-# go to BLAS (_gemm); the first layer over CSR rows goes through the loops of
-# _sparse.h in their padded layout, split between threads by blocks of pixels; and
-# mlp_gradient runs the first layer of a sparse float32 batch over its non-zeros
-# (_nzrows.h) on the calling thread.
+# go to BLAS (_gemm; in the sparse steps _gemm_rows, in blocks on the OpenMP threads);
+# the first layer over CSR rows goes through the loops of _sparse.h in their padded
+# layout, split between threads by blocks of pixels; and mlp_gradient runs the first
+# layer of a sparse float32 batch over its non-zeros (_nzrows.h) on the calling thread.
 
 DEF MAX_LAYERS = 64
 
@@ -66,6 +66,7 @@ cdef double _mlp_backprop(_Net* n, real* theta, real* grad, real* x, real* acts,
     cdef real* inp
     cdef real* dz
     cdef real* below
+    cdef real* out
     cdef real* W
     cdef real* dW
     cdef real* db
@@ -77,18 +78,18 @@ cdef double _mlp_backprop(_Net* n, real* theta, real* grad, real* x, real* acts,
         if nt < 1:
             _affine(inp, theta + ly.w, theta + ly.b, acts + ly.out, B, <int>ly.n_in, <int>ly.n_out,
                     n.act if k < L - 1 else 0)
-        else:
-            below = acts + ly.out
+        else:  # _affine with the product in blocks
+            out = acts + ly.out
             for i in range(B):
                 for j in range(ly.n_out):
-                    below[i * ly.n_out + j] = theta[ly.b + j]
+                    out[i * ly.n_out + j] = theta[ly.b + j]
             _gemm_rows(nt, False, False, B, <int>ly.n_out, <int>ly.n_in, <real>1, inp, <int>ly.n_in, theta + ly.w,
-                       <int>ly.n_out, <real>1, below, <int>ly.n_out)
+                       <int>ly.n_out, <real>1, out, <int>ly.n_out)
             if k < L - 1:
                 if n.act == ACT_RELU:
-                    _map_relu(below, below, B * ly.n_out)
+                    _map_relu(out, out, B * ly.n_out)
                 else:
-                    _map_sigmoid(below, below, B * ly.n_out)
+                    _map_sigmoid(out, out, B * ly.n_out)
     ly = &n.layer[L - 1]
     dz = acts + ly.out
     loss = _softmax_loss_delta(dz, T, rows, B, B, <int>ly.n_out) / B
