@@ -66,7 +66,6 @@ cdef double _mlp_backprop(_Net* n, real* theta, real* grad, real* x, real* acts,
     cdef real* inp
     cdef real* dz
     cdef real* below
-    cdef real* out
     cdef real* W
     cdef real* dW
     cdef real* db
@@ -75,21 +74,8 @@ cdef double _mlp_backprop(_Net* n, real* theta, real* grad, real* x, real* acts,
     for k in range(lo, L):
         ly = &n.layer[k]
         inp = x if k == 0 else acts + n.layer[k - 1].out
-        if nt < 1:
-            _affine(inp, theta + ly.w, theta + ly.b, acts + ly.out, B, <int>ly.n_in, <int>ly.n_out,
-                    n.act if k < L - 1 else 0)
-        else:  # _affine with the product in blocks
-            out = acts + ly.out
-            for i in range(B):
-                for j in range(ly.n_out):
-                    out[i * ly.n_out + j] = theta[ly.b + j]
-            _gemm_rows(nt, False, False, B, <int>ly.n_out, <int>ly.n_in, <real>1, inp, <int>ly.n_in, theta + ly.w,
-                       <int>ly.n_out, <real>1, out, <int>ly.n_out)
-            if k < L - 1:
-                if n.act == ACT_RELU:
-                    _map_relu(out, out, B * ly.n_out)
-                else:
-                    _map_sigmoid(out, out, B * ly.n_out)
+        _affine(inp, theta + ly.w, theta + ly.b, acts + ly.out, B, <int>ly.n_in, <int>ly.n_out,
+                n.act if k < L - 1 else 0, nt)
     ly = &n.layer[L - 1]
     dz = acts + ly.out
     loss = _softmax_loss_delta(dz, T, rows, B, B, <int>ly.n_out) / B

@@ -264,7 +264,7 @@ static void fn_scratch_give(void *p)
     default: fn(1, 1, __VA_ARGS__); break;                                                  \
     }
 
-#define FN_SPARSE_LOOPS(T, S, VT, VAL, VB, ATTR)                                                \
+#define FN_SPARSE_LOOPS(T, S, VT, VAL, VB, ATTR)                                            \
 typedef T fn_vec_##S __attribute__((vector_size(VB)));                                      \
 typedef T fn_uvec_##S __attribute__((vector_size(VB), aligned(sizeof(T))));                 \
 typedef T fn_hvec_##S __attribute__((vector_size(VB / 2)));                                  \
@@ -350,7 +350,7 @@ FN_INLINE void fn_forward_row_##S(int m, int tail, const int *indices, const VT 
 /* out[i, :H] = b + sum_p v_p W[j_p, :] over the non-zeros of row row0 + i; W in the */  \
 /* split layout where H allows it (fn_w_main; as fn_w_rows with split), else padded, */     \
 /* b padded (rows of HP), out unpadded (rows of H) */                                       \
-ATTR static void fn_sparse_forward_##S(                                         \
+ATTR static void fn_sparse_forward_##S(                                                     \
     const long long *indptr, const int *indices, const VT *data, const T *lut,            \
     long long row0, long long n, const T *W, const T *b,                                  \
     T *__restrict out, long long D, long long H, long long HP, long long *bad)            \
@@ -374,7 +374,7 @@ ATTR static void fn_sparse_forward_##S(                                         
 /* out[i, :] = b + sum_p v_p W[j_p, :] over the non-zeros of row rows[i] whose column */  \
 /* lies in [jlo, jhi) (b NULL: no b); W, b and out padded (rows of HP, whole vectors */     \
 /* stored).  The step's forward by blocks of W's rows (see fn_sum_parts) */                \
-ATTR static void fn_sparse_forward_cols_##S(                                    \
+ATTR static void fn_sparse_forward_cols_##S(                                                \
     const long long *indptr, const int *indices, const VT *data, const T *lut,            \
     const long long *rows, long long n, const T *W, const T *b, T *__restrict out,        \
     long long D, long long HP, int jlo, int jhi, long long *bad)                          \
@@ -437,7 +437,7 @@ FN_INLINE void fn_scatter_row_##S(int m, int half, const int *indices, const VT 
 /* floats: 2 of 16, or 2 of 8), only its lower half: the update is bound by its stores, */  \
 /* and AVX-512 on an EPYC 9004 stores 32 bytes a cycle (benchmarks/README.md, "Kernel */    \
 /* layouts") */                                                                             \
-ATTR static void fn_sparse_scatter_##S(                                         \
+ATTR static void fn_sparse_scatter_##S(                                                     \
     const long long *indptr, const int *indices, const VT *data, const T *lut,            \
     const long long *rows, long long n, const T *__restrict G, T *__restrict W,           \
     long long D, long long H, long long HP, int jlo, int jhi, long long *bad)             \
@@ -463,12 +463,11 @@ ATTR static void fn_sparse_scatter_##S(                                         
 
 /* Each loop is built twice: with 64-byte vectors for x86-64-v4 (AVX-512: 32 registers of
  * 64 bytes), and with 32-byte vectors for x86-64-v3 (AVX2: 16 registers of 32 bytes) and
- * baseline x86-64.  GCC splits a 64-byte vector into two halves where the target has no
- * 64-byte registers, and the accumulators of a row then no longer fit in registers: on
- * an AVX2 CPU (AMD EPYC 7003) the 64-byte build spent its time spilling them to the
- * stack, and a training step took 6-7 times as long (benchmarks/README.md, "an AVX2
- * host").  The layout (fn_padded) is the same for both: rows of whole
- * 64-byte lines, so whole 32-byte vectors too.  fn_wide_vectors (_vmath.h) picks the build. */
+ * baseline x86-64.  Where the target has no 64-byte registers GCC splits a 64-byte vector
+ * in two, and a row's accumulators no longer fit in the registers: they go to the stack
+ * (benchmarks/README.md, "an AVX2 host").  The layout (fn_padded) is the same for both:
+ * rows of whole 64-byte lines, so whole 32-byte vectors too.  fn_wide_vectors (_vmath.h)
+ * picks the build. */
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define FN_SPARSE_WIDE __attribute__((target("arch=x86-64-v4")))
 #define FN_SPARSE_NARROW __attribute__((target_clones("arch=x86-64-v3", "default")))
@@ -502,11 +501,11 @@ static void fn_sparse_forward_##S(                                              
     long long D, long long H, long long HP, long long *bad)                               \
 {                                                                                           \
     if (pix)                                                                                \
-        FN_SPARSE_PICK(fn_sparse_forward, S, u, indptr, indices, (const uint8_t *)data, lut, row0, n,      \
-                                 W, b, out, D, H, HP, bad);                                 \
+        FN_SPARSE_PICK(fn_sparse_forward, S, u, indptr, indices, (const uint8_t *)data, lut,  \
+                       row0, n, W, b, out, D, H, HP, bad);                                  \
     else                                                                                    \
-        FN_SPARSE_PICK(fn_sparse_forward, S, v, indptr, indices, (const T *)data, lut, row0, n,            \
-                                 W, b, out, D, H, HP, bad);                                 \
+        FN_SPARSE_PICK(fn_sparse_forward, S, v, indptr, indices, (const T *)data, lut,        \
+                       row0, n, W, b, out, D, H, HP, bad);                                  \
 }                                                                                           \
 static void fn_sparse_forward_cols_##S(                                                     \
     const long long *indptr, const int *indices, const void *data, int pix, const T *lut, \
@@ -514,11 +513,11 @@ static void fn_sparse_forward_cols_##S(                                         
     long long HP, int jlo, int jhi, long long *bad)                                       \
 {                                                                                           \
     if (pix)                                                                                \
-        FN_SPARSE_PICK(fn_sparse_forward_cols, S, u, indptr, indices, (const uint8_t *)data, lut, rows, n, \
-                                      W, b, out, D, HP, jlo, jhi, bad);                     \
+        FN_SPARSE_PICK(fn_sparse_forward_cols, S, u, indptr, indices, (const uint8_t *)data,  \
+                       lut, rows, n, W, b, out, D, HP, jlo, jhi, bad);                      \
     else                                                                                    \
-        FN_SPARSE_PICK(fn_sparse_forward_cols, S, v, indptr, indices, (const T *)data, lut, rows, n,       \
-                                      W, b, out, D, HP, jlo, jhi, bad);                     \
+        FN_SPARSE_PICK(fn_sparse_forward_cols, S, v, indptr, indices, (const T *)data,        \
+                       lut, rows, n, W, b, out, D, HP, jlo, jhi, bad);                      \
 }                                                                                           \
 static void fn_sparse_scatter_##S(                                                          \
     const long long *indptr, const int *indices, const void *data, int pix, const T *lut, \
@@ -526,11 +525,11 @@ static void fn_sparse_scatter_##S(                                              
     long long HP, int jlo, int jhi, long long *bad)                                       \
 {                                                                                           \
     if (pix)                                                                                \
-        FN_SPARSE_PICK(fn_sparse_scatter, S, u, indptr, indices, (const uint8_t *)data, lut, rows, n, G, W, \
-                                 D, H, HP, jlo, jhi, bad);                                  \
+        FN_SPARSE_PICK(fn_sparse_scatter, S, u, indptr, indices, (const uint8_t *)data, lut,  \
+                       rows, n, G, W, D, H, HP, jlo, jhi, bad);                             \
     else                                                                                    \
-        FN_SPARSE_PICK(fn_sparse_scatter, S, v, indptr, indices, (const T *)data, lut, rows, n, G, W,      \
-                                 D, H, HP, jlo, jhi, bad);                                  \
+        FN_SPARSE_PICK(fn_sparse_scatter, S, v, indptr, indices, (const T *)data, lut,        \
+                       rows, n, G, W, D, H, HP, jlo, jhi, bad);                             \
 }
 
 FN_SPARSE_ENTRIES(float, f)
