@@ -132,11 +132,11 @@ cdef extern from "_nzrows.h" nogil:
                         const float* dz, long long H, float* dW, float* S, long long* cur)
     enum: FN_NZ_SCRATCH  # floats of S, 64-byte aligned
 
-# mlp_gradient runs the first layer over the non-zeros (float32, on a CPU with AVX-512)
-# when at most NZ_MAX_DENSITY of the batch's inputs are non-zero and the layer has at
-# least NZ_MIN_UNITS units and at most NZ_MAX_OUTPUTS outputs (rows x units); elsewhere
+# mlp_gradient runs the first layer over the non-zeros (float32, on a CPU with AVX-512 or
+# AVX2) when at most NZ_MAX_DENSITY of the batch's inputs are non-zero and the layer has
+# at least NZ_MIN_UNITS units and at most NZ_MAX_OUTPUTS outputs (rows x units); elsewhere
 # BLAS's dense products are as fast or faster (benchmarks/README.md, "mlp_gradient over
-# the non-zeros").
+# the non-zeros", and the same on AVX2 in "2026-12-07 (evening)").
 NZ_READY = bool(fn_nz_ready())
 NZ_MAX_DENSITY = 0.22
 NZ_MIN_UNITS = 32

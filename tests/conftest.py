@@ -72,9 +72,10 @@ def rng():
 
 @pytest.fixture(params=["native", "narrow"])
 def vectors(request):
-    """The Cython sparse loops as built for this CPU, or (narrow) as built for a CPU
-    without AVX-512 (32-byte vectors, no vector top; the same where the CPU has none), so
-    that a CPU with AVX-512 tests both builds.  Tests of other backends skip "narrow"."""
+    """The Cython sparse loops and mlp_gradient's non-zeros as built for this CPU, or
+    (narrow) as built for a CPU without AVX-512 (32-byte vectors, no vector top; the same
+    where the CPU has none), so that a CPU with AVX-512 tests both builds.  Tests of other
+    backends skip "narrow"."""
     if request.param == "narrow":
         if request.node.callspec.params.get("backend_name", "cython") != "cython":
             pytest.skip("the vector builds are the Cython backend's")

@@ -304,7 +304,7 @@ def _nonzeros_or_skip():
     """The Cython module, where this CPU runs its first layer over the non-zeros."""
     c = _cython_module()
     if not c.NZ_READY:
-        pytest.skip("this CPU has no AVX-512: mlp_gradient keeps the dense products")
+        pytest.skip("this CPU has neither AVX-512 nor AVX2: mlp_gradient keeps the dense products")
     return c
 
 
@@ -334,11 +334,11 @@ def _gradients(c, X, T, idx, sizes, act, theta, decay, dense=False, monkeypatch=
 @pytest.mark.parametrize("D", [784, 37])
 @pytest.mark.parametrize("decay", [0.0, 0.05], ids=["", "decay"])
 @pytest.mark.parametrize("act", [Act.RELU, Act.SIGMOID], ids=["relu", "sigmoid"])
-def test_mlp_gradient_over_the_nonzeros(hidden, D, decay, act, monkeypatch):
+def test_mlp_gradient_over_the_nonzeros(hidden, D, decay, act, vectors, monkeypatch):
     """float32 rows with few non-zeros: the first layer over its non-zeros (one tile of 64
-    units or several, a partial last vector, inputs not a multiple of 16) equals the
-    reference's gradient and the dense products' within float32 rounding, and is not the
-    dense products' bit for bit (so the path ran)."""
+    units or several, a partial last vector, inputs not a multiple of 16), in the AVX-512
+    and the AVX2 build, equals the reference's gradient and the dense products' within
+    float32 rounding, and is not the dense products' bit for bit (so the path ran)."""
     c = _nonzeros_or_skip()
     sizes = np.array([D, *hidden, 10])
     X, T = _mnist_like(D=D)
@@ -355,7 +355,7 @@ def test_mlp_gradient_over_the_nonzeros(hidden, D, decay, act, monkeypatch):
     np.testing.assert_array_equal(theta, _net(sizes, np.float32, scale=0.1))
 
 
-def test_mlp_gradient_over_the_nonzeros_of_gathered_rows(monkeypatch):
+def test_mlp_gradient_over_the_nonzeros_of_gathered_rows(vectors, monkeypatch):
     """uint8 pixels and float rows gathered by idx (out of order, repeated) take the same
     path and give what the same rows in order give, bit for bit."""
     c = _nonzeros_or_skip()
