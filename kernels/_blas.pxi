@@ -63,7 +63,8 @@ cdef int _load_blas() except -1:
     """sgemm and dgemm from the C-API capsules of scipy.linalg.cython_blas (what a
     cimport of them would read), and how to set the BLAS threads of a thread."""
     global sgemm, dgemm, n_blas_libs
-    capi = _cython_blas().__pyx_capi__
+    with _blas_lib.spin_briefly():
+        capi = _cython_blas().__pyx_capi__
     dgemm = <_dgemm_t>PyCapsule_GetPointer(capi["dgemm"], PyCapsule_GetName(capi["dgemm"]))
     sgemm = <_sgemm_t>PyCapsule_GetPointer(capi["sgemm"], PyCapsule_GetName(capi["sgemm"]))
     cdef size_t address

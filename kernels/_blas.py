@@ -8,7 +8,34 @@ here.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import os
+
+#: OpenBLAS's idle threads spin 2**n CPU cycles after their last work before they sleep:
+#: n = OPENBLAS_THREAD_TIMEOUT, read once, when the library loads (28 by default, a tenth
+#: of a second; OpenBLAS takes 4 to 30).  fastnet loads SciPy's OpenBLAS with this n
+#: (see spin_briefly).
+BLAS_SPIN = 22
+
+
+@contextlib.contextmanager
+def spin_briefly():
+    """Load a BLAS library inside this: its idle threads then spin 2**BLAS_SPIN cycles
+    (about a millisecond) before they sleep, not OpenBLAS's tenth of a second.  Its
+    threads start idle, so with the default the library would keep one core busy for a
+    tenth of a second after it loads, while the kernels' first calls want both
+    (benchmarks/README.md has the figures); between the products of a kernel call, a
+    millisecond is long enough.  A setting of the user's is left alone, and the
+    environment is as it was afterwards."""
+    if "OPENBLAS_THREAD_TIMEOUT" in os.environ:
+        yield
+        return
+    os.environ["OPENBLAS_THREAD_TIMEOUT"] = str(BLAS_SPIN)
+    try:
+        yield
+    finally:
+        os.environ.pop("OPENBLAS_THREAD_TIMEOUT", None)
 
 
 def openblas_threads_local() -> list[int]:
@@ -42,7 +69,8 @@ class one_thread:
     def __enter__(self):
         global _setters
         if _setters is None:
-            import scipy.linalg.cython_blas  # noqa: F401  (the BLAS that the kernels call is loaded)
+            with spin_briefly():
+                import scipy.linalg.cython_blas  # noqa: F401  (the BLAS that the kernels call is loaded)
 
             kind = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int)
             _setters = [kind(address) for address in openblas_threads_local()]

@@ -1,5 +1,6 @@
 """Choosing backends: set/use/env/auto, clear errors, and a fast import."""
 
+import os
 import subprocess
 import sys
 
@@ -63,8 +64,6 @@ def test_broken_backend_is_an_error(monkeypatch):
 
 
 def _run(code, **env):
-    import os
-
     full = dict(os.environ, **env)
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full)
 
@@ -258,3 +257,38 @@ def test_cython_loads_blas_on_first_use(case):
     out = subprocess.run([sys.executable, "-c", _FIRST_BLAS_CALL, case], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["True"]
+
+
+_SPIN_AFTER_LOAD = r"""
+import os, resource, time, numpy as np
+from fastnet.kernels import _cython as k
+time.sleep(0.3)  # NumPy's own OpenBLAS threads spin a while after its import
+sizes = np.array([20, 7, 3])
+theta, X = np.zeros(20 * 7 + 7 + 7 * 3 + 3, np.float32), np.ones((4, 20), np.float32)
+k.mlp_gradient(X, np.zeros(4, np.int64), np.arange(4), sizes, 1, theta, 0.0, np.empty_like(theta))
+assert k._blas_loaded()
+before = resource.getrusage(resource.RUSAGE_SELF)
+time.sleep(0.3)
+after = resource.getrusage(resource.RUSAGE_SELF)
+cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+print(os.environ.get("OPENBLAS_THREAD_TIMEOUT"), round(cpu * 1000))
+"""
+
+
+@pytest.mark.skipif("cython" not in backend.available_backends(), reason="the Cython extension is not built")
+@pytest.mark.parametrize("setting", [None, "25"], ids=["unset", "the user's"])
+def test_blas_threads_sleep_soon_after_loading(setting):
+    """SciPy's OpenBLAS, loaded by the first kernel that needs it, has its idle threads
+    spin briefly (_blas.spin_briefly), not for a tenth of a second while the kernels'
+    own threads want the cores: over 0.3 s of sleep after the load the process spends
+    next to no CPU.  The environment is as it was (the user's setting kept, none left
+    behind)."""
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    if setting is not None:
+        env["OPENBLAS_THREAD_TIMEOUT"] = setting
+    out = subprocess.run([sys.executable, "-c", _SPIN_AFTER_LOAD], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    seen, cpu_ms = out.stdout.split()
+    assert seen == str(setting)
+    if setting is None:
+        assert int(cpu_ms) < 40, f"{cpu_ms} ms of CPU while asleep: BLAS's threads kept spinning"
