@@ -69,8 +69,7 @@ class one_thread:
     def __enter__(self):
         global _setters
         if _setters is None:
-            with spin_briefly():
-                import scipy.linalg.cython_blas  # noqa: F401  (the BLAS that the kernels call is loaded)
+            import scipy.linalg.cython_blas  # noqa: F401  (the BLAS that the kernels call is loaded)
 
             kind = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int)
             _setters = [kind(address) for address in openblas_threads_local()]

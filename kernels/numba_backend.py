@@ -22,7 +22,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from . import _checks as chk
-from ._blas import one_thread
+from ._blas import one_thread, spin_briefly
 from ._scratch import buffer
 from .contract import (
     LOG_EPS,
@@ -37,6 +37,11 @@ from .contract import (
     mlp_size,
     mlp_views,
 )
+
+# Numba's products call SciPy's BLAS, which Numba loads when it first compiles or loads
+# one; loaded here instead, so that its idle threads spin only briefly (_blas.py)
+with spin_briefly():
+    import scipy.linalg.cython_blas  # noqa: E402, F401
 
 # the codes as plain ints: Numba compiles module globals in as constants
 RELU, SIGMOID = int(Act.RELU), int(Act.SIGMOID)
