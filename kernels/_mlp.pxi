@@ -136,7 +136,7 @@ cdef extern from "_nzrows.h" nogil:
 # AVX2) when at most NZ_MAX_DENSITY of the batch's inputs are non-zero and the layer has
 # at least NZ_MIN_UNITS units and at most NZ_MAX_OUTPUTS outputs (rows x units); elsewhere
 # BLAS's dense products are as fast or faster (benchmarks/README.md, "mlp_gradient over
-# the non-zeros", and the same on AVX2 in "2026-12-07 (evening)").
+# the non-zeros", with AVX-512 and on AVX2).
 NZ_READY = bool(fn_nz_ready())
 NZ_MAX_DENSITY = 0.22
 NZ_MIN_UNITS = 32

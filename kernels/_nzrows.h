@@ -337,6 +337,20 @@ FN_NZ256_INLINE void fn_nz_put_256(const int NV, float *o, const float *s, __m25
     _mm256_maskstore_ps(o + 8 * (NV - 1), last, _mm256_load_ps(s + 8 * (NV - 1)));
 }
 
+/* fn(NV, ...) with NV the vectors of 8 lanes that hold the n lanes of a tile left below
+ * H (at most 8) as a constant: one instance per count, each with its sums in registers */
+#define FN_NZ256_BY_NV(n, fn, ...)                                                          \
+    switch ((n) >= 64 ? 8 : (int)((n) + 7) / 8) {                                           \
+    case 8: fn(8, __VA_ARGS__); break;                                                      \
+    case 7: fn(7, __VA_ARGS__); break;                                                      \
+    case 6: fn(6, __VA_ARGS__); break;                                                      \
+    case 5: fn(5, __VA_ARGS__); break;                                                      \
+    case 4: fn(4, __VA_ARGS__); break;                                                      \
+    case 3: fn(3, __VA_ARGS__); break;                                                      \
+    case 2: fn(2, __VA_ARGS__); break;                                                      \
+    default: fn(1, __VA_ARGS__); break;                                                     \
+    }
+
 FN_NZ256_INLINE void fn_nz_forward_tile_256(const int NV, const long long *ptr, const int *col, const float *val,
                                             long long i0, long long i1, long long D, const float *W,
                                             const float *b, long long H, long long j0, float *h, float *S,
@@ -378,16 +392,7 @@ FN_NZ256 static void fn_nz_forward_256(const long long *ptr, const int *col, con
     for (long long i0 = 0; i0 < B; i0 += FN_NZ_RB) {
         const long long i1 = i0 + FN_NZ_RB < B ? i0 + FN_NZ_RB : B;
         for (long long j0 = 0; j0 < H; j0 += 64) {
-            switch (H - j0 >= 64 ? 8 : (int)(H - j0 + 7) / 8) {
-            case 8: fn_nz_forward_tile_256(8, ptr, col, val, i0, i1, D, W, b, H, j0, h, S, cur); break;
-            case 7: fn_nz_forward_tile_256(7, ptr, col, val, i0, i1, D, W, b, H, j0, h, S, cur); break;
-            case 6: fn_nz_forward_tile_256(6, ptr, col, val, i0, i1, D, W, b, H, j0, h, S, cur); break;
-            case 5: fn_nz_forward_tile_256(5, ptr, col, val, i0, i1, D, W, b, H, j0, h, S, cur); break;
-            case 4: fn_nz_forward_tile_256(4, ptr, col, val, i0, i1, D, W, b, H, j0, h, S, cur); break;
-            case 3: fn_nz_forward_tile_256(3, ptr, col, val, i0, i1, D, W, b, H, j0, h, S, cur); break;
-            case 2: fn_nz_forward_tile_256(2, ptr, col, val, i0, i1, D, W, b, H, j0, h, S, cur); break;
-            default: fn_nz_forward_tile_256(1, ptr, col, val, i0, i1, D, W, b, H, j0, h, S, cur);
-            }
+            FN_NZ256_BY_NV(H - j0, fn_nz_forward_tile_256, ptr, col, val, i0, i1, D, W, b, H, j0, h, S, cur);
         }
     }
 }
@@ -426,16 +431,7 @@ FN_NZ256 static void fn_nz_backward_256(const long long *ptr, const int *col, co
                                         long long *cur)
 {
     for (long long j0 = 0; j0 < H; j0 += 64) {
-        switch (H - j0 >= 64 ? 8 : (int)(H - j0 + 7) / 8) {
-        case 8: fn_nz_backward_tile_256(8, ptr, col, val, B, D, dz, H, j0, dW, S, cur); break;
-        case 7: fn_nz_backward_tile_256(7, ptr, col, val, B, D, dz, H, j0, dW, S, cur); break;
-        case 6: fn_nz_backward_tile_256(6, ptr, col, val, B, D, dz, H, j0, dW, S, cur); break;
-        case 5: fn_nz_backward_tile_256(5, ptr, col, val, B, D, dz, H, j0, dW, S, cur); break;
-        case 4: fn_nz_backward_tile_256(4, ptr, col, val, B, D, dz, H, j0, dW, S, cur); break;
-        case 3: fn_nz_backward_tile_256(3, ptr, col, val, B, D, dz, H, j0, dW, S, cur); break;
-        case 2: fn_nz_backward_tile_256(2, ptr, col, val, B, D, dz, H, j0, dW, S, cur); break;
-        default: fn_nz_backward_tile_256(1, ptr, col, val, B, D, dz, H, j0, dW, S, cur);
-        }
+        FN_NZ256_BY_NV(H - j0, fn_nz_backward_tile_256, ptr, col, val, B, D, dz, H, j0, dW, S, cur);
     }
 }
 
@@ -445,10 +441,7 @@ FN_NZ256 static void fn_nz_backward_256(const long long *ptr, const int *col, co
 static int fn_nz_ready(void)
 {
     __builtin_cpu_init();  /* a no-op once libgcc's constructor has run */
-    if (!__builtin_cpu_supports("avx512f") && !(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")))
-        return 0;
-    fn_nz_build_order();
-    return 1;
+    return __builtin_cpu_supports("avx512f") || (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"));
 }
 
 /* 1 when the n floats at W are all finite */

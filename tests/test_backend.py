@@ -262,10 +262,12 @@ def test_cython_loads_blas_on_first_use(case):
 _SPIN_AFTER_LOAD = r"""
 import os, resource, time, numpy as np
 from fastnet.kernels import _cython as k
+from fastnet.kernels.contract import Act
 time.sleep(0.3)  # NumPy's own OpenBLAS threads spin a while after its import
 sizes = np.array([20, 7, 3])
 theta, X = np.zeros(20 * 7 + 7 + 7 * 3 + 3, np.float32), np.ones((4, 20), np.float32)
-k.mlp_gradient(X, np.zeros(4, np.int64), np.arange(4), sizes, 1, theta, 0.0, np.empty_like(theta))
+k.mlp_gradient(X, np.zeros(4, np.int64), np.arange(4), sizes, Act.RELU, theta, 0.0,
+               np.empty_like(theta))
 assert k._blas_loaded()
 before = resource.getrusage(resource.RUSAGE_SELF)
 time.sleep(0.3)
