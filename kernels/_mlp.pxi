@@ -197,12 +197,21 @@ cdef extern from "_optim.h" nogil:
                    double c2, double eps)
 
 
-cdef void _optimizer_update(real* theta, real* grad, double* opt, real* m, real* v,
-                            long long start, long long size) noexcept nogil:
+cdef void _optimizer_begin(double* opt) noexcept nogil:
+    """A step of the optimiser of the record opt starts: Adam counts it (its bias
+    correction takes the count), the others keep no count."""
+    if <int>opt[OPT_KIND] == OPT_ADAM:
+        opt[OPT_ITER] += 1
+
+
+cdef void _optimizer_range(real* theta, real* grad, double* opt, real* m, real* v,
+                           long long start, long long end) noexcept nogil:
     """The optimiser of the record opt (contract.Opt, fastnet.optim's formulas in theta's
-    dtype) on theta[start:size] from grad; m and v its state (_optim.h)."""
+    dtype) on theta[start:end] from grad; m and v its state (_optim.h).  Each element is
+    updated from its own values alone, so a step may be applied in ranges, on different
+    threads, after one _optimizer_begin."""
     cdef int kind = <int>opt[OPT_KIND]
-    cdef long long n = size - start
+    cdef long long n = end - start
     cdef real lr = <real>opt[OPT_LR], eps = <real>LOG_EPS, lr_t
     cdef double it
     theta, grad, m, v = theta + start, grad + start, m + start, v + start
@@ -222,13 +231,18 @@ cdef void _optimizer_update(real* theta, real* grad, double* opt, real* m, real*
         else:
             fn_adagrad_d(theta, grad, m, n, lr, eps)
     else:
-        opt[OPT_ITER] += 1
         it = opt[OPT_ITER]
         lr_t = <real>(opt[OPT_LR] * sqrt(1.0 - pow(opt[OPT_BETA2], it)) / (1.0 - pow(opt[OPT_BETA1], it)))
         if real is float:
             fn_adam_f(theta, grad, m, v, n, lr_t, 1 - <real>opt[OPT_BETA1], 1 - <real>opt[OPT_BETA2], eps)
         else:
             fn_adam_d(theta, grad, m, v, n, lr_t, 1 - <real>opt[OPT_BETA1], 1 - <real>opt[OPT_BETA2], eps)
+
+
+cdef void _optimizer_update(real* theta, real* grad, double* opt, real* m, real* v, long long size) noexcept nogil:
+    """One step of the optimiser of the record opt on all of theta[:size]."""
+    _optimizer_begin(opt)
+    _optimizer_range(theta, grad, opt, m, v, 0, size)
 
 
 cdef int _mlp_steps(_Net* n, real* X, unsigned char* U, long long* T, long long* idx, int S,
@@ -245,7 +259,7 @@ cdef int _mlp_steps(_Net* n, real* X, unsigned char* U, long long* T, long long*
         _gather_rows(X, U, rows, xb, n.B, <int>D)
         losses[k] = _mlp_backprop(n, theta, grad, xb, acts, deltas, T, rows, 0, opt[OPT_DECAY], sgd)
         if sgd == 0:
-            _optimizer_update(theta, grad, opt, m, v, 0, n.size)
+            _optimizer_update(theta, grad, opt, m, v, n.size)
         if not (losses[k] - losses[k] == 0):  # NaN or inf: stop here
             return k + 1
     return S
@@ -297,10 +311,15 @@ cdef long long _sparse_forward(_SparseFirst* f, long long* rows, int B, long lon
 
 
 cdef long long _sparse_scatter(_SparseFirst* f, long long* rows, int B, long long D, long long H,
-                               real* dz, real scale, real* dW, int nt) noexcept nogil:
+                               real* dz, real scale, real* dW, int nt, real* W=NULL, double* opt=NULL,
+                               real* m=NULL, real* v=NULL, real decay=0) noexcept nogil:
     """X[rows]^T (scale dz) by the same blocks of pixels: added into pad.W (direct), or
     written to pad.dW and copied unpadded into dW (D x H).  Each row of W is written by one
-    thread, in image order.  Returns the column indices outside [0, D) met."""
+    thread, in image order.  With opt (not direct): then, on the same thread, each block's
+    rows of W (D x H, state m and v) take decay W into their gradient and the step of the
+    optimiser (begun by the caller), and go to pad.W; so the serial part of a step is
+    the layers above only, and the thread that forwards a block next has its rows of W in
+    its own cache.  Returns the column indices outside [0, D) met."""
     cdef long long sbad[PIXEL_BLOCKS]
     cdef long long bad = 0, HP = f.pad.HP
     cdef int k, tid, nthr, jlo, jhi
@@ -324,10 +343,24 @@ cdef long long _sparse_scatter(_SparseFirst* f, long long* rows, int B, long lon
                         &sbad[k])
             if not f.direct:
                 fn_unpad_rows(target + jlo * HP, jhi - jlo, HP, dW + jlo * H, H, sizeof(real))
+                if opt != NULL:
+                    _update_rows(W, dW, opt, m, v, decay, jlo, jhi, H, <real*>f.pad.W, HP)
             k = k + nthr
     for k in range(PIXEL_BLOCKS):
         bad += sbad[k]
     return bad
+
+
+cdef void _update_rows(real* W, real* dW, double* opt, real* m, real* v, real decay, long long lo, long long hi,
+                       long long H, real* padded, long long HP) noexcept nogil:
+    """Rows lo:hi of a first layer's W (H wide): dW += decay W, the optimiser's step,
+    and the rows copied into padded (rows of HP)."""
+    cdef long long q
+    if decay != 0:
+        for q in range(lo * H, hi * H):
+            dW[q] += decay * W[q]
+    _optimizer_range(W, dW, opt, m, v, lo * H, hi * H)
+    fn_pad_rows(W + lo * H, hi - lo, H, padded + lo * HP, HP, sizeof(real))
 
 
 cdef int _mlp_steps_sparse(_Net* n, _SparseFirst* f, long long* T, long long* idx, int S, real* theta,
@@ -364,12 +397,10 @@ cdef int _mlp_steps_sparse(_Net* n, _SparseFirst* f, long long* T, long long* id
             for q in range(H):
                 theta[ly.b + q] -= <real>opt[OPT_LR] * grad[ly.b + q]
         else:
-            bad[0] += _sparse_scatter(f, rows, n.B, D, H, dz, <real>1, grad + ly.w, nt)
-            if d != 0:
-                for q in range(D * H):
-                    grad[q] += d * theta[q]
-            _optimizer_update(theta, grad, opt, m, v, 0, n.size)
-            fn_pad_rows(theta + ly.w, D, H, f.pad.W, f.pad.HP, sizeof(real))
+            _optimizer_begin(opt)
+            bad[0] += _sparse_scatter(f, rows, n.B, D, H, dz, <real>1, grad + ly.w, nt, theta + ly.w, opt,
+                                      m + ly.w, v + ly.w, d)
+            _optimizer_range(theta, grad, opt, m, v, ly.b, n.size)  # b1 and the layers above
         memcpy(f.pad.b, theta + ly.b, H * sizeof(real))
         if bad[0] or not (losses[k] - losses[k] == 0):
             done = k + 1

@@ -556,12 +556,14 @@ if sys.argv[1] == "lopsided":  # every non-zero in the second block of pixels: i
 T = rng.integers(0, 10, 400)
 csr = k.sparse_rows(X)
 out = []
-for sizes, kind in (([300, 50, 10], 1), ([300, 40, 30, 10], 1), ([300, 50, 10], 4)):
+# SGD (added into W1 by the scatter), Adam, Momentum with weight decay (W1's step on the threads of the scatter)
+for sizes, kind, decay in (([300, 50, 10], 1, 0), ([300, 40, 30, 10], 1, 0), ([300, 50, 10], 4, 0),
+                           ([300, 40, 30, 10], 2, 0.01)):
     sizes = np.array(sizes)
     theta = (0.1 * rng.standard_normal(mlp_size(sizes))).astype(np.float32)
     state, losses = np.zeros((2, theta.size), np.float32), np.empty(20)
     k.train_steps_mlp_sparse(*csr, T, rng.integers(0, 400, (20, 100)), sizes, 1, theta,
-                             np.array([kind, 0.05, 0.9, 0.999, 0, 0]), state, losses)
+                             np.array([kind, 0.05, 0.9, 0.999, decay, 0]), state, losses)
     labels = k.sparse_predict_mlp(*csr, 0, sizes, 1, theta, np.empty(400, np.int64))
     out += [theta, losses, labels]
 sys.stdout.write("".join(a.tobytes().hex() for a in out))
