@@ -84,17 +84,47 @@ cdef void _gemm_one_thread(bint ta, bint tb, int M, int N, int K, real alpha, re
     _blas_threads_back(had)
 
 
+cdef extern from "_gemm256.h" nogil:
+    void fn_gemm_256(long long M, long long N, long long K, float alpha, const float* A, long long si,
+                     long long sp, const float* B, long long ldb, float beta, float* C, long long ldc)
+    int fn_gemm_256_ready()
+
+cdef bint _gemm_256_ready = fn_gemm_256_ready()
+cdef bint _gemm_256_off = False  # every product to BLAS (_blas_products)
+# the most elements of B that fn_gemm_256 takes: each block of 6 rows of C reads all of
+# B, which must stay in L2 (a 784-1000-1000-10 step's 1000 x 1000 went 7.3 -> 7.6 ms)
+DEF GEMM_256_MOST = 32768
+
+
+def _blas_products(bint on):
+    """Every product of the Cython kernels through BLAS (on), or fn_gemm_256 where
+    _own_gemm says (off: the default); returns the setting before.  For the tests and
+    the benchmarks (both ways in one process)."""
+    global _gemm_256_off
+    before = _gemm_256_off
+    _gemm_256_off = on
+    return before
+
+
+cdef inline bint _own_gemm(int K, int N) noexcept nogil:
+    """Whether _gemm_rows multiplies float32 blocks by a K x N matrix B (not transposed)
+    with fn_gemm_256: on a CPU with AVX2 and FMA but not the wider vectors of AVX-512,
+    where BLAS's own kernels are the faster ones (such a CPU takes it in the tests through
+    _cython._narrow_vectors), and where B fits in L2 (each block of 6 rows reads all of it)."""
+    return _gemm_256_ready and not _gemm_256_off and K * <long long>N <= GEMM_256_MOST and not fn_wide_vectors()
+
+
 # the blocks of _gemm_rows: fixed, so that its bits do not depend on the thread count
 DEF GEMM_BLOCKS = 2
 
 
 cdef void _gemm_rows(int nt, bint ta, bint tb, int M, int N, int K, real alpha, real* A, int lda,
                      real* B, int ldb, real beta, real* C, int ldc) noexcept nogil:
-    """_gemm in GEMM_BLOCKS blocks of C's rows, block k on OpenMP thread k mod nt, each a
-    one-thread BLAS call; nt < 1: _gemm itself.  The sparse steps hold BLAS to one thread
-    (_blas_one_thread); this shares the layers above the first between the threads of
-    their OpenMP regions instead.  A row may round otherwise in a block than in one call
-    of all rows, so the blocks do not follow nt."""
+    """_gemm in GEMM_BLOCKS blocks of C's rows, block k on OpenMP thread k mod nt; nt < 1:
+    _gemm itself.  Each block a one-thread BLAS call, or fn_gemm_256 (_gemm_here).
+    The sparse steps hold BLAS to one thread (_blas_one_thread); this shares the layers
+    above the first between the threads of their OpenMP regions instead.  A row may round
+    otherwise in a block than in one call of all rows, so the blocks do not follow nt."""
     cdef int k
     cdef Py_ssize_t r0, r1
     if nt < 1:
@@ -104,8 +134,22 @@ cdef void _gemm_rows(int nt, bint ta, bint tb, int M, int N, int K, real alpha, 
         r0 = <Py_ssize_t>M * k // GEMM_BLOCKS
         r1 = <Py_ssize_t>M * (k + 1) // GEMM_BLOCKS
         if r1 > r0:  # rows r0:r1 of op(A): of A itself, or its columns when transposed
-            _gemm_one_thread(ta, tb, <int>(r1 - r0), N, K, alpha, A + (r0 if ta else r0 * lda), lda, B, ldb,
-                             beta, C + r0 * ldc, ldc)
+            _gemm_here(True, ta, tb, <int>(r1 - r0), N, K, alpha, A + (r0 if ta else r0 * lda), lda, B, ldb,
+                       beta, C + r0 * ldc, ldc)
+
+
+cdef void _gemm_here(bint one_thread, bint ta, bint tb, int M, int N, int K, real alpha, real* A, int lda,
+                     real* B, int ldb, real beta, real* C, int ldc) noexcept nogil:
+    """_gemm on the calling thread: fn_gemm_256 where _own_gemm says, else BLAS (held to
+    this thread for the call when one_thread; else as the caller has set it)."""
+    if real is float:
+        if not tb and _own_gemm(K, N):
+            fn_gemm_256(M, N, K, alpha, A, 1 if ta else lda, lda if ta else 1, B, ldb, beta, C, ldc)
+            return
+    if one_thread:
+        _gemm_one_thread(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)
+    else:
+        _gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)
 
 
 cdef void _blas_one_thread(int* had) noexcept nogil:

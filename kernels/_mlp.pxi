@@ -429,14 +429,15 @@ cdef void _argmax_rows(real* s, long long n, long long C, long long* out) noexce
         out[i] = k
 
 
-cdef void _mlp_scores_above(_Net* n, real* theta, real* acts, int lo) noexcept nogil:
-    """Layers lo.. of a forward whose layer lo - 1 outputs are in acts (n.B rows)."""
+cdef void _mlp_scores_above(_Net* n, real* theta, real* acts, int lo, int nt=0) noexcept nogil:
+    """Layers lo.. of a forward whose layer lo - 1 outputs are in acts (n.B rows); the
+    products as _affine's with nt."""
     cdef int k
     cdef _Layer* ly
     for k in range(lo, n.L):
         ly = &n.layer[k]
         _affine(acts + n.layer[k - 1].out, theta + ly.w, theta + ly.b, acts + ly.out, n.B, <int>ly.n_in,
-                <int>ly.n_out, n.act if k < n.L - 1 else 0)
+                <int>ly.n_out, n.act if k < n.L - 1 else 0, nt)
 
 
 #: rows labelled at a time by the evaluation kernels (their activations stay in cache)
@@ -507,7 +508,7 @@ cdef void _predict_run(_Net* n, long long* indptr, int* indices, void* data, bin
                     fn_top_argmax_d(h, m, H, theta + top.w, theta + top.b, top.n_out, wp, s, labels + i)
             else:
                 local.B = <int>m
-                _mlp_scores_above(&local, theta, acts, 1)
+                _mlp_scores_above(&local, theta, acts, 1, -1)  # on this thread (BLAS: one thread)
                 _argmax_rows(acts + top.out, m, top.n_out, labels + i)
         i += m
 

@@ -117,6 +117,43 @@ def test_sparse_steps_with_threads(backend_name, dtype, sizes, optimizer, vector
     _close(out[2], out[0], dtype, "sparse steps")
 
 
+@pytest.mark.skipif("cython" not in COMPILED, reason="the Cython extension is not built")
+@pytest.mark.parametrize("sizes", [[784, 17, 33, 10], [784, 40, 1, 16], [784, 64, 100, 100, 10]])
+@pytest.mark.parametrize("batch", [2, 7, 11, 100])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_sparse_steps_products_without_blas(sizes, batch, optimizer):
+    """The layers above the first of a sparse step go to _gemm256.h's product on a CPU
+    with AVX2 but not AVX-512 (here forced by _narrow_vectors): row blocks of every
+    height it has (a batch's half: 1, 3, 5, 6 and 50 rows), widths that end inside a
+    vector of 8, past one, and one unit wide, plain SGD folded into it (alpha, beta 1)
+    and the gradients of the others; against the reference, and against the same steps
+    with every product through BLAS."""
+    from fastnet.kernels import _cython
+
+    rng = np.random.default_rng(7)
+    X = (rng.integers(1, 256, (300, 784)) * (rng.random((300, 784)) < 0.19)).astype(np.uint8)
+    T = rng.integers(0, sizes[-1], 300).astype(np.int64)
+    idx = rng.integers(0, 300, (3, batch))
+    kind, lr = OPTIMIZERS[optimizer]
+    out = []
+    narrow = _cython._narrow_vectors(True)
+    try:
+        for k, sparse, blas in ((backend.load("numpy"), False, False), (backend.load("cython"), True, False),
+                                (backend.load("cython"), True, True)):
+            before = _cython._blas_products(blas)
+            try:
+                theta, state = _net(sizes, np.float32, scale=0.1), np.zeros((2, mlp_size(sizes)), np.float32)
+                assert _train(k, sparse, X, T, idx, sizes, Act.RELU, theta, _opt(kind, lr), state)[0] == 3
+            finally:
+                _cython._blas_products(before)
+            out.append(theta)
+    finally:
+        _cython._narrow_vectors(narrow)
+    assert not np.array_equal(out[0], _net(sizes, np.float32, scale=0.1)), "the parameters did not move"
+    _close(out[1], out[0], np.float32, "own products")
+    _close(out[2], out[0], np.float32, "BLAS products")
+
+
 @pytest.mark.parametrize("backend_name", ("numpy",) + COMPILED)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_uint8_pixels_equal_normalised_floats(backend_name, dtype):
