@@ -538,10 +538,52 @@ FN_SPARSE_ENTRIES(double, d)
 /* Class labels from hidden rows: labels[i] = argmax_c (h[i] @ W2 + b2)[c] for n rows of
  * H values (unpadded), W2 of H x C, b2 of C; the first maximum, and the first NaN when
  * there is one (what numpy.argmax does).  Each score is the sum over the H products in
- * order, then b2.  With C up to one 64-byte vector (the book's 10 classes) W2 is read
- * as wp, H rows of one vector (the wrapper pads it, lanes past C zero), and four rows
- * are summed at once, so that the adds of one row do not wait on each other;
- * otherwise plain loops, with s scratch of C. */
+ * order, then b2.  With C up to one 64-byte line (the book's 10 classes) W2 is read as
+ * wp, H rows of one line (the wrapper pads it, lanes past C zero), and four rows are
+ * summed at once, so that the adds of one row do not wait on each other: a row's scores
+ * in one 64-byte vector (x86-64-v4) or two of 32 bytes (x86-64-v3 and baseline, where
+ * GCC kept a 64-byte vector's halves on the stack: 7 ms of a 24 ms evaluation of 60,000
+ * images on 784-50-10, benchmarks/README.md); both builds sum each lane in the same
+ * order.  Otherwise plain loops, with s scratch of C. */
+#define FN_TOP_ROWS(T, S, VB, ATTR)                                                         \
+typedef T fn_tv##VB##_##S __attribute__((vector_size(VB)));                                 \
+ATTR static void fn_top_rows_##S##VB(const T *h, long long n, long long H, const T *wp,    \
+    const T *b2, long long C, long long *labels)                                           \
+{                                                                                           \
+    enum { NV = 64 / VB, LINE = 64 / sizeof(T) };                                           \
+    typedef fn_tv##VB##_##S vec;                                                            \
+    T t[LINE];                                                                              \
+    long long i = 0;                                                                        \
+    for (; i + 4 <= n; i += 4) {                                                            \
+        vec a[4][NV];                                                                       \
+        for (int r = 0; r < 4; r++)                                                         \
+            for (int v = 0; v < NV; v++) a[r][v] = (vec){0};                                \
+        for (long long j = 0; j < H; j++) {                                                 \
+            const vec *w = (const vec *)(wp + j * LINE);                                    \
+            for (int r = 0; r < 4; r++) {                                                   \
+                T x = h[(i + r) * H + j];                                                   \
+                for (int v = 0; v < NV; v++) a[r][v] += x * w[v];                           \
+            }                                                                               \
+        }                                                                                   \
+        for (int r = 0; r < 4; r++) {                                                       \
+            memcpy(t, a[r], sizeof t);                                                      \
+            for (long long c = 0; c < C; c++) t[c] += b2[c];                                \
+            labels[i + r] = fn_argmax_##S(t, C);                                            \
+        }                                                                                   \
+    }                                                                                       \
+    for (; i < n; i++) {                                                                    \
+        vec a[NV];                                                                          \
+        for (int v = 0; v < NV; v++) a[v] = (vec){0};                                       \
+        for (long long j = 0; j < H; j++) {                                                 \
+            const vec *w = (const vec *)(wp + j * LINE);                                    \
+            for (int v = 0; v < NV; v++) a[v] += h[i * H + j] * w[v];                       \
+        }                                                                                   \
+        memcpy(t, a, sizeof t);                                                             \
+        for (long long c = 0; c < C; c++) t[c] += b2[c];                                    \
+        labels[i] = fn_argmax_##S(t, C);                                                    \
+    }                                                                                       \
+}
+
 #define FN_TOP_ARGMAX(T, S)                                                                 \
 static inline long long fn_argmax_##S(const T *s, long long C)                             \
 {                                                                                           \
@@ -556,38 +598,15 @@ static inline long long fn_argmax_##S(const T *s, long long C)                  
     return k;                                                                               \
 }                                                                                           \
                                                                                             \
-typedef T fn_tvec_##S __attribute__((vector_size(64)));                                     \
+FN_TOP_ROWS(T, S, 64, FN_SPARSE_WIDE)                                                       \
+FN_TOP_ROWS(T, S, 32, FN_SPARSE_NARROW)                                                     \
                                                                                             \
-FN_SPARSE_CLONES static void fn_top_argmax_##S(const T *h, long long n, long long H,       \
-    const T *W2, const T *b2, long long C, const T *wp, T *s, long long *labels)           \
+static void fn_top_argmax_##S(const T *h, long long n, long long H, const T *W2,           \
+    const T *b2, long long C, const T *wp, T *s, long long *labels)                        \
 {                                                                                           \
-    const long long L = 64 / sizeof(T);                                                     \
-    if (C <= L) { /* each lane sums in the same order in both loops */                      \
-        const fn_tvec_##S *w = (const fn_tvec_##S *)wp;                                     \
-        T t[4][64 / sizeof(T)];                                                             \
-        long long i = 0;                                                                    \
-        for (; i + 4 <= n; i += 4) {                                                        \
-            const T *h0 = h + i * H, *h1 = h0 + H, *h2 = h1 + H, *h3 = h2 + H;              \
-            fn_tvec_##S a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};                             \
-            for (long long j = 0; j < H; j++) {                                             \
-                a0 += h0[j] * w[j]; a1 += h1[j] * w[j];                                     \
-                a2 += h2[j] * w[j]; a3 += h3[j] * w[j];                                     \
-            }                                                                               \
-            memcpy(t[0], &a0, 64); memcpy(t[1], &a1, 64);                                   \
-            memcpy(t[2], &a2, 64); memcpy(t[3], &a3, 64);                                   \
-            for (int r = 0; r < 4; r++) {                                                   \
-                for (long long c = 0; c < C; c++) t[r][c] += b2[c];                         \
-                labels[i + r] = fn_argmax_##S(t[r], C);                                     \
-            }                                                                               \
-        }                                                                                   \
-        for (; i < n; i++) {                                                                \
-            const T *h0 = h + i * H;                                                        \
-            fn_tvec_##S a0 = {0};                                                           \
-            for (long long j = 0; j < H; j++) a0 += h0[j] * w[j];                           \
-            memcpy(t[0], &a0, 64);                                                          \
-            for (long long c = 0; c < C; c++) t[0][c] += b2[c];                             \
-            labels[i] = fn_argmax_##S(t[0], C);                                             \
-        }                                                                                   \
+    if (C <= 64 / (long long)sizeof(T)) {                                                   \
+        if (fn_wide_vectors()) fn_top_rows_##S##64(h, n, H, wp, b2, C, labels);             \
+        else fn_top_rows_##S##32(h, n, H, wp, b2, C, labels);                               \
         return;                                                                             \
     }                                                                                       \
     for (long long i = 0; i < n; i++) {                                                     \
