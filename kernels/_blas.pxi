@@ -92,7 +92,8 @@ cdef extern from "_gemm256.h" nogil:
 cdef bint _gemm_256_ready = fn_gemm_256_ready()
 cdef bint _gemm_256_off = False  # every product to BLAS (_blas_products)
 # the most elements of B that fn_gemm_256 takes: each block of 6 rows of C reads all of
-# B, which must stay in L2 (a 784-1000-1000-10 step's 1000 x 1000 went 7.3 -> 7.6 ms)
+# B, which must stay in L2; larger, BLAS's blocked copies are the faster way
+# (benchmarks/README.md, "the layers above the first without BLAS's copies")
 DEF GEMM_256_MOST = 32768
 
 

@@ -10,11 +10,12 @@
  * weights on each of two threads, and the evaluation blocks of 64 rows on each.  For
  * such products one-thread OpenBLAS spends about half as long copying ("packing") both
  * operands into its own layout as it spends multiplying them (benchmarks/README.md,
- * "the layers above the first without BLAS's copies").  Here a block of R <= 6 rows of C and 16 of its columns is held in 12
- * registers over the whole sum over p (for each p: two loads of B's row p, R broadcasts
- * of A's elements, 2R FMAs) and stored once.  Blocks run rows outer, columns inner, so
- * the R rows of A in use stay in L1 while B's columns stream through it.  A block
- * narrower than 16 columns (N not a multiple of 16) is loaded and stored under masks.
+ * "the layers above the first without BLAS's copies").  Here a block of R <= 6 rows of
+ * C and 16 of its columns is held in 12 registers over the whole sum over p (for each p:
+ * two loads of B's row p, R broadcasts of A's elements, 2R FMAs) and stored once.
+ * Blocks run rows outer, columns inner, so the R rows of A in use stay in L1 while B's
+ * columns stream through it.  A block narrower than 16 columns (N not a multiple of 16)
+ * is loaded and stored under masks.
  *
  * Each element of C is one sum over p in order, whatever the blocks, so a caller may
  * split the rows between threads without changing a bit.  NaN and inf propagate as in

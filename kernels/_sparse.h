@@ -542,9 +542,8 @@ FN_SPARSE_ENTRIES(double, d)
  * wp, H rows of one line (the wrapper pads it, lanes past C zero), and four rows are
  * summed at once, so that the adds of one row do not wait on each other: a row's scores
  * in one 64-byte vector (x86-64-v4) or two of 32 bytes (x86-64-v3 and baseline, where
- * GCC kept a 64-byte vector's halves on the stack: 7 ms of a 24 ms evaluation of 60,000
- * images on 784-50-10, benchmarks/README.md); both builds sum each lane in the same
- * order.  Otherwise plain loops, with s scratch of C. */
+ * GCC keeps a 64-byte vector's halves on the stack, as for the loops above); both builds
+ * sum each lane in the same order.  Otherwise plain loops, with s scratch of C. */
 #define FN_TOP_ROWS(T, S, VB, ATTR)                                                         \
 typedef T fn_tv##VB##_##S __attribute__((vector_size(VB)));                                 \
 ATTR static void fn_top_rows_##S##VB(const T *h, long long n, long long H, const T *wp,    \
