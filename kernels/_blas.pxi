@@ -77,7 +77,8 @@ cdef int _load_blas() except -1:
 
 cdef void _gemm_one_thread(bint ta, bint tb, int M, int N, int K, real alpha, real* A, int lda,
                            real* B, int ldb, real beta, real* C, int ldc) noexcept nogil:
-    """_gemm with BLAS held to the calling thread (an OpenMP thread of _gemm_rows)."""
+    """_gemm with BLAS held to the calling thread (an OpenMP thread of a sparse step or
+    of the evaluation)."""
     cdef int had[MAX_BLAS_LIBS]
     _blas_one_thread(had)
     _gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)
@@ -108,35 +109,11 @@ def _blas_products(bint on):
 
 
 cdef inline bint _own_gemm(int K, int N) noexcept nogil:
-    """Whether _gemm_rows multiplies float32 blocks by a K x N matrix B (not transposed)
+    """Whether _gemm_here multiplies float32 blocks by a K x N matrix B (not transposed)
     with fn_gemm_256: on a CPU with AVX2 and FMA but not the wider vectors of AVX-512,
     where BLAS's own kernels are the faster ones (such a CPU takes it in the tests through
     _cython._narrow_vectors), and where B fits in L2 (each block of 6 rows reads all of it)."""
     return _gemm_256_ready and not _gemm_256_off and K * <long long>N <= GEMM_256_MOST and not fn_wide_vectors()
-
-
-# the blocks of _gemm_rows: fixed, so that its bits do not depend on the thread count
-DEF GEMM_BLOCKS = 2
-
-
-cdef void _gemm_rows(int nt, bint ta, bint tb, int M, int N, int K, real alpha, real* A, int lda,
-                     real* B, int ldb, real beta, real* C, int ldc) noexcept nogil:
-    """_gemm in GEMM_BLOCKS blocks of C's rows, block k on OpenMP thread k mod nt; nt < 1:
-    _gemm itself.  Each block a one-thread BLAS call, or fn_gemm_256 (_gemm_here).
-    The sparse steps hold BLAS to one thread (_blas_one_thread); this shares the layers
-    above the first between the threads of their OpenMP regions instead.  A row may round
-    otherwise in a block than in one call of all rows, so the blocks do not follow nt."""
-    cdef int k
-    cdef Py_ssize_t r0, r1
-    if nt < 1:
-        _gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)
-        return
-    for k in prange(GEMM_BLOCKS, num_threads=min(nt, GEMM_BLOCKS), schedule="static", chunksize=1):
-        r0 = <Py_ssize_t>M * k // GEMM_BLOCKS
-        r1 = <Py_ssize_t>M * (k + 1) // GEMM_BLOCKS
-        if r1 > r0:  # rows r0:r1 of op(A): of A itself, or its columns when transposed
-            _gemm_here(True, ta, tb, <int>(r1 - r0), N, K, alpha, A + (r0 if ta else r0 * lda), lda, B, ldb,
-                       beta, C + r0 * ldc, ldc)
 
 
 cdef void _gemm_here(bint one_thread, bint ta, bint tb, int M, int N, int K, real alpha, real* A, int lda,
@@ -155,9 +132,13 @@ cdef void _gemm_here(bint one_thread, bint ta, bint tb, int M, int N, int K, rea
 
 cdef void _blas_one_thread(int* had) noexcept nogil:
     """Let BLAS calls from this thread use one thread; had[i] receives what library i had
-    (MAX_BLAS_LIBS entries).  The sparse kernels call BLAS between OpenMP regions, whose
-    threads keep their cores busy for a while after a region ends, and BLAS threads
-    would wait on them for many times the work itself (benchmarks/README.md)."""
+    (MAX_BLAS_LIBS entries).  The sparse steps and the evaluation call BLAS from their
+    OpenMP threads, each with a block of the work: BLAS's own threads would wait on
+    OpenMP's, which keep their cores busy, for many times the work (benchmarks/README.md).
+    OpenBLAS keeps this setting for the whole process, not the thread, so two threads
+    that each set and restore it can leave the other's value behind: a kernel whose
+    threads call _gemm_one_thread sets 1 on the calling thread around its region, so
+    that every pair inside it restores 1."""
     cdef int i
     for i in range(n_blas_libs):
         had[i] = blas_threads_local[i](1)

@@ -37,17 +37,17 @@ cdef void _map_relu_backward(real* dout, real* y, real* out, Py_ssize_t n) noexc
 
 
 cdef void _affine(real* x, real* W, real* b, real* out, int N, int D, int M,
-                  int act, int nt=0) noexcept nogil:
-    """out = act(x @ W + b) (contract.Act); the product as _gemm_rows with nt, or on the
-    calling thread only (_gemm_here) with nt < 0."""
+                  int act, bint here=False) noexcept nogil:
+    """out = act(x @ W + b) (contract.Act); the product on BLAS's threads, or with
+    ``here`` on the calling thread only (_gemm_here)."""
     cdef Py_ssize_t i, j
     for i in range(N):
         for j in range(M):
             out[i * M + j] = b[j]
-    if nt < 0:
-        _gemm_here(False, False, False, N, M, D, <real>1, x, D, W, M, <real>1, out, M)
+    if here:
+        _gemm_here(True, False, False, N, M, D, <real>1, x, D, W, M, <real>1, out, M)
     else:
-        _gemm_rows(nt, False, False, N, M, D, <real>1, x, D, W, M, <real>1, out, M)
+        _gemm(False, False, N, M, D, <real>1, x, D, W, M, <real>1, out, M)
     if act == ACT_RELU:
         _map_relu(out, out, <Py_ssize_t>N * M)
     elif act == ACT_SIGMOID:

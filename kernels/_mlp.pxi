@@ -4,10 +4,11 @@
 # The arguments are checked once, in Python, by kernels/_checks.py (mlp_*), for all
 # three backends; the code here trusts them.  A layer is a record (_Layer) inside the
 # net's record (_Net): its sizes and where its parameters and outputs lie.  Products
-# go to BLAS (_gemm; in the sparse steps _gemm_rows, in blocks on the OpenMP threads);
-# the first layer over CSR rows goes through the loops of _sparse.h in their padded
-# layout, split between threads by blocks of pixels; and mlp_gradient runs the first
-# layer of a sparse float32 batch over its non-zeros (_nzrows.h) on the calling thread.
+# go to BLAS (_gemm), or in the sparse steps and the evaluation to _gemm_here in blocks
+# on the OpenMP threads; the first layer over CSR rows goes through the loops of
+# _sparse.h in their padded layout, split between threads by blocks of pixels; and
+# mlp_gradient runs the first layer of a sparse float32 batch over its non-zeros
+# (_nzrows.h) on the calling thread.
 
 DEF MAX_LAYERS = 64
 
@@ -49,17 +50,15 @@ cdef int _net_of(_Net* n, object sizes, int act, long long B) except -1:
 
 
 cdef double _mlp_backprop(_Net* n, real* theta, real* grad, real* x, real* acts, real* deltas,
-                          long long* T, long long* rows, int lo, double decay, double sgd,
-                          int nt=0) noexcept nogil:
+                          long long* T, long long* rows, int lo, double decay, double sgd) noexcept nogil:
     """Forward from layer lo (input x when lo is 0, else layer lo - 1's outputs already
     in acts), softmax-with-loss, backward: every layer's db, its dW from layer lo on
     (+ decay W), and for lo = 1 layer 0's pre-activation gradient left in deltas (its dW
     is the caller's: the sparse product).  With sgd != 0 (plain SGD, no decay) the
     layers from lo on are updated in place instead (W -= sgd * dW folded into the
     product: alpha = -sgd, beta = 1) and grad is not written; a layer's W is used for
-    the gradient below it before it is updated.  nt >= 1: each product in blocks of rows
-    on nt OpenMP threads (_gemm_rows, for the sparse steps, whose BLAS is held to one
-    thread); 0: whole, on BLAS's threads.  Returns the loss (+ 0.5 decay sum W**2)."""
+    the gradient below it before it is updated.  The products on BLAS's threads.
+    Returns the loss (+ 0.5 decay sum W**2)."""
     cdef int k, B = n.B, L = n.L
     cdef Py_ssize_t i, j, q
     cdef _Layer* ly
@@ -75,7 +74,7 @@ cdef double _mlp_backprop(_Net* n, real* theta, real* grad, real* x, real* acts,
         ly = &n.layer[k]
         inp = x if k == 0 else acts + n.layer[k - 1].out
         _affine(inp, theta + ly.w, theta + ly.b, acts + ly.out, B, <int>ly.n_in, <int>ly.n_out,
-                n.act if k < L - 1 else 0, nt)
+                n.act if k < L - 1 else 0)
     ly = &n.layer[L - 1]
     dz = acts + ly.out
     loss = _softmax_loss_delta(dz, T, rows, B, B, <int>ly.n_out) / B
@@ -90,7 +89,7 @@ cdef double _mlp_backprop(_Net* n, real* theta, real* grad, real* x, real* acts,
         below = NULL
         if k > 0:
             below = deltas + n.layer[k - 1].out
-            _gemm_rows(nt, False, True, B, <int>ly.n_in, <int>ly.n_out, <real>1, dz, <int>ly.n_out, W,
+            _gemm(False, True, B, <int>ly.n_in, <int>ly.n_out, <real>1, dz, <int>ly.n_out, W,
                        <int>ly.n_out, <real>0, below, <int>ly.n_in)
             if n.act == ACT_RELU:
                 _map_relu_backward(below, acts + n.layer[k - 1].out, below, B * ly.n_in)
@@ -99,12 +98,12 @@ cdef double _mlp_backprop(_Net* n, real* theta, real* grad, real* x, real* acts,
         if k >= lo:
             inp = x if k == 0 else acts + n.layer[k - 1].out
             if sgd != 0:
-                _gemm_rows(nt, True, False, <int>ly.n_in, <int>ly.n_out, B, <real>(-sgd), inp, <int>ly.n_in, dz,
+                _gemm(True, False, <int>ly.n_in, <int>ly.n_out, B, <real>(-sgd), inp, <int>ly.n_in, dz,
                            <int>ly.n_out, <real>1, W, <int>ly.n_out)
                 for j in range(ly.n_out):
                     theta[ly.b + j] -= <real>sgd * db[j]
             else:
-                _gemm_rows(nt, True, False, <int>ly.n_in, <int>ly.n_out, B, <real>1, inp, <int>ly.n_in, dz,
+                _gemm(True, False, <int>ly.n_in, <int>ly.n_out, B, <real>1, inp, <int>ly.n_in, dz,
                            <int>ly.n_out, <real>0, dW, <int>ly.n_out)
                 if decay != 0:
                     for q in range(ly.n_in * ly.n_out):
@@ -279,76 +278,175 @@ cdef struct _SparseFirst:
     bint direct  # plain SGD without weight decay: X^T G scattered into pad.W itself
 
 
-cdef long long _sparse_forward(_SparseFirst* f, long long* rows, int B, long long D, long long H,
-                               int act, real* h, int nt) noexcept nogil:
-    """h = act(X[rows] @ W + b) (h unpadded, B x H) by PIXEL_BLOCKS blocks of pixels, block
-    k's partial sums into fwd[k] on thread k mod nt, added up in block order (no sum
-    depends on the thread count).  Returns the column indices outside [0, D) met."""
-    cdef long long bads[PIXEL_BLOCKS]
-    cdef long long q = <long long>B * f.pad.HP, bad = 0
-    cdef int k, tid, nthr
+# the blocks of a sparse step's batch rows above the first layer, and of each weight
+# matrix's rows in its gradient: fixed, so that no sum depends on the thread count
+DEF ROW_BLOCKS = PIXEL_BLOCKS
+
+
+cdef double _sparse_rows(_Net* n, _SparseFirst* f, long long* T, long long* rows, real* theta, real* acts,
+                         real* deltas, real scale, long long r0, long long r1) noexcept nogil:
+    """Rows r0:r1 of a sparse step's batch, once the first layer's forward sums are in
+    f.pad.fwd: the forward above the first layer, softmax-with-loss, and the deltas back
+    down to the first layer's, each from the same rows of the layer next to it (so no
+    other rows are waited for), with the weights as they were before the step; the first
+    layer's deltas also into f.pad.G (padded, times scale).  Returns the rows' losses
+    summed in row order."""
+    cdef _Layer* first = &n.layer[0]
+    cdef _Layer* ly
+    cdef long long H = first.n_out, HP = f.pad.HP, nr = r1 - r0
+    cdef Py_ssize_t i, j
+    cdef int k, L = n.L
+    cdef real* h = acts + first.out + r0 * H
+    cdef real* dz
+    cdef real* below
+    cdef real* G = <real*>f.pad.G
+    cdef double loss
+    if real is float:
+        fn_sum_parts_f(<float*>f.pad.fwd + r0 * HP, <long long>n.B * HP, PIXEL_BLOCKS, nr, H, HP, h)
+    else:
+        fn_sum_parts_d(<double*>f.pad.fwd + r0 * HP, <long long>n.B * HP, PIXEL_BLOCKS, nr, H, HP, h)
+    k = n.act if L > 1 else 0
+    if k == ACT_RELU:
+        _map_relu(h, h, nr * H)
+    elif k == ACT_SIGMOID:
+        _map_sigmoid(h, h, nr * H)
+    for k in range(1, L):
+        ly = &n.layer[k]
+        _affine(acts + n.layer[k - 1].out + r0 * ly.n_in, theta + ly.w, theta + ly.b, acts + ly.out + r0 * ly.n_out,
+                <int>nr, <int>ly.n_in, <int>ly.n_out, n.act if k < L - 1 else 0, True)
+    ly = &n.layer[L - 1]
+    dz = acts + ly.out + r0 * ly.n_out
+    loss = _softmax_loss_delta(dz, T, rows + r0, <int>nr, n.B, <int>ly.n_out)
+    for k in range(L - 1, 0, -1):
+        ly = &n.layer[k]
+        below = deltas + n.layer[k - 1].out + r0 * ly.n_in
+        _gemm_here(True, False, True, <int>nr, <int>ly.n_in, <int>ly.n_out, <real>1, dz, <int>ly.n_out,
+                   theta + ly.w, <int>ly.n_out, <real>0, below, <int>ly.n_in)
+        if n.act == ACT_RELU:
+            _map_relu_backward(below, acts + n.layer[k - 1].out + r0 * ly.n_in, below, nr * ly.n_in)
+        else:
+            _map_sigmoid_backward(below, acts + n.layer[k - 1].out + r0 * ly.n_in, below, nr * ly.n_in)
+        dz = below
+    for i in range(nr):
+        for j in range(H):
+            G[(r0 + i) * HP + j] = dz[i * H + j] * scale
+    return loss
+
+
+cdef void _sparse_grads(_Net* n, _SparseFirst* f, long long* rows, real* theta, double* opt, real* m, real* v,
+                        real* acts, real* deltas, real* grad, int k, long long* bad) noexcept nogil:
+    """Block k of a sparse step's update, once every row's deltas are known: the first
+    layer's pixels [D k / PIXEL_BLOCKS, D (k + 1) / PIXEL_BLOCKS) (X^T G scattered over
+    those rows of W, the thread that summed them in the forward), block k of each bias's
+    columns and of each weight matrix's rows above the first (dW = X^T dz over the whole
+    batch).  Plain SGD without decay (f.direct) is folded into the products (W -= lr dW:
+    alpha = -lr, beta = 1); otherwise each block takes decay W into its gradient and the
+    optimiser's step (begun by the caller), so no part waits for another.  Every element
+    is summed in the same order whatever the thread count.  The column indices outside
+    [0, D) met go to bad."""
+    cdef _Layer* ly = &n.layer[0]
+    cdef long long D = ly.n_in, H = ly.n_out, HP = f.pad.HP, lo, hi, q
+    cdef Py_ssize_t i, j
+    cdef int kk, B = n.B, L = n.L
+    cdef real lr = <real>opt[OPT_LR], d = <real>opt[OPT_DECAY]
+    cdef real* target = <real*>f.pad.W if f.direct else <real*>f.pad.dW
+    cdef real* dz
+    cdef real* db
+    lo = D * k // PIXEL_BLOCKS
+    hi = D * (k + 1) // PIXEL_BLOCKS
+    if not f.direct:
+        memset(target + lo * HP, 0, (hi - lo) * HP * sizeof(real))
+    _sp_scatter(f.indptr, f.indices, f.data, f.pix, <real*>f.lut, rows, B, <real*>f.pad.G, target, D, H, HP,
+                <int>lo, <int>hi, bad)
+    if not f.direct:
+        fn_unpad_rows(target + lo * HP, hi - lo, HP, grad + ly.w + lo * H, H, sizeof(real))
+        _update_rows(theta + ly.w, grad + ly.w, opt, m + ly.w, v + ly.w, d, lo, hi, H, <real*>f.pad.W, HP)
+    for kk in range(L):
+        ly = &n.layer[kk]
+        dz = (acts if kk == L - 1 else deltas) + ly.out
+        db = grad + ly.b
+        lo = ly.n_out * k // ROW_BLOCKS
+        hi = ly.n_out * (k + 1) // ROW_BLOCKS
+        for j in range(lo, hi):
+            db[j] = 0
+        for i in range(B):
+            for j in range(lo, hi):
+                db[j] += dz[i * ly.n_out + j]
+        if f.direct:
+            for j in range(lo, hi):
+                theta[ly.b + j] -= lr * db[j]
+        else:
+            _optimizer_range(theta, grad, opt, m, v, ly.b + lo, ly.b + hi)
+        if kk == 0:
+            continue
+        lo = ly.n_in * k // ROW_BLOCKS
+        hi = ly.n_in * (k + 1) // ROW_BLOCKS
+        if f.direct:
+            _gemm_here(True, True, False, <int>(hi - lo), <int>ly.n_out, B, -lr, acts + n.layer[kk - 1].out + lo,
+                       <int>ly.n_in, dz, <int>ly.n_out, <real>1, theta + ly.w + lo * ly.n_out, <int>ly.n_out)
+        else:
+            _gemm_here(True, True, False, <int>(hi - lo), <int>ly.n_out, B, <real>1, acts + n.layer[kk - 1].out + lo,
+                       <int>ly.n_in, dz, <int>ly.n_out, <real>0, grad + ly.w + lo * ly.n_out, <int>ly.n_out)
+            if d != 0:
+                for q in range(ly.w + lo * ly.n_out, ly.w + hi * ly.n_out):
+                    grad[q] += d * theta[q]
+            _optimizer_range(theta, grad, opt, m, v, ly.w + lo * ly.n_out, ly.w + hi * ly.n_out)
+
+
+cdef double _sparse_step(_Net* n, _SparseFirst* f, long long* T, long long* rows, real* theta, double* opt,
+                         real* m, real* v, real* acts, real* deltas, real* grad, int nt,
+                         long long* bad) noexcept nogil:
+    """A step of the engine over CSR rows in one parallel region of nt threads, in three
+    phases with a barrier between them: the first layer's forward by PIXEL_BLOCKS blocks
+    of pixels (block k's partial sums into fwd[k], b in block 0's), the rows above by
+    ROW_BLOCKS blocks of rows (_sparse_rows), the update by blocks again (_sparse_grads,
+    block k of the pixels on the thread that summed them).  Block k runs on thread
+    k mod nt.  Returns the batch's loss (+ 0.5 decay sum W**2, over W before the step)."""
+    cdef long long bads[2 * PIXEL_BLOCKS]
+    cdef double parts[ROW_BLOCKS]
+    cdef _Layer* ly
+    cdef long long D = n.layer[0].n_in, HP = f.pad.HP, q = <long long>n.B * HP, p
+    cdef int k, tid, nthr, B = n.B
+    cdef double loss = 0, sq
+    cdef real scale = <real>(-opt[OPT_LR]) if f.direct else <real>1
+    if opt[OPT_DECAY] != 0:
+        for k in range(n.L):
+            ly = &n.layer[k]
+            sq = 0
+            for p in range(ly.n_in * ly.n_out):
+                sq += <double>theta[ly.w + p] * theta[ly.w + p]
+            loss += 0.5 * opt[OPT_DECAY] * sq
+    if not f.direct:
+        _optimizer_begin(opt)
     with parallel(num_threads=nt):
+        # blocks go to threads by hand with a barrier between the phases (fn_barrier)
         tid = threadid()
         nthr = fn_num_threads()
         k = tid
         while k < PIXEL_BLOCKS:
             bads[k] = 0
             _sp_forward_cols(f.indptr, f.indices, f.data, f.pix, <real*>f.lut, rows, B, <real*>f.pad.W,
-                             <real*>f.pad.b if k == 0 else <real*>NULL, <real*>f.pad.fwd + k * q, D, f.pad.HP,
+                             <real*>f.pad.b if k == 0 else <real*>NULL, <real*>f.pad.fwd + k * q, D, HP,
                              <int>(D * k // PIXEL_BLOCKS), <int>(D * (k + 1) // PIXEL_BLOCKS), &bads[k])
             k = k + nthr
-    if real is float:
-        fn_sum_parts_f(<float*>f.pad.fwd, q, PIXEL_BLOCKS, B, H, f.pad.HP, h)
-    else:
-        fn_sum_parts_d(<double*>f.pad.fwd, q, PIXEL_BLOCKS, B, H, f.pad.HP, h)
-    if act == ACT_RELU:
-        _map_relu(h, h, B * H)
-    elif act == ACT_SIGMOID:
-        _map_sigmoid(h, h, B * H)
-    for k in range(PIXEL_BLOCKS):
-        bad += bads[k]
-    return bad
-
-
-cdef long long _sparse_scatter(_SparseFirst* f, long long* rows, int B, long long D, long long H,
-                               real* dz, real scale, real* dW, int nt, real* W=NULL, double* opt=NULL,
-                               real* m=NULL, real* v=NULL, real decay=0) noexcept nogil:
-    """X[rows]^T (scale dz) by the same blocks of pixels: added into pad.W (direct), or
-    written to pad.dW and copied unpadded into dW (D x H).  Each row of W is written by one
-    thread, in image order.  With opt (not direct): then, on the same thread, each block's
-    rows of W (D x H, state m and v) take decay W into their gradient and the step of the
-    optimiser (begun by the caller), and go to pad.W; so the serial part of a step is
-    the layers above only, and the thread that forwards a block next has its rows of W in
-    its own cache.  Returns the column indices outside [0, D) met."""
-    cdef long long sbad[PIXEL_BLOCKS]
-    cdef long long bad = 0, HP = f.pad.HP
-    cdef int k, tid, nthr, jlo, jhi
-    cdef Py_ssize_t i, j
-    cdef real* G = <real*>f.pad.G
-    cdef real* target = <real*>f.pad.W if f.direct else <real*>f.pad.dW
-    for i in range(B):
-        for j in range(H):
-            G[i * HP + j] = dz[i * H + j] * scale
-    with parallel(num_threads=nt):
-        tid = threadid()
-        nthr = fn_num_threads()
+        fn_barrier()  # each block of rows adds up every block of pixels' sums
+        k = tid
+        while k < ROW_BLOCKS:
+            parts[k] = _sparse_rows(n, f, T, rows, theta, acts, deltas, scale, B * k // ROW_BLOCKS,
+                                    B * (k + 1) // ROW_BLOCKS)
+            k = k + nthr
+        fn_barrier()  # the gradients sum over every row; the weights change after every dz W^T
         k = tid
         while k < PIXEL_BLOCKS:
-            sbad[k] = 0
-            jlo = <int>(D * k // PIXEL_BLOCKS)
-            jhi = <int>(D * (k + 1) // PIXEL_BLOCKS)
-            if not f.direct:
-                memset(target + jlo * HP, 0, (jhi - jlo) * HP * sizeof(real))
-            _sp_scatter(f.indptr, f.indices, f.data, f.pix, <real*>f.lut, rows, B, G, target, D, H, HP, jlo, jhi,
-                        &sbad[k])
-            if not f.direct:
-                fn_unpad_rows(target + jlo * HP, jhi - jlo, HP, dW + jlo * H, H, sizeof(real))
-                if opt != NULL:
-                    _update_rows(W, dW, opt, m, v, decay, jlo, jhi, H, <real*>f.pad.W, HP)
+            bads[PIXEL_BLOCKS + k] = 0
+            _sparse_grads(n, f, rows, theta, opt, m, v, acts, deltas, grad, k, &bads[PIXEL_BLOCKS + k])
             k = k + nthr
-    for k in range(PIXEL_BLOCKS):
-        bad += sbad[k]
-    return bad
+    for k in range(2 * PIXEL_BLOCKS):
+        bad[0] += bads[k]
+    sq = 0
+    for k in range(ROW_BLOCKS):
+        sq += parts[k]
+    return sq / B + loss
 
 
 cdef void _update_rows(real* W, real* dW, double* opt, real* m, real* v, real decay, long long lo, long long hi,
@@ -366,18 +464,15 @@ cdef void _update_rows(real* W, real* dW, double* opt, real* m, real* v, real de
 cdef int _mlp_steps_sparse(_Net* n, _SparseFirst* f, long long* T, long long* idx, int S, real* theta,
                            double* opt, real* m, real* v, double* losses, real* acts, real* deltas,
                            real* grad, long long* bad) noexcept nogil:
-    """_mlp_steps over CSR rows (f): the first layer's forward and its W's gradient over
-    the non-zeros, the layers above with BLAS.  W1 lives in f.pad.W during the call
-    (direct) or is copied there after each update; b1 is copied to f.pad.b after each.
-    Stops after a step that met a bad column index or a loss that is not finite."""
+    """_mlp_steps over CSR rows (f), each step one parallel region (_sparse_step), on one
+    thread when its batch has fewer than PARALLEL_NNZ non-zeros.  W1 lives in f.pad.W
+    during the call (direct) or is copied there after each update; b1 is copied to
+    f.pad.b after each.  Stops after a step that met a bad column index or a loss that is
+    not finite."""
     cdef _Layer* ly = &n.layer[0]
-    cdef long long D = ly.n_in, H = ly.n_out, total
+    cdef long long total
     cdef int k, i, nt
     cdef long long* rows
-    cdef real* dz
-    cdef real d = <real>opt[OPT_DECAY]
-    cdef long long q
-    cdef int done = S
     for k in range(S):
         rows = idx + <Py_ssize_t>k * n.B
         total = 0
@@ -388,26 +483,14 @@ cdef int _mlp_steps_sparse(_Net* n, _SparseFirst* f, long long* T, long long* id
             nt = PIXEL_BLOCKS
         if nt < 1 or total < PARALLEL_NNZ:
             nt = 1
-        bad[0] += _sparse_forward(f, rows, n.B, D, H, n.act if n.L > 1 else 0, acts + ly.out, nt)
-        losses[k] = _mlp_backprop(n, theta, grad, <real*>NULL, acts, deltas, T, rows, 1, opt[OPT_DECAY],
-                                  opt[OPT_LR] if f.direct else 0, nt)
-        dz = (deltas if n.L > 1 else acts) + ly.out
-        if f.direct:
-            bad[0] += _sparse_scatter(f, rows, n.B, D, H, dz, <real>(-opt[OPT_LR]), <real*>NULL, nt)
-            for q in range(H):
-                theta[ly.b + q] -= <real>opt[OPT_LR] * grad[ly.b + q]
-        else:
-            _optimizer_begin(opt)
-            bad[0] += _sparse_scatter(f, rows, n.B, D, H, dz, <real>1, grad + ly.w, nt, theta + ly.w, opt,
-                                      m + ly.w, v + ly.w, d)
-            _optimizer_range(theta, grad, opt, m, v, ly.b, n.size)  # b1 and the layers above
-        memcpy(f.pad.b, theta + ly.b, H * sizeof(real))
+        losses[k] = _sparse_step(n, f, T, rows, theta, opt, m, v, acts, deltas, grad, nt, bad)
+        memcpy(f.pad.b, theta + ly.b, ly.n_out * sizeof(real))
         if bad[0] or not (losses[k] - losses[k] == 0):
-            done = k + 1
+            S = k + 1
             break
     if f.direct:
-        fn_unpad_rows(f.pad.W, D, f.pad.HP, theta + ly.w, H, sizeof(real))
-    return done
+        fn_unpad_rows(f.pad.W, ly.n_in, f.pad.HP, theta + ly.w, ly.n_out, sizeof(real))
+    return S
 
 
 cdef void _argmax_rows(real* s, long long n, long long C, long long* out) noexcept nogil:
@@ -429,15 +512,15 @@ cdef void _argmax_rows(real* s, long long n, long long C, long long* out) noexce
         out[i] = k
 
 
-cdef void _mlp_scores_above(_Net* n, real* theta, real* acts, int lo, int nt=0) noexcept nogil:
+cdef void _mlp_scores_above(_Net* n, real* theta, real* acts, int lo, bint here=False) noexcept nogil:
     """Layers lo.. of a forward whose layer lo - 1 outputs are in acts (n.B rows); the
-    products as _affine's with nt."""
+    products as _affine's with ``here``."""
     cdef int k
     cdef _Layer* ly
     for k in range(lo, n.L):
         ly = &n.layer[k]
         _affine(acts + n.layer[k - 1].out, theta + ly.w, theta + ly.b, acts + ly.out, n.B, <int>ly.n_in,
-                <int>ly.n_out, n.act if k < n.L - 1 else 0, nt)
+                <int>ly.n_out, n.act if k < n.L - 1 else 0, here)
 
 
 #: rows labelled at a time by the evaluation kernels (their activations stay in cache)
@@ -508,7 +591,7 @@ cdef void _predict_run(_Net* n, long long* indptr, int* indices, void* data, bin
                     fn_top_argmax_d(h, m, H, theta + top.w, theta + top.b, top.n_out, wp, s, labels + i)
             else:
                 local.B = <int>m
-                _mlp_scores_above(&local, theta, acts, 1, -1)  # on this thread (BLAS: one thread)
+                _mlp_scores_above(&local, theta, acts, 1, True)  # on this thread
                 _argmax_rows(acts + top.out, m, top.n_out, labels + i)
         i += m
 
@@ -595,7 +678,7 @@ def train_steps_mlp_sparse(indptr, indices, data, T, idx, sizes, int act, theta,
     _padded_take(&first.pad, pth, n.layer[0].n_in, H, n.B, not first.direct, ts, n.layer[n.L - 1].n_out)
     memcpy(first.pad.b, <char*>pth + n.layer[0].b * ts, H * ts)
     with nogil:
-        _blas_one_thread(threads)
+        _blas_one_thread(threads)  # around the region: see _blas_one_thread
         if f32:
             _pixel_table(lutf)
             first.lut = lutf
@@ -733,7 +816,7 @@ def sparse_predict_mlp(indptr, indices, data, long long row0, sizes, int act, th
     cdef double lutd[256]
     cdef int threads[MAX_BLAS_LIBS]
     with nogil:
-        _blas_one_thread(threads)
+        _blas_one_thread(threads)  # around the region: see _blas_one_thread
         if f32:
             _pixel_table(lutf)
         else:
