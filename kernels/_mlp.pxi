@@ -50,15 +50,12 @@ cdef int _net_of(_Net* n, object sizes, int act, long long B) except -1:
 
 
 cdef double _mlp_backprop(_Net* n, real* theta, real* grad, real* x, real* acts, real* deltas,
-                          long long* T, long long* rows, int lo, double decay, double sgd) noexcept nogil:
-    """Forward from layer lo (input x when lo is 0, else layer lo - 1's outputs already
-    in acts), softmax-with-loss, backward: every layer's db, its dW from layer lo on
-    (+ decay W), and for lo = 1 layer 0's pre-activation gradient left in deltas (its dW
-    is the caller's: the sparse product).  With sgd != 0 (plain SGD, no decay) the
-    layers from lo on are updated in place instead (W -= sgd * dW folded into the
-    product: alpha = -sgd, beta = 1) and grad is not written; a layer's W is used for
-    the gradient below it before it is updated.  The products on BLAS's threads.
-    Returns the loss (+ 0.5 decay sum W**2)."""
+                          long long* T, long long* rows, int lo, double decay) noexcept nogil:
+    """The gradient of mlp_gradient: forward from layer lo (input x when lo is 0, else
+    layer lo - 1's outputs already in acts), softmax-with-loss, backward: every layer's
+    db, its dW from layer lo on (+ decay W), and for lo = 1 layer 0's pre-activation
+    gradient left in deltas (its dW is the caller's: the product over the non-zeros).
+    The products on BLAS's threads.  Returns the loss (+ 0.5 decay sum W**2)."""
     cdef int k, B = n.B, L = n.L
     cdef Py_ssize_t i, j, q
     cdef _Layer* ly
@@ -89,25 +86,19 @@ cdef double _mlp_backprop(_Net* n, real* theta, real* grad, real* x, real* acts,
         below = NULL
         if k > 0:
             below = deltas + n.layer[k - 1].out
-            _gemm(False, True, B, <int>ly.n_in, <int>ly.n_out, <real>1, dz, <int>ly.n_out, W,
-                       <int>ly.n_out, <real>0, below, <int>ly.n_in)
+            _gemm(False, True, B, <int>ly.n_in, <int>ly.n_out, <real>1, dz, <int>ly.n_out, W, <int>ly.n_out,
+                  <real>0, below, <int>ly.n_in)
             if n.act == ACT_RELU:
                 _map_relu_backward(below, acts + n.layer[k - 1].out, below, B * ly.n_in)
             else:
                 _map_sigmoid_backward(below, acts + n.layer[k - 1].out, below, B * ly.n_in)
         if k >= lo:
             inp = x if k == 0 else acts + n.layer[k - 1].out
-            if sgd != 0:
-                _gemm(True, False, <int>ly.n_in, <int>ly.n_out, B, <real>(-sgd), inp, <int>ly.n_in, dz,
-                           <int>ly.n_out, <real>1, W, <int>ly.n_out)
-                for j in range(ly.n_out):
-                    theta[ly.b + j] -= <real>sgd * db[j]
-            else:
-                _gemm(True, False, <int>ly.n_in, <int>ly.n_out, B, <real>1, inp, <int>ly.n_in, dz,
-                           <int>ly.n_out, <real>0, dW, <int>ly.n_out)
-                if decay != 0:
-                    for q in range(ly.n_in * ly.n_out):
-                        dW[q] += d * W[q]
+            _gemm(True, False, <int>ly.n_in, <int>ly.n_out, B, <real>1, inp, <int>ly.n_in, dz, <int>ly.n_out,
+                  <real>0, dW, <int>ly.n_out)
+            if decay != 0:
+                for q in range(ly.n_in * ly.n_out):
+                    dW[q] += d * W[q]
         dz = below
     if decay != 0:
         for k in range(L):
@@ -171,7 +162,7 @@ cdef bint _mlp_gradient_nz(_Net* n, float* theta, float* grad, float* x, float* 
             _map_relu(h, h, n.B * H)
         else:
             _map_sigmoid(h, h, n.B * H)
-    loss[0] = _mlp_backprop(n, theta, grad, <float*>NULL, acts, deltas, T, rows, 1, decay, 0)
+    loss[0] = _mlp_backprop(n, theta, grad, <float*>NULL, acts, deltas, T, rows, 1, decay)
     if not (loss[0] - loss[0] == 0):
         return False
     fn_nz_backward(w.ptr, w.col, w.val, n.B, D, (deltas if n.L > 1 else acts) + ly.out, H, grad + ly.w, w.S,
@@ -238,27 +229,181 @@ cdef void _optimizer_range(real* theta, real* grad, double* opt, real* m, real* 
             fn_adam_d(theta, grad, m, v, n, lr_t, 1 - <real>opt[OPT_BETA1], 1 - <real>opt[OPT_BETA2], eps)
 
 
-cdef void _optimizer_update(real* theta, real* grad, double* opt, real* m, real* v, long long size) noexcept nogil:
-    """One step of the optimiser of the record opt on all of theta[:size]."""
-    _optimizer_begin(opt)
-    _optimizer_range(theta, grad, opt, m, v, 0, size)
+# A training step runs in one OpenMP region, in phases with a barrier between them, each
+# phase's work cut into a fixed number of blocks (block k on thread k mod the threads),
+# so that no sum depends on the thread count: first by blocks of the batch's rows (the
+# forward, softmax-with-loss and every delta down to the first layer's: each layer's rows
+# need only the same rows of the layer next to them, and no weight changes before every
+# dz W^T is done), then by blocks of every weight matrix's rows and every bias's columns
+# (the gradients over the whole batch, and the optimiser on the same thread).  A sparse
+# step adds a phase before these for the first layer's forward by blocks of pixels.
+DEF ROW_BLOCKS = PIXEL_BLOCKS  # a sparse step's last phase gives block k of both to one thread
+# the steps' products go to BLAS held to one thread for the region (_blas_one_thread),
+# or to fn_gemm_256, from each block's thread (_gemm_here)
+
+
+cdef inline real* _delta(_Net* n, real* acts, real* deltas, int k) noexcept nogil:
+    """Where layer k's pre-activation gradient lies (B x n_out): the top layer's
+    in place of its scores (softmax-with-loss), the others' in deltas."""
+    return (acts if k == n.L - 1 else deltas) + n.layer[k].out
+
+
+cdef double _rows_above(_Net* n, long long* T, long long* rows, real* theta, real* acts, real* deltas,
+                        long long r0, long long r1) noexcept nogil:
+    """Rows r0:r1 of a step's batch, once the first layer's outputs are in acts: the
+    forward above the first layer, softmax-with-loss and the deltas back down to the
+    first layer's (_delta), each from the same rows of the layer next to it, with the
+    weights as they were before the step.  Returns the rows' losses summed in row order."""
+    cdef _Layer* ly
+    cdef long long nr = r1 - r0
+    cdef int k, L = n.L
+    cdef real* dz
+    cdef real* below
+    for k in range(1, L):
+        ly = &n.layer[k]
+        _affine(acts + n.layer[k - 1].out + r0 * ly.n_in, theta + ly.w, theta + ly.b, acts + ly.out + r0 * ly.n_out,
+                <int>nr, <int>ly.n_in, <int>ly.n_out, n.act if k < L - 1 else 0, True)
+    ly = &n.layer[L - 1]
+    dz = acts + ly.out + r0 * ly.n_out
+    cdef double loss = _softmax_loss_delta(dz, T, rows + r0, <int>nr, n.B, <int>ly.n_out)
+    for k in range(L - 1, 0, -1):
+        ly = &n.layer[k]
+        below = deltas + n.layer[k - 1].out + r0 * ly.n_in
+        _gemm_here(True, False, True, <int>nr, <int>ly.n_in, <int>ly.n_out, <real>1, dz, <int>ly.n_out,
+                   theta + ly.w, <int>ly.n_out, <real>0, below, <int>ly.n_in)
+        if n.act == ACT_RELU:
+            _map_relu_backward(below, acts + n.layer[k - 1].out + r0 * ly.n_in, below, nr * ly.n_in)
+        else:
+            _map_sigmoid_backward(below, acts + n.layer[k - 1].out + r0 * ly.n_in, below, nr * ly.n_in)
+        dz = below
+    return loss
+
+
+cdef void _grads(_Net* n, real* x, real* theta, double* opt, real* m, real* v, real* acts, real* deltas,
+                 real* grad, bint direct, int k) noexcept nogil:
+    """Block k (of ROW_BLOCKS) of a step's update, once every row's deltas are known:
+    each bias's columns and each weight matrix's rows, dW = X^T dz over the whole batch
+    (X: the layer's inputs; for the first layer x, or nothing when x is NULL: a sparse
+    step scatters that one).  Plain SGD without decay (direct) is folded into the
+    products (W -= lr dW: alpha = -lr, beta = 1); otherwise each block takes decay W into
+    its gradient and the optimiser's step (begun by the caller), elementwise, so no block
+    waits for another."""
+    cdef _Layer* ly
+    cdef long long lo, hi, q
+    cdef Py_ssize_t i, j
+    cdef int kk, B = n.B
+    cdef real lr = <real>opt[OPT_LR], d = <real>opt[OPT_DECAY]
+    cdef real* dz
+    cdef real* db
+    cdef real* inp
+    for kk in range(n.L):
+        ly = &n.layer[kk]
+        dz = _delta(n, acts, deltas, kk)
+        db = grad + ly.b
+        lo = ly.n_out * k // ROW_BLOCKS
+        hi = ly.n_out * (k + 1) // ROW_BLOCKS
+        for j in range(lo, hi):
+            db[j] = 0
+        for i in range(B):
+            for j in range(lo, hi):
+                db[j] += dz[i * ly.n_out + j]
+        if direct:
+            for j in range(lo, hi):
+                theta[ly.b + j] -= lr * db[j]
+        else:
+            _optimizer_range(theta, grad, opt, m, v, ly.b + lo, ly.b + hi)
+        inp = x if kk == 0 else acts + n.layer[kk - 1].out
+        if inp == NULL:
+            continue
+        lo = ly.n_in * k // ROW_BLOCKS
+        hi = ly.n_in * (k + 1) // ROW_BLOCKS
+        if direct:
+            _gemm_here(True, True, False, <int>(hi - lo), <int>ly.n_out, B, -lr, inp + lo, <int>ly.n_in, dz,
+                       <int>ly.n_out, <real>1, theta + ly.w + lo * ly.n_out, <int>ly.n_out)
+        else:
+            _gemm_here(True, True, False, <int>(hi - lo), <int>ly.n_out, B, <real>1, inp + lo, <int>ly.n_in, dz,
+                       <int>ly.n_out, <real>0, grad + ly.w + lo * ly.n_out, <int>ly.n_out)
+            if d != 0:
+                for q in range(ly.w + lo * ly.n_out, ly.w + hi * ly.n_out):
+                    grad[q] += d * theta[q]
+            _optimizer_range(theta, grad, opt, m, v, ly.w + lo * ly.n_out, ly.w + hi * ly.n_out)
+
+
+cdef double _decay_loss(_Net* n, real* theta, double decay) noexcept nogil:
+    """0.5 decay sum W**2 over every layer's W (0 without decay)."""
+    cdef _Layer* ly
+    cdef long long p
+    cdef int k
+    cdef double loss = 0, sq
+    if decay == 0:
+        return 0
+    for k in range(n.L):
+        ly = &n.layer[k]
+        sq = 0
+        for p in range(ly.n_in * ly.n_out):
+            sq += <double>theta[ly.w + p] * theta[ly.w + p]
+        loss += 0.5 * decay * sq
+    return loss
+
+
+cdef double _dense_step(_Net* n, real* X, unsigned char* U, long long* T, long long* rows, real* theta,
+                        double* opt, real* m, real* v, real* xb, real* acts, real* deltas, real* grad,
+                        bint direct, int nt) noexcept nogil:
+    """A step on dense rows in one region of nt threads: by blocks of rows, their inputs
+    gathered (_gather_rows), the first layer and _rows_above; then _grads by blocks.
+    Returns the batch's loss (+ 0.5 decay sum W**2, over W before the step)."""
+    cdef double parts[ROW_BLOCKS]
+    cdef _Layer* first = &n.layer[0]
+    cdef long long r0, r1, D = first.n_in
+    cdef int k, tid, nthr, B = n.B
+    cdef double loss = _decay_loss(n, theta, opt[OPT_DECAY])
+    if not direct:
+        _optimizer_begin(opt)
+    with parallel(num_threads=nt):
+        tid = threadid()
+        nthr = fn_num_threads()
+        k = tid
+        while k < ROW_BLOCKS:
+            r0 = B * k // ROW_BLOCKS
+            r1 = B * (k + 1) // ROW_BLOCKS
+            _gather_rows(X, U, rows + r0, xb + r0 * D, <int>(r1 - r0), <int>D)
+            _affine(xb + r0 * D, theta + first.w, theta + first.b, acts + first.out + r0 * first.n_out,
+                    <int>(r1 - r0), <int>D, <int>first.n_out, n.act if n.L > 1 else 0, True)
+            parts[k] = _rows_above(n, T, rows, theta, acts, deltas, r0, r1)
+            k = k + nthr
+        fn_barrier()  # the gradients sum over every row; the weights change after every dz W^T
+        k = tid
+        while k < ROW_BLOCKS:
+            _grads(n, xb, theta, opt, m, v, acts, deltas, grad, direct, k)
+            k = k + nthr
+    for k in range(ROW_BLOCKS):
+        loss += parts[k] / B
+    return loss
+
+
+cdef int _steps_threads(long long work) noexcept nogil:
+    """The threads of a step's region: one when its batch holds fewer than PARALLEL_NNZ
+    inputs that are not zero (waking the others costs more), else up to ROW_BLOCKS."""
+    cdef int nt = fn_max_threads()
+    if nt > ROW_BLOCKS:
+        nt = ROW_BLOCKS
+    if nt < 1 or work < PARALLEL_NNZ:
+        nt = 1
+    return nt
 
 
 cdef int _mlp_steps(_Net* n, real* X, unsigned char* U, long long* T, long long* idx, int S,
                     real* theta, double* opt, real* m, real* v, double* losses, real* xb, real* acts,
                     real* deltas, real* grad) noexcept nogil:
-    """S steps on dense rows (X, or U uint8 pixels / 255): batch k is idx[k B : (k + 1) B].
-    Stops after a step whose loss is not finite; returns the number run."""
+    """S steps on dense rows (X, or U uint8 pixels / 255), each _dense_step: batch k is
+    idx[k B : (k + 1) B].  Stops after a step whose loss is not finite; returns the
+    number run."""
     cdef int k
-    cdef long long* rows
-    cdef long long D = n.layer[0].n_in
-    cdef double sgd = opt[OPT_LR] if opt[OPT_KIND] == OPT_SGD and opt[OPT_DECAY] == 0 else 0
+    cdef bint direct = opt[OPT_KIND] == OPT_SGD and opt[OPT_DECAY] == 0
+    cdef int nt = _steps_threads(<long long>n.B * n.layer[0].n_in)
     for k in range(S):
-        rows = idx + <Py_ssize_t>k * n.B
-        _gather_rows(X, U, rows, xb, n.B, <int>D)
-        losses[k] = _mlp_backprop(n, theta, grad, xb, acts, deltas, T, rows, 0, opt[OPT_DECAY], sgd)
-        if sgd == 0:
-            _optimizer_update(theta, grad, opt, m, v, n.size)
+        losses[k] = _dense_step(n, X, U, T, idx + <Py_ssize_t>k * n.B, theta, opt, m, v, xb, acts, deltas, grad,
+                                direct, nt)
         if not (losses[k] - losses[k] == 0):  # NaN or inf: stop here
             return k + 1
     return S
@@ -278,55 +423,27 @@ cdef struct _SparseFirst:
     bint direct  # plain SGD without weight decay: X^T G scattered into pad.W itself
 
 
-# the blocks of a sparse step's batch rows above the first layer, and of each weight
-# matrix's rows in its gradient: fixed, so that no sum depends on the thread count
-DEF ROW_BLOCKS = PIXEL_BLOCKS
-
-
 cdef double _sparse_rows(_Net* n, _SparseFirst* f, long long* T, long long* rows, real* theta, real* acts,
                          real* deltas, real scale, long long r0, long long r1) noexcept nogil:
     """Rows r0:r1 of a sparse step's batch, once the first layer's forward sums are in
-    f.pad.fwd: the forward above the first layer, softmax-with-loss, and the deltas back
-    down to the first layer's, each from the same rows of the layer next to it (so no
-    other rows are waited for), with the weights as they were before the step; the first
-    layer's deltas also into f.pad.G (padded, times scale).  Returns the rows' losses
-    summed in row order."""
+    f.pad.fwd: the first layer's outputs, _rows_above, and the first layer's deltas
+    into f.pad.G (padded, times scale).  Returns the rows' losses summed in row order."""
     cdef _Layer* first = &n.layer[0]
-    cdef _Layer* ly
     cdef long long H = first.n_out, HP = f.pad.HP, nr = r1 - r0
     cdef Py_ssize_t i, j
-    cdef int k, L = n.L
+    cdef int act = n.act if n.L > 1 else 0
     cdef real* h = acts + first.out + r0 * H
-    cdef real* dz
-    cdef real* below
     cdef real* G = <real*>f.pad.G
-    cdef double loss
     if real is float:
         fn_sum_parts_f(<float*>f.pad.fwd + r0 * HP, <long long>n.B * HP, PIXEL_BLOCKS, nr, H, HP, h)
     else:
         fn_sum_parts_d(<double*>f.pad.fwd + r0 * HP, <long long>n.B * HP, PIXEL_BLOCKS, nr, H, HP, h)
-    k = n.act if L > 1 else 0
-    if k == ACT_RELU:
+    if act == ACT_RELU:
         _map_relu(h, h, nr * H)
-    elif k == ACT_SIGMOID:
+    elif act == ACT_SIGMOID:
         _map_sigmoid(h, h, nr * H)
-    for k in range(1, L):
-        ly = &n.layer[k]
-        _affine(acts + n.layer[k - 1].out + r0 * ly.n_in, theta + ly.w, theta + ly.b, acts + ly.out + r0 * ly.n_out,
-                <int>nr, <int>ly.n_in, <int>ly.n_out, n.act if k < L - 1 else 0, True)
-    ly = &n.layer[L - 1]
-    dz = acts + ly.out + r0 * ly.n_out
-    loss = _softmax_loss_delta(dz, T, rows + r0, <int>nr, n.B, <int>ly.n_out)
-    for k in range(L - 1, 0, -1):
-        ly = &n.layer[k]
-        below = deltas + n.layer[k - 1].out + r0 * ly.n_in
-        _gemm_here(True, False, True, <int>nr, <int>ly.n_in, <int>ly.n_out, <real>1, dz, <int>ly.n_out,
-                   theta + ly.w, <int>ly.n_out, <real>0, below, <int>ly.n_in)
-        if n.act == ACT_RELU:
-            _map_relu_backward(below, acts + n.layer[k - 1].out + r0 * ly.n_in, below, nr * ly.n_in)
-        else:
-            _map_sigmoid_backward(below, acts + n.layer[k - 1].out + r0 * ly.n_in, below, nr * ly.n_in)
-        dz = below
+    cdef double loss = _rows_above(n, T, rows, theta, acts, deltas, r0, r1)
+    cdef real* dz = _delta(n, acts, deltas, 0) + r0 * H
     for i in range(nr):
         for j in range(H):
             G[(r0 + i) * HP + j] = dz[i * H + j] * scale
@@ -335,91 +452,43 @@ cdef double _sparse_rows(_Net* n, _SparseFirst* f, long long* T, long long* rows
 
 cdef void _sparse_grads(_Net* n, _SparseFirst* f, long long* rows, real* theta, double* opt, real* m, real* v,
                         real* acts, real* deltas, real* grad, int k, long long* bad) noexcept nogil:
-    """Block k of a sparse step's update, once every row's deltas are known: the first
-    layer's pixels [D k / PIXEL_BLOCKS, D (k + 1) / PIXEL_BLOCKS) (X^T G scattered over
-    those rows of W, the thread that summed them in the forward), block k of each bias's
-    columns and of each weight matrix's rows above the first (dW = X^T dz over the whole
-    batch).  Plain SGD without decay (f.direct) is folded into the products (W -= lr dW:
-    alpha = -lr, beta = 1); otherwise each block takes decay W into its gradient and the
-    optimiser's step (begun by the caller), so no part waits for another.  Every element
-    is summed in the same order whatever the thread count.  The column indices outside
-    [0, D) met go to bad."""
+    """Block k of a sparse step's update: the first layer's pixels [D k / PIXEL_BLOCKS,
+    D (k + 1) / PIXEL_BLOCKS) (X^T G scattered over those rows of W, on the thread that
+    summed them in the forward; not direct: then decay, the optimiser and the rows
+    copied into the padded layout, _update_rows), then _grads.  The column indices
+    outside [0, D) met go to bad."""
     cdef _Layer* ly = &n.layer[0]
-    cdef long long D = ly.n_in, H = ly.n_out, HP = f.pad.HP, lo, hi, q
-    cdef Py_ssize_t i, j
-    cdef int kk, B = n.B, L = n.L
-    cdef real lr = <real>opt[OPT_LR], d = <real>opt[OPT_DECAY]
+    cdef long long D = ly.n_in, H = ly.n_out, HP = f.pad.HP
+    cdef long long lo = D * k // PIXEL_BLOCKS, hi = D * (k + 1) // PIXEL_BLOCKS
     cdef real* target = <real*>f.pad.W if f.direct else <real*>f.pad.dW
-    cdef real* dz
-    cdef real* db
-    lo = D * k // PIXEL_BLOCKS
-    hi = D * (k + 1) // PIXEL_BLOCKS
     if not f.direct:
         memset(target + lo * HP, 0, (hi - lo) * HP * sizeof(real))
-    _sp_scatter(f.indptr, f.indices, f.data, f.pix, <real*>f.lut, rows, B, <real*>f.pad.G, target, D, H, HP,
+    _sp_scatter(f.indptr, f.indices, f.data, f.pix, <real*>f.lut, rows, n.B, <real*>f.pad.G, target, D, H, HP,
                 <int>lo, <int>hi, bad)
     if not f.direct:
         fn_unpad_rows(target + lo * HP, hi - lo, HP, grad + ly.w + lo * H, H, sizeof(real))
-        _update_rows(theta + ly.w, grad + ly.w, opt, m + ly.w, v + ly.w, d, lo, hi, H, <real*>f.pad.W, HP)
-    for kk in range(L):
-        ly = &n.layer[kk]
-        dz = (acts if kk == L - 1 else deltas) + ly.out
-        db = grad + ly.b
-        lo = ly.n_out * k // ROW_BLOCKS
-        hi = ly.n_out * (k + 1) // ROW_BLOCKS
-        for j in range(lo, hi):
-            db[j] = 0
-        for i in range(B):
-            for j in range(lo, hi):
-                db[j] += dz[i * ly.n_out + j]
-        if f.direct:
-            for j in range(lo, hi):
-                theta[ly.b + j] -= lr * db[j]
-        else:
-            _optimizer_range(theta, grad, opt, m, v, ly.b + lo, ly.b + hi)
-        if kk == 0:
-            continue
-        lo = ly.n_in * k // ROW_BLOCKS
-        hi = ly.n_in * (k + 1) // ROW_BLOCKS
-        if f.direct:
-            _gemm_here(True, True, False, <int>(hi - lo), <int>ly.n_out, B, -lr, acts + n.layer[kk - 1].out + lo,
-                       <int>ly.n_in, dz, <int>ly.n_out, <real>1, theta + ly.w + lo * ly.n_out, <int>ly.n_out)
-        else:
-            _gemm_here(True, True, False, <int>(hi - lo), <int>ly.n_out, B, <real>1, acts + n.layer[kk - 1].out + lo,
-                       <int>ly.n_in, dz, <int>ly.n_out, <real>0, grad + ly.w + lo * ly.n_out, <int>ly.n_out)
-            if d != 0:
-                for q in range(ly.w + lo * ly.n_out, ly.w + hi * ly.n_out):
-                    grad[q] += d * theta[q]
-            _optimizer_range(theta, grad, opt, m, v, ly.w + lo * ly.n_out, ly.w + hi * ly.n_out)
+        _update_rows(theta + ly.w, grad + ly.w, opt, m + ly.w, v + ly.w, <real>opt[OPT_DECAY], lo, hi, H,
+                     <real*>f.pad.W, HP)
+    _grads(n, <real*>NULL, theta, opt, m, v, acts, deltas, grad, f.direct, k)
 
 
 cdef double _sparse_step(_Net* n, _SparseFirst* f, long long* T, long long* rows, real* theta, double* opt,
                          real* m, real* v, real* acts, real* deltas, real* grad, int nt,
                          long long* bad) noexcept nogil:
-    """A step of the engine over CSR rows in one parallel region of nt threads, in three
-    phases with a barrier between them: the first layer's forward by PIXEL_BLOCKS blocks
-    of pixels (block k's partial sums into fwd[k], b in block 0's), the rows above by
-    ROW_BLOCKS blocks of rows (_sparse_rows), the update by blocks again (_sparse_grads,
-    block k of the pixels on the thread that summed them).  Block k runs on thread
-    k mod nt.  Returns the batch's loss (+ 0.5 decay sum W**2, over W before the step)."""
+    """A step over CSR rows in one region of nt threads: the first layer's forward by
+    PIXEL_BLOCKS blocks of pixels (block k's partial sums into fwd[k], b in block 0's),
+    then _sparse_rows and _sparse_grads by blocks (the pixels of block k on the thread
+    that summed them).  Returns the batch's loss (+ 0.5 decay sum W**2, over W before
+    the step)."""
     cdef long long bads[2 * PIXEL_BLOCKS]
     cdef double parts[ROW_BLOCKS]
-    cdef _Layer* ly
-    cdef long long D = n.layer[0].n_in, HP = f.pad.HP, q = <long long>n.B * HP, p
+    cdef long long D = n.layer[0].n_in, HP = f.pad.HP, q = <long long>n.B * HP
     cdef int k, tid, nthr, B = n.B
-    cdef double loss = 0, sq
+    cdef double loss = _decay_loss(n, theta, opt[OPT_DECAY])
     cdef real scale = <real>(-opt[OPT_LR]) if f.direct else <real>1
-    if opt[OPT_DECAY] != 0:
-        for k in range(n.L):
-            ly = &n.layer[k]
-            sq = 0
-            for p in range(ly.n_in * ly.n_out):
-                sq += <double>theta[ly.w + p] * theta[ly.w + p]
-            loss += 0.5 * opt[OPT_DECAY] * sq
     if not f.direct:
         _optimizer_begin(opt)
     with parallel(num_threads=nt):
-        # blocks go to threads by hand with a barrier between the phases (fn_barrier)
         tid = threadid()
         nthr = fn_num_threads()
         k = tid
@@ -443,10 +512,9 @@ cdef double _sparse_step(_Net* n, _SparseFirst* f, long long* T, long long* rows
             k = k + nthr
     for k in range(2 * PIXEL_BLOCKS):
         bad[0] += bads[k]
-    sq = 0
     for k in range(ROW_BLOCKS):
-        sq += parts[k]
-    return sq / B + loss
+        loss += parts[k] / B
+    return loss
 
 
 cdef void _update_rows(real* W, real* dW, double* opt, real* m, real* v, real decay, long long lo, long long hi,
@@ -471,19 +539,14 @@ cdef int _mlp_steps_sparse(_Net* n, _SparseFirst* f, long long* T, long long* id
     not finite."""
     cdef _Layer* ly = &n.layer[0]
     cdef long long total
-    cdef int k, i, nt
+    cdef int k, i
     cdef long long* rows
     for k in range(S):
         rows = idx + <Py_ssize_t>k * n.B
         total = 0
         for i in range(n.B):
             total += f.indptr[rows[i] + 1] - f.indptr[rows[i]]
-        nt = fn_max_threads()
-        if nt > PIXEL_BLOCKS:
-            nt = PIXEL_BLOCKS
-        if nt < 1 or total < PARALLEL_NNZ:
-            nt = 1
-        losses[k] = _sparse_step(n, f, T, rows, theta, opt, m, v, acts, deltas, grad, nt, bad)
+        losses[k] = _sparse_step(n, f, T, rows, theta, opt, m, v, acts, deltas, grad, _steps_threads(total), bad)
         memcpy(f.pad.b, theta + ly.b, ly.n_out * sizeof(real))
         if bad[0] or not (losses[k] - losses[k] == 0):
             S = k + 1
@@ -743,12 +806,12 @@ def mlp_gradient(X, T, idx, sizes, int act, theta, double decay, grad):
                                         decay, &nzw, &loss)
             if not done:
                 loss = _mlp_backprop(&n, <float*>pth, <float*>pg, <float*>pb, <float*>pa, <float*>pd, pT, pi, 0,
-                                     decay, 0)
+                                     decay)
         else:
             if not in_order:
                 _gather_rows(<double*>px, pu, pi, <double*>pb, n.B, <int>n.layer[0].n_in)
             loss = _mlp_backprop(&n, <double*>pth, <double*>pg, <double*>pb, <double*>pa, <double*>pd, pT, pi, 0,
-                                 decay, 0)
+                                 decay)
     return loss
 
 
