@@ -698,13 +698,16 @@ def train_steps_mlp(X, T, idx, sizes, int act, theta, opt, state, losses):
     cdef void* pd = _p(deltas)
     cdef void* pg = _p(grad)
     cdef void* pb = _p(xb)
+    cdef int threads[MAX_BLAS_LIBS]
     with nogil:
+        _blas_one_thread(threads)  # around the regions: see _blas_one_thread
         if f32:
             done = _mlp_steps(&n, <float*>px, pu, pT, pi, S, <float*>pth, po, <float*>pm, <float*>pv, pl,
                               <float*>pb, <float*>pa, <float*>pd, <float*>pg)
         else:
             done = _mlp_steps(&n, <double*>px, pu, pT, pi, S, <double*>pth, po, <double*>pm, <double*>pv, pl,
                               <double*>pb, <double*>pa, <double*>pd, <double*>pg)
+        _blas_threads_back(threads)
     return done
 
 

@@ -185,6 +185,60 @@ def test_results_do_not_depend_on_set_num_threads(name):
         k.set_num_threads(before)
 
 
+def _openblas_threads():
+    """The thread count of every OpenBLAS loaded in this process (NumPy's and SciPy's)."""
+    import ctypes
+
+    with open("/proc/self/maps") as fh:
+        paths = sorted({line.split()[-1] for line in fh if "openblas" in line.lower() and "/" in line})
+    counts = []
+    for path in paths:
+        lib = ctypes.CDLL(path)
+        for name in ("openblas_get_num_threads", "scipy_openblas_get_num_threads64_", "scipy_openblas_get_num_threads"):
+            if hasattr(lib, name):
+                counts.append(getattr(lib, name)())
+                break
+    return counts
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_kernels_leave_blas_threads_as_they_were():
+    """The steps and the evaluation call BLAS from their OpenMP threads, each held to one
+    BLAS thread; OpenBLAS keeps that setting for the whole process, so a kernel that let
+    its threads set and restore it unguarded could leave NumPy's products on one thread."""
+    import numpy as np
+
+    from fastnet.kernels import _cython
+
+    k = backend.load("cython")
+    rng = np.random.default_rng(0)
+    X = (rng.integers(1, 256, (400, 300)) * (rng.random((400, 300)) < 0.2)).astype(np.uint8)
+    T = rng.integers(0, 10, 400)
+    csr = k.sparse_rows(X)
+    np.ones((200, 200)) @ np.ones((200, 200))  # NumPy's OpenBLAS loaded
+    blas = _cython._blas_products(True)  # every product through BLAS, whatever the CPU
+    before_threads = k.get_num_threads()
+    try:
+        k.set_num_threads(2)
+        before = _openblas_threads()
+        if not before:
+            pytest.skip("no OpenBLAS with a thread count to read")
+        for _ in range(20):
+            sizes = np.array([300, 40, 30, 10])
+            theta = (0.1 * rng.standard_normal(mlp_size(sizes))).astype(np.float32)
+            state, losses = np.zeros((2, theta.size), np.float32), np.empty(3)
+            for kind in (Opt.SGD, Opt.ADAM):
+                opt = np.array([kind, 0.05, 0.9, 0.999, 0.0, 0.0])
+                idx = rng.integers(0, 400, (3, 100))
+                k.train_steps_mlp(X, T, idx, sizes, Act.RELU, theta, opt, state, losses)
+                k.train_steps_mlp_sparse(*csr, T, idx, sizes, Act.RELU, theta, opt, state, losses)
+            k.sparse_predict_mlp(*csr, 0, sizes, Act.RELU, theta, np.empty(400, np.int64))
+            assert _openblas_threads() == before
+    finally:
+        _cython._blas_products(blas)
+        k.set_num_threads(before_threads)
+
+
 _FIRST_BLAS_CALL = """
 import sys, numpy as np
 from fastnet.kernels import _cython as k
