@@ -382,8 +382,9 @@ cdef double _dense_step(_Net* n, real* X, unsigned char* U, long long* T, long l
 
 
 cdef int _steps_threads(long long work) noexcept nogil:
-    """The threads of a step's region: one when its batch holds fewer than PARALLEL_NNZ
-    inputs that are not zero (waking the others costs more), else up to ROW_BLOCKS."""
+    """The threads of a step's region for a batch of ``work`` inputs (its non-zeros, for
+    CSR rows): one below PARALLEL_NNZ (waking the others costs more), else up to
+    ROW_BLOCKS."""
     cdef int nt = fn_max_threads()
     if nt > ROW_BLOCKS:
         nt = ROW_BLOCKS
