@@ -591,20 +591,23 @@ cdef void _mlp_scores_above(_Net* n, real* theta, real* acts, int lo, bint here=
 DEF PREDICT_ROWS = 256
 
 
-cdef void _mlp_predict_dense(_Net* n, real* X, unsigned char* U, long long rows, real* theta, real* xb,
-                             real* acts, long long* rowno, long long* out) noexcept nogil:
+cdef void _mlp_predict_dense(_Net* n, real* X, unsigned char* U, long long r0, long long r1, real* theta,
+                             real* xb, real* acts, long long* rowno, long long* out) noexcept nogil:
+    """Labels of rows r0:r1 of X (or U), PREDICT_ROWS at a time (n built for that many
+    rows; xb, acts and rowno this call's own), the products on the calling thread."""
+    cdef _Net local = n[0]
     cdef long long i, r, m
-    cdef _Layer* ly = &n.layer[0]
-    cdef _Layer* top = &n.layer[n.L - 1]
-    for i in range(0, rows, PREDICT_ROWS):
-        m = rows - i if rows - i < PREDICT_ROWS else PREDICT_ROWS
+    cdef _Layer* ly = &local.layer[0]
+    cdef _Layer* top = &local.layer[local.L - 1]
+    for i in range(r0, r1, PREDICT_ROWS):
+        m = r1 - i if r1 - i < PREDICT_ROWS else PREDICT_ROWS
         for r in range(m):
             rowno[r] = i + r
-        n.B = <int>m
+        local.B = <int>m
         _gather_rows(X, U, rowno, xb, <int>m, <int>ly.n_in)
         _affine(xb, theta + ly.w, theta + ly.b, acts + ly.out, <int>m, <int>ly.n_in, <int>ly.n_out,
-                n.act if n.L > 1 else 0)
-        _mlp_scores_above(n, theta, acts, 1)
+                local.act if local.L > 1 else 0, True)
+        _mlp_scores_above(&local, theta, acts, 1, True)
         _argmax_rows(acts + top.out, m, top.n_out, out + i)
 
 
@@ -827,21 +830,38 @@ def predict_mlp(X, sizes, int act, theta, out):
     _blas()
     cdef _Net n
     _net_of(&n, sizes, act, min(rows, PREDICT_ROWS))
-    acts, _, _, xb = _work(&n, theta.dtype, True)
-    rowno = np.empty(PREDICT_ROWS, np.int64)
+    # runs of whole blocks of rows, one a thread, each with its own scratch
+    cdef int nt = fn_max_threads(), t
+    nt = <int>max(1, min(nt, MAX_THREADS, (rows + PREDICT_ROWS - 1) // PREDICT_ROWS))
+    cdef long long D = n.layer[0].n_in, per_x = <long long>n.B * D, per_a = n.outs
+    xbs = _scratch.buffer("batch", nt * per_x, theta.dtype)
+    actss = _scratch.buffer("acts", nt * per_a, theta.dtype)
+    rownos = _scratch.buffer("rows", nt * PREDICT_ROWS, np.int64)
+    cdef long long cut[MAX_THREADS + 1]
+    for t in range(nt + 1):
+        cut[t] = (rows + PREDICT_ROWS - 1) // PREDICT_ROWS * t // nt * PREDICT_ROWS
+    cut[nt] = rows
     cdef bint f32 = theta.dtype == np.float32, pixels = X.dtype == np.uint8
     cdef unsigned char* pu = <unsigned char*>_p(X) if pixels else NULL
     cdef void* px = NULL if pixels else _p(X)
-    cdef void* pth = _p(theta)
-    cdef void* pa = _p(acts)
-    cdef void* pb = _p(xb)
-    cdef long long* pr = <long long*>_p(rowno)
+    cdef char* pth = <char*>_p(theta)
+    cdef char* pa = <char*>_p(actss)
+    cdef char* pb = <char*>_p(xbs)
+    cdef long long* pr = <long long*>_p(rownos)
     cdef long long* po = <long long*>_p(out)
+    cdef long long ts = theta.dtype.itemsize
+    cdef int threads[MAX_BLAS_LIBS]
     with nogil:
-        if f32:
-            _mlp_predict_dense(&n, <float*>px, pu, rows, <float*>pth, <float*>pb, <float*>pa, pr, po)
-        else:
-            _mlp_predict_dense(&n, <double*>px, pu, rows, <double*>pth, <double*>pb, <double*>pa, pr, po)
+        _blas_one_thread(threads)  # around the region: see _blas_one_thread
+        for t in prange(nt, num_threads=nt, schedule="static", chunksize=1):
+            if f32:
+                _mlp_predict_dense(&n, <float*>px, pu, cut[t], cut[t + 1], <float*>pth, <float*>(pb + t * per_x * ts),
+                                   <float*>(pa + t * per_a * ts), pr + t * PREDICT_ROWS, po)
+            else:
+                _mlp_predict_dense(&n, <double*>px, pu, cut[t], cut[t + 1], <double*>pth,
+                                   <double*>(pb + t * per_x * ts), <double*>(pa + t * per_a * ts),
+                                   pr + t * PREDICT_ROWS, po)
+        _blas_threads_back(threads)
     return out
 
 

@@ -166,6 +166,7 @@ def test_results_do_not_depend_on_set_num_threads(name):
                 else:
                     xf = (X / 255).astype(dtype)
                     k.train_steps_mlp(xf, T, idx, sizes, Act.RELU, theta, opt, state, losses)
+                    out.append(k.predict_mlp(xf, sizes, Act.RELU, theta, np.empty(400, np.int64)))
                     grad = np.empty_like(theta)
                     k.numerical_gradient_mlp(xf[:20], T[:20], sizes, Act.RELU, theta, 1e-4, grad)
                     out.append(grad)
@@ -233,6 +234,7 @@ def test_kernels_leave_blas_threads_as_they_were():
                 k.train_steps_mlp(X, T, idx, sizes, Act.RELU, theta, opt, state, losses)
                 k.train_steps_mlp_sparse(*csr, T, idx, sizes, Act.RELU, theta, opt, state, losses)
             k.sparse_predict_mlp(*csr, 0, sizes, Act.RELU, theta, np.empty(400, np.int64))
+            k.predict_mlp(X, sizes, Act.RELU, theta, np.empty(400, np.int64))
             assert _openblas_threads() == before
     finally:
         _cython._blas_products(blas)
