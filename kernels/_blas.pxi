@@ -77,8 +77,8 @@ cdef int _load_blas() except -1:
 
 cdef void _gemm_one_thread(bint ta, bint tb, int M, int N, int K, real alpha, real* A, int lda,
                            real* B, int ldb, real beta, real* C, int ldc) noexcept nogil:
-    """_gemm with BLAS held to the calling thread (an OpenMP thread of a sparse step or
-    of the evaluation)."""
+    """_gemm with BLAS held to the calling thread (an OpenMP thread of a step or of an
+    evaluation)."""
     cdef int had[MAX_BLAS_LIBS]
     _blas_one_thread(had)
     _gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)
@@ -132,7 +132,7 @@ cdef void _gemm_here(bint one_thread, bint ta, bint tb, int M, int N, int K, rea
 
 cdef void _blas_one_thread(int* had) noexcept nogil:
     """Let BLAS calls from this thread use one thread; had[i] receives what library i had
-    (MAX_BLAS_LIBS entries).  The sparse steps and the evaluation call BLAS from their
+    (MAX_BLAS_LIBS entries).  The steps and the evaluations call BLAS from their
     OpenMP threads, each with a block of the work: BLAS's own threads would wait on
     OpenMP's, which keep their cores busy, for many times the work (benchmarks/README.md).
     OpenBLAS keeps this setting for the whole process, not the thread, so two threads
