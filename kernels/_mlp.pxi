@@ -3,12 +3,13 @@
 #
 # The arguments are checked once, in Python, by kernels/_checks.py (mlp_*), for all
 # three backends; the code here trusts them.  A layer is a record (_Layer) inside the
-# net's record (_Net): its sizes and where its parameters and outputs lie.  Products
-# go to BLAS (_gemm), or in the sparse steps and the evaluation to _gemm_here in blocks
-# on the OpenMP threads; the first layer over CSR rows goes through the loops of
-# _sparse.h in their padded layout, split between threads by blocks of pixels; and
-# mlp_gradient runs the first layer of a sparse float32 batch over its non-zeros
-# (_nzrows.h) on the calling thread.
+# net's record (_Net): its sizes and where its parameters and outputs lie.  The steps
+# and the evaluations run in OpenMP regions, each thread with blocks of the work and
+# its products on that thread (_gemm_here); mlp_gradient runs on the calling thread,
+# its products on BLAS's threads (_gemm).  The first layer over CSR rows goes through
+# the loops of _sparse.h in their padded layout, split between threads by blocks of
+# pixels; and mlp_gradient runs the first layer of a sparse float32 batch over its
+# non-zeros (_nzrows.h).
 
 DEF MAX_LAYERS = 64
 
