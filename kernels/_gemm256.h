@@ -6,8 +6,8 @@
  *       A: M x K, its element (i, p) at A[i si + p sp]: a row-major matrix (si = its
  *       row stride, sp = 1) or the transpose of one (si = 1, sp = its row stride).
  *
- * The sparse steps' layers above the first multiply blocks of 50 rows by 100 x 100
- * weights on each of two threads, and the evaluation blocks of 64 rows on each.  For
+ * The steps' layers above the first multiply blocks of 50 rows by 100 x 100 weights on
+ * each of two threads, and the evaluations blocks of 64 or 256 rows on each.  For
  * such products one-thread OpenBLAS spends about half as long copying ("packing") both
  * operands into its own layout as it spends multiplying them (benchmarks/README.md,
  * "the layers above the first without BLAS's copies").  Here a block of R <= 6 rows of

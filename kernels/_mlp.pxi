@@ -67,7 +67,7 @@ cdef double _mlp_backprop(_Net* n, real* theta, real* grad, real* x, real* acts,
     cdef real* dW
     cdef real* db
     cdef real d = <real>decay
-    cdef double loss, sq
+    cdef double loss
     for k in range(lo, L):
         ly = &n.layer[k]
         inp = x if k == 0 else acts + n.layer[k - 1].out
@@ -101,14 +101,7 @@ cdef double _mlp_backprop(_Net* n, real* theta, real* grad, real* x, real* acts,
                 for q in range(ly.n_in * ly.n_out):
                     dW[q] += d * W[q]
         dz = below
-    if decay != 0:
-        for k in range(L):
-            ly = &n.layer[k]
-            sq = 0
-            for q in range(ly.n_in * ly.n_out):
-                sq += <double>theta[ly.w + q] * theta[ly.w + q]
-            loss += 0.5 * decay * sq
-    return loss
+    return _decay_loss(n, theta, decay, loss)
 
 
 cdef extern from "_nzrows.h" nogil:
@@ -230,6 +223,17 @@ cdef void _optimizer_range(real* theta, real* grad, double* opt, real* m, real* 
             fn_adam_d(theta, grad, m, v, n, lr_t, 1 - <real>opt[OPT_BETA1], 1 - <real>opt[OPT_BETA2], eps)
 
 
+cdef void _decay_step(real* theta, real* grad, double* opt, real* m, real* v, real decay, long long start,
+                      long long end) noexcept nogil:
+    """theta[start:end]: grad += decay theta, then the optimiser's step (begun by the
+    caller, _optimizer_begin)."""
+    cdef long long q
+    if decay != 0:
+        for q in range(start, end):
+            grad[q] += decay * theta[q]
+    _optimizer_range(theta, grad, opt, m, v, start, end)
+
+
 # A training step runs in one OpenMP region, in phases with a barrier between them, each
 # phase's work cut into a fixed number of blocks (block k on thread k mod the threads),
 # so that no sum depends on the thread count: first by blocks of the batch's rows (the
@@ -290,7 +294,7 @@ cdef void _grads(_Net* n, real* x, real* theta, double* opt, real* m, real* v, r
     its gradient and the optimiser's step (begun by the caller), elementwise, so no block
     waits for another."""
     cdef _Layer* ly
-    cdef long long lo, hi, q
+    cdef long long lo, hi
     cdef Py_ssize_t i, j
     cdef int kk, B = n.B
     cdef real lr = <real>opt[OPT_LR], d = <real>opt[OPT_DECAY]
@@ -324,20 +328,17 @@ cdef void _grads(_Net* n, real* x, real* theta, double* opt, real* m, real* v, r
         else:
             _gemm_here(True, True, False, <int>(hi - lo), <int>ly.n_out, B, <real>1, inp + lo, <int>ly.n_in, dz,
                        <int>ly.n_out, <real>0, grad + ly.w + lo * ly.n_out, <int>ly.n_out)
-            if d != 0:
-                for q in range(ly.w + lo * ly.n_out, ly.w + hi * ly.n_out):
-                    grad[q] += d * theta[q]
-            _optimizer_range(theta, grad, opt, m, v, ly.w + lo * ly.n_out, ly.w + hi * ly.n_out)
+            _decay_step(theta, grad, opt, m, v, d, ly.w + lo * ly.n_out, ly.w + hi * ly.n_out)
 
 
-cdef double _decay_loss(_Net* n, real* theta, double decay) noexcept nogil:
-    """0.5 decay sum W**2 over every layer's W (0 without decay)."""
+cdef double _decay_loss(_Net* n, real* theta, double decay, double loss=0) noexcept nogil:
+    """loss + 0.5 decay sum W**2 over every layer's W, layer by layer (loss without decay)."""
     cdef _Layer* ly
     cdef long long p
     cdef int k
-    cdef double loss = 0, sq
+    cdef double sq
     if decay == 0:
-        return 0
+        return loss
     for k in range(n.L):
         ly = &n.layer[k]
         sq = 0
@@ -521,13 +522,9 @@ cdef double _sparse_step(_Net* n, _SparseFirst* f, long long* T, long long* rows
 
 cdef void _update_rows(real* W, real* dW, double* opt, real* m, real* v, real decay, long long lo, long long hi,
                        long long H, real* padded, long long HP) noexcept nogil:
-    """Rows lo:hi of a first layer's W (H wide): dW += decay W, the optimiser's step,
-    and the rows copied into padded (rows of HP)."""
-    cdef long long q
-    if decay != 0:
-        for q in range(lo * H, hi * H):
-            dW[q] += decay * W[q]
-    _optimizer_range(W, dW, opt, m, v, lo * H, hi * H)
+    """Rows lo:hi of a first layer's W (H wide): _decay_step, and the rows copied into
+    padded (rows of HP)."""
+    _decay_step(W, dW, opt, m, v, decay, lo * H, hi * H)
     fn_pad_rows(W + lo * H, hi - lo, H, padded + lo * HP, HP, sizeof(real))
 
 
@@ -577,15 +574,15 @@ cdef void _argmax_rows(real* s, long long n, long long C, long long* out) noexce
         out[i] = k
 
 
-cdef void _mlp_scores_above(_Net* n, real* theta, real* acts, int lo, bint here=False) noexcept nogil:
-    """Layers lo.. of a forward whose layer lo - 1 outputs are in acts (n.B rows); the
-    products as _affine's with ``here``."""
+cdef void _mlp_scores_above(_Net* n, real* theta, real* acts, int lo) noexcept nogil:
+    """Layers lo.. of a forward whose layer lo - 1 outputs are in acts (n.B rows), the
+    products on the calling thread (an evaluation's OpenMP thread)."""
     cdef int k
     cdef _Layer* ly
     for k in range(lo, n.L):
         ly = &n.layer[k]
         _affine(acts + n.layer[k - 1].out, theta + ly.w, theta + ly.b, acts + ly.out, n.B, <int>ly.n_in,
-                <int>ly.n_out, n.act if k < n.L - 1 else 0, here)
+                <int>ly.n_out, n.act if k < n.L - 1 else 0, True)
 
 
 #: rows labelled at a time by the evaluation kernels (their activations stay in cache)
@@ -608,7 +605,7 @@ cdef void _mlp_predict_dense(_Net* n, real* X, unsigned char* U, long long r0, l
         _gather_rows(X, U, rowno, xb, <int>m, <int>ly.n_in)
         _affine(xb, theta + ly.w, theta + ly.b, acts + ly.out, <int>m, <int>ly.n_in, <int>ly.n_out,
                 local.act if local.L > 1 else 0, True)
-        _mlp_scores_above(&local, theta, acts, 1, True)
+        _mlp_scores_above(&local, theta, acts, 1)
         _argmax_rows(acts + top.out, m, top.n_out, out + i)
 
 
@@ -659,7 +656,7 @@ cdef void _predict_run(_Net* n, long long* indptr, int* indices, void* data, bin
                     fn_top_argmax_d(h, m, H, theta + top.w, theta + top.b, top.n_out, wp, s, labels + i)
             else:
                 local.B = <int>m
-                _mlp_scores_above(&local, theta, acts, 1, True)  # on this thread
+                _mlp_scores_above(&local, theta, acts, 1)
                 _argmax_rows(acts + top.out, m, top.n_out, labels + i)
         i += m
 
