@@ -110,18 +110,58 @@ static inline long long fn_lower_bound(const int *indices, long long lo, long lo
     return lo;
 }
 
-/* The padded layout.  The loops read W, b and G with rows of HP = ceil(H / L) * L
- * entries (L = 64 bytes of lanes: 16 floats or 8 doubles), each row 64-byte aligned, the
- * lanes past H zero.  Every vector load and store of W is then whole and aligned: rows of
- * the book's 50 floats (200 bytes) would otherwise start anywhere in a cache line, and
- * a 64-byte load across two lines costs two (a quarter of the forward and of the update;
- * benchmarks/README.md, "Kernel layouts").  The wrappers copy W into the layout once
- * per call (fn_pad_rows) and back after it; a call of many training steps pays that once.  The forward writes
- * its output unpadded (rows of H). */
+/* The step's loops over a block of W's rows [jlo, jhi) (fn_sparse_forward_cols,
+ * fn_sparse_scatter) take W in strips of columns: every row of the batch works through
+ * one strip before the next strip starts, so the block's rows of the strip stay in L2
+ * while the batch reads them.  Taken whole, a wide layer's block does not fit (784 x
+ * 1,024 floats: 3.2 MB), and each non-zero would bring a row of W from L3 or memory.
+ * Each output vector still sums its terms in the same order, so the strips change no
+ * bit.  FN_STRIP_BYTES: the most bytes of a block's strip (half the 256 kB L2 of the
+ * smaller x86-64 cores); a strip is a whole number of the loops' groups of 4 vectors.
+ * FN_ROW_CHUNK: the batch rows whose ranges of non-zeros are found at a time. */
+#define FN_STRIP_BYTES (128 * 1024)
+#define FN_ROW_CHUNK 128
+
+/* vectors a strip of `rows` rows of W (vectors of vbytes), of nv vectors in all */
+static inline long long fn_strip_vectors(long long rows, long long vbytes, long long nv)
+{
+    long long sv = rows > 0 ? FN_STRIP_BYTES / (rows * vbytes) / 4 * 4 : nv;
+    return sv < 4 ? 4 : sv;
+}
+
+/* ps[i], es[i]: the non-zeros of row rows[i] whose column lies in [jlo, jhi) */
+static inline void fn_row_ranges(const long long *indptr, const int *indices, const long long *rows,
+                                 long long n, long long D, int jlo, int jhi, long long *ps, long long *es)
+{
+    for (long long i = 0; i < n; i++) {
+        long long p = indptr[rows[i]], e = indptr[rows[i] + 1];
+        if (jlo > 0) p = fn_lower_bound(indices, p, e, jlo);
+        if (jhi < D) e = fn_lower_bound(indices, p, e, jhi);
+        ps[i] = p;
+        es[i] = e;
+    }
+}
+
+/* The padded layout.  The loops read W, b and G with rows of HP entries: H rounded up
+ * to whole 64-byte lines of lanes (L = 16 floats or 8 doubles), each row 64-byte
+ * aligned, the lanes past H zero.  Every vector load and store of W is then whole and
+ * aligned: rows of the book's 50 floats (200 bytes) would otherwise start anywhere in a
+ * cache line, and a 64-byte load across two lines costs two (a quarter of the forward
+ * and of the update; benchmarks/README.md, "Kernel layouts").  A row of 16 lines or more
+ * gets an odd number of them (one more line where the count is even): the caches pick a
+ * line's set from the address bits below 4 kB (L1) or 64 kB (L2), so rows of 1,024
+ * floats, 4 kB apart, would all put the same column in the same few sets, and the loops,
+ * which read the rows of a batch's non-zeros one after the other, would find almost
+ * none of them in cache (784-1,024-10 trained more than twice as slowly as 784-1,000-10;
+ * benchmarks/README.md, "Wide layers").  The wrappers copy W into the layout once per
+ * call (fn_pad_rows) and back after it; a call of many training steps pays that once.
+ * The forward writes its output unpadded (rows of H). */
+#define FN_ODD_LINES 16
 static long long fn_padded(long long H, long long tsize)
 {
-    long long L = 64 / tsize;
-    return (H + L - 1) / L * L;
+    long long L = 64 / tsize, lines = (H + L - 1) / L;
+    if (lines >= FN_ODD_LINES && lines % 2 == 0) lines++;
+    return lines * L;
 }
 
 /* n rows of w entries (tsize bytes each) into rows of wp entries, zero past w */
@@ -380,17 +420,20 @@ ATTR static void fn_sparse_forward_cols_##S(                                    
     long long D, long long HP, int jlo, int jhi, long long *bad)                          \
 {                                                                                           \
     const long long L = VB / sizeof(T), nv = HP / L;                                        \
+    const long long sv = fn_strip_vectors(jhi - jlo, L * (long long)sizeof(T), nv);         \
+    long long ps[FN_ROW_CHUNK], es[FN_ROW_CHUNK];                                           \
     fn_touch_rows(indptr, indices, data, rows, n, sizeof(VT));                              \
-    for (long long i = 0; i < n; i++) {                                                     \
-        long long r = rows[i];                                                              \
-        long long p = indptr[r], e = indptr[r + 1];                                         \
-        if (jlo > 0) p = fn_lower_bound(indices, p, e, jlo);                                \
-        if (jhi < D) e = fn_lower_bound(indices, p, e, jhi);                                \
-        for (long long v0 = 0; v0 < nv; v0 += 4) {                                          \
-            int m = nv - v0 < 4 ? (int)(nv - v0) : 4;                                       \
-            FN_FOR_MH(m, 0, fn_forward_row_##S, indices, data, lut, p, e, W + v0 * L, NULL,  \
-                      b ? b + v0 * L : NULL, out + i * HP, v0 * L, D, HP, HP, v0 == 0, bad) \
-        }                                                                                   \
+    for (long long i0 = 0; i0 < n; i0 += FN_ROW_CHUNK) {                                    \
+        const long long i1 = i0 + FN_ROW_CHUNK < n ? i0 + FN_ROW_CHUNK : n;                 \
+        fn_row_ranges(indptr, indices, rows + i0, i1 - i0, D, jlo, jhi, ps, es);            \
+        for (long long s0 = 0; s0 < nv; s0 += sv)                                           \
+            for (long long i = i0; i < i1; i++)                                             \
+                for (long long v0 = s0; v0 < nv && v0 < s0 + sv; v0 += 4) {                 \
+                    int m = nv - v0 < 4 ? (int)(nv - v0) : 4;                               \
+                    FN_FOR_MH(m, 0, fn_forward_row_##S, indices, data, lut, ps[i - i0], es[i - i0], \
+                              W + v0 * L, NULL, b ? b + v0 * L : NULL, out + i * HP, v0 * L, D, HP, HP, \
+                              v0 == 0, bad)                                                 \
+                }                                                                           \
     }                                                                                       \
 }                                                                                           \
                                                                                             \
@@ -444,17 +487,20 @@ ATTR static void fn_sparse_scatter_##S(                                         
 {                                                                                           \
     const long long L = VB / sizeof(T), nv = (H + L - 1) / L; /* the vectors holding H */   \
     const int half_last = H - (nv - 1) * L <= L / 2;                                        \
-    for (long long i = 0; i < n; i++) {                                                     \
-        long long r = rows[i]; /* read into cache by the step's forward (fn_touch_rows) */  \
-        long long p = indptr[r], e = indptr[r + 1];                                         \
-        if (jlo > 0) p = fn_lower_bound(indices, p, e, jlo);                                \
-        if (jhi < D) e = fn_lower_bound(indices, p, e, jhi);                                \
-        for (long long v0 = 0; v0 < nv; v0 += 4) {                                          \
-            int m = nv - v0 < 4 ? (int)(nv - v0) : 4;                                       \
-            int half = half_last && v0 + m == nv;                                           \
-            FN_FOR_MH(m, half, fn_scatter_row_##S, indices, data, lut, p, e,                \
-                      G + i * HP + v0 * L, W + v0 * L, D, HP, v0 == 0 ? bad : NULL)         \
-        }                                                                                   \
+    const long long sv = fn_strip_vectors(jhi - jlo, L * (long long)sizeof(T), nv);         \
+    long long ps[FN_ROW_CHUNK], es[FN_ROW_CHUNK];                                           \
+    for (long long i0 = 0; i0 < n; i0 += FN_ROW_CHUNK) {                                    \
+        const long long i1 = i0 + FN_ROW_CHUNK < n ? i0 + FN_ROW_CHUNK : n;                 \
+        /* the rows were read into cache by the step's forward (fn_touch_rows) */           \
+        fn_row_ranges(indptr, indices, rows + i0, i1 - i0, D, jlo, jhi, ps, es);            \
+        for (long long s0 = 0; s0 < nv; s0 += sv)                                           \
+            for (long long i = i0; i < i1; i++)                                             \
+                for (long long v0 = s0; v0 < nv && v0 < s0 + sv; v0 += 4) {                 \
+                    int m = nv - v0 < 4 ? (int)(nv - v0) : 4;                               \
+                    int half = half_last && v0 + m == nv;                                   \
+                    FN_FOR_MH(m, half, fn_scatter_row_##S, indices, data, lut, ps[i - i0], es[i - i0], \
+                              G + i * HP + v0 * L, W + v0 * L, D, HP, v0 == 0 ? bad : NULL) \
+                }                                                                           \
     }                                                                                       \
 }
 

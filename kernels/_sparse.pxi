@@ -458,8 +458,10 @@ cdef int _two_layer_sgd_sparse(indptr, indices, data, T, idx, theta, long long D
     cdef _Padded pad
     cdef float lutf[256]
     cdef double lutd[256]
+    cdef int threads[MAX_BLAS_LIBS]
     _padded_take(&pad, W1, D, H, B, False, ts, C)
     with nogil:
+        _blas_one_thread(threads)  # around the regions (_top_rows_blas): see _blas_one_thread
         if f32:
             _pixel_table(lutf)
             if pad.wp != NULL:
@@ -484,6 +486,7 @@ cdef int _two_layer_sgd_sparse(indptr, indices, data, T, idx, theta, long long D
                 break
         _w_rows_par(W1, D, H, pad.W, ts, False, True)
         fn_scratch_give(pad.block)
+        _blas_threads_back(threads)
     if bad:
         raise ValueError(f"train_steps_mlp_sparse: {bad} column indices are outside [0, {D}) "
                          "(the weights may be partly updated)")

@@ -233,6 +233,12 @@ def test_kernels_leave_blas_threads_as_they_were():
                 idx = rng.integers(0, 400, (3, 100))
                 k.train_steps_mlp(X, T, idx, sizes, Act.RELU, theta, opt, state, losses)
                 k.train_steps_mlp_sparse(*csr, T, idx, sizes, Act.RELU, theta, opt, state, losses)
+            # the book's two-layer SGD step (its layers above the first through BLAS here)
+            two = np.array([300, 100, 10])
+            theta2 = (0.1 * rng.standard_normal(mlp_size(two))).astype(np.float32)
+            opt = np.array([Opt.SGD, 0.05, 0.9, 0.999, 0.0, 0.0])
+            k.train_steps_mlp_sparse(*csr, T, idx, two, Act.RELU, theta2, opt, np.zeros((2, theta2.size), np.float32),
+                                     losses)
             k.sparse_predict_mlp(*csr, 0, sizes, Act.RELU, theta, np.empty(400, np.int64))
             k.predict_mlp(X, sizes, Act.RELU, theta, np.empty(400, np.int64))
             assert _openblas_threads() == before

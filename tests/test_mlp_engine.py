@@ -94,14 +94,16 @@ def test_train_steps_parity(backend_name, dtype, depth, optimizer, decay, rows):
 @pytest.mark.parametrize("backend_name", COMPILED)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("sizes", [[784, 50, 10], [784, 64, 10], [784, 100, 10], [784, 60, 40, 10],
-                                   [784, 5, 10]])
+                                   [784, 5, 10], [784, 1024, 10], [784, 256, 130, 10]])
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_sparse_steps_with_threads(backend_name, dtype, sizes, optimizer, vectors):
     """Batches of 100 MNIST-like rows (enough non-zeros for the threads), on the two-layer
     SGD special cases (the Cython vector top; Numba's padded float32 rows for 49 to 64
     hidden units) and the general sparse engine; against the dense steps of the same
     backend and the reference.  The Cython loops in both builds (``vectors``); 5 hidden
-    units pad to a row with a 32-byte vector wholly past them."""
+    units pad to a row with a 32-byte vector wholly past them; 1,024 and 256 units (and
+    128 doubles) to an odd number of 64-byte lines, and 1,024 take the first layer in
+    strips of columns (fn_padded, fn_strip_vectors in _sparse.h)."""
     rng = np.random.default_rng(5)
     X = (rng.integers(1, 256, (500, 784)) * (rng.random((500, 784)) < 0.19)).astype(np.uint8)
     T = rng.integers(0, 10, 500).astype(np.int64)
@@ -487,6 +489,33 @@ def test_numerical_gradient_parity(backend_name, depth, act):
 
 
 # ---------------------------------------------------------------- evaluation
+@pytest.mark.parametrize("backend_name", COMPILED)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("hidden", [[1024], [256, 128]])
+def test_predict_wide_layers(backend_name, dtype, hidden, vectors):
+    """Layers whose padded rows get an extra 64-byte line (fn_padded in _sparse.h): the
+    labels of dense, pixel and CSR rows against the reference's, where the two best
+    scores are far enough apart for the order of a sum not to decide."""
+    sizes = np.array([784, *hidden, 10])
+    ref, k = backend.load("numpy"), backend.load(backend_name)
+    rng = np.random.default_rng(3)
+    pixels = (rng.integers(1, 256, (300, 784)) * (rng.random((300, 784)) < 0.19)).astype(np.uint8)
+    theta = _net(sizes, dtype, scale=0.05)
+    scores = pixels / 255.0
+    for i, (W, b) in enumerate(mlp_views(sizes, theta.astype(np.float64))):
+        scores = scores @ W + b
+        if i < len(hidden):
+            scores = np.maximum(scores, 0)
+    best = np.sort(scores, axis=1)
+    clear = best[:, -1] - best[:, -2] > 1e-3
+    assert clear.mean() > 0.9
+    expected = ref.predict_mlp(pixels, sizes, Act.RELU, theta, np.empty(300, np.int64))
+    for got in (k.predict_mlp(pixels, sizes, Act.RELU, theta, np.full(300, -1, np.int64)),
+                k.sparse_predict_mlp(*ref.sparse_rows(pixels), 0, sizes, Act.RELU, theta,
+                                     np.full(300, -1, np.int64))):
+        np.testing.assert_array_equal(got[clear], expected[clear])
+
+
 @pytest.mark.parametrize("backend_name", COMPILED)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("depth", sorted(DEPTHS))
