@@ -110,22 +110,24 @@ static inline long long fn_lower_bound(const int *indices, long long lo, long lo
     return lo;
 }
 
-/* The step's loops over a block of W's rows [jlo, jhi) (fn_sparse_forward_cols,
- * fn_sparse_scatter) take W in strips of columns: every row of the batch works through
- * one strip before the next strip starts, so the block's rows of the strip stay in L2
- * while the batch reads them.  Taken whole, a wide layer's block does not fit (784 x
+/* The loops take W in strips of columns where its rows in use (a step's block of rows
+ * [jlo, jhi) in fn_sparse_forward_cols and fn_sparse_scatter, all D in the evaluation's
+ * fn_sparse_forward) are more than FN_STRIP_BYTES: every row of the batch (or block of
+ * rows) works through one strip before the next strip starts, so that the strip of W
+ * stays in L2 while the rows read it.  Taken whole, a wide layer does not fit (784 x
  * 1,024 floats: 3.2 MB), and each non-zero would bring a row of W from L3 or memory.
  * Each output vector still sums its terms in the same order, so the strips change no
- * bit.  FN_STRIP_BYTES: the most bytes of a block's strip (half the 256 kB L2 of the
- * smaller x86-64 cores); a strip is a whole number of the loops' groups of 4 vectors.
- * FN_ROW_CHUNK: the batch rows whose ranges of non-zeros are found at a time. */
+ * bit.  FN_STRIP_BYTES: half the 256 kB L2 of the smaller x86-64 cores; a strip is a
+ * whole number of the loops' groups of 4 vectors.  FN_ROW_CHUNK: the batch rows whose
+ * ranges of non-zeros a step's loops find at a time. */
 #define FN_STRIP_BYTES (128 * 1024)
 #define FN_ROW_CHUNK 128
 
 /* vectors a strip of `rows` rows of W (vectors of vbytes), of nv vectors in all */
 static inline long long fn_strip_vectors(long long rows, long long vbytes, long long nv)
 {
-    long long sv = rows > 0 ? FN_STRIP_BYTES / (rows * vbytes) / 4 * 4 : nv;
+    if (rows * nv * vbytes <= FN_STRIP_BYTES) return nv;
+    long long sv = FN_STRIP_BYTES / (rows * vbytes) / 4 * 4;
     return sv < 4 ? 4 : sv;
 }
 
@@ -398,17 +400,19 @@ ATTR static void fn_sparse_forward_##S(                                         
     const long long L = VB / sizeof(T), HM = fn_w_main(H, sizeof(T));                       \
     const long long WS = HM ? HM : HP, nv = HM ? HM / L : (H + L - 1) / L;                  \
     const T *Wq = W + D * WS; /* the tail rows, when split */                               \
-    for (long long i = 0; i < n; i++) {                                                     \
-        long long r = row0 + i;                                                             \
-        if (i + 1 < n) /* the next row's entries while this one is worked on */             \
-            fn_prefetch_row(indptr, indices, data, r + 1, sizeof(VT));                      \
-        long long p = indptr[r], e = indptr[r + 1];                                         \
-        for (long long v0 = 0; v0 < nv; v0 += 4) {                                          \
-            int m = nv - v0 < 4 ? (int)(nv - v0) : 4;                                       \
-            FN_FOR_MH(m, HM && v0 + m == nv, fn_forward_row_##S, indices, data, lut, p, e,   \
-                      W + v0 * L, Wq, b + v0 * L, out + i * H, v0 * L, D, H, WS, v0 == 0, bad) \
+    const long long sv = fn_strip_vectors(D, L * (long long)sizeof(T), nv);                 \
+    for (long long s0 = 0; s0 < nv; s0 += sv)                                               \
+        for (long long i = 0; i < n; i++) {                                                 \
+            long long r = row0 + i;                                                         \
+            if (s0 == 0 && i + 1 < n) /* the next row's entries while this one is worked on */ \
+                fn_prefetch_row(indptr, indices, data, r + 1, sizeof(VT));                  \
+            long long p = indptr[r], e = indptr[r + 1];                                     \
+            for (long long v0 = s0; v0 < nv && v0 < s0 + sv; v0 += 4) {                     \
+                int m = nv - v0 < 4 ? (int)(nv - v0) : 4;                                   \
+                FN_FOR_MH(m, HM && v0 + m == nv, fn_forward_row_##S, indices, data, lut, p, e, \
+                          W + v0 * L, Wq, b + v0 * L, out + i * H, v0 * L, D, H, WS, v0 == 0, bad) \
+            }                                                                               \
         }                                                                                   \
-    }                                                                                       \
 }                                                                                           \
                                                                                             \
 /* out[i, :] = b + sum_p v_p W[j_p, :] over the non-zeros of row rows[i] whose column */  \

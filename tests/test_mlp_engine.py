@@ -491,11 +491,13 @@ def test_numerical_gradient_parity(backend_name, depth, act):
 # ---------------------------------------------------------------- evaluation
 @pytest.mark.parametrize("backend_name", COMPILED)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("hidden", [[1024], [256, 128]])
-def test_predict_wide_layers(backend_name, dtype, hidden, vectors):
-    """Layers whose padded rows get an extra 64-byte line (fn_padded in _sparse.h): the
-    labels of dense, pixel and CSR rows against the reference's, where the two best
-    scores are far enough apart for the order of a sum not to decide."""
+@pytest.mark.parametrize("hidden", [[50], [1024], [256, 128]])
+def test_predict_first_layer_in_strips(backend_name, dtype, hidden, vectors):
+    """First layers of 784 inputs, which the Cython evaluation reads in strips of columns
+    (fn_strip_vectors in _sparse.h): 50 units with the split layout's tail lanes in the
+    last strip (32-byte vectors), 1,024 and 256 units whose padded rows get an extra
+    64-byte line (fn_padded).  The labels of pixel and CSR rows against the reference's,
+    where the two best scores are far enough apart for the order of a sum not to decide."""
     sizes = np.array([784, *hidden, 10])
     ref, k = backend.load("numpy"), backend.load(backend_name)
     rng = np.random.default_rng(3)
