@@ -14,6 +14,7 @@ from .common import (
     DTYPES,
     NETS,
     OPTIMIZERS,
+    WIDE_NETS,
     BookLoop,
     BookStep,
     EngineSteps,
@@ -117,6 +118,32 @@ class EngineMatrix:
         return self._per_step(self.torch) / self._per_step(self.fast)
 
     track_vs_reference.unit = track_vs_pytorch.unit = "times faster"
+
+
+class WideLayers:
+    """The wide nets of common.WIDE_NETS (SGD, MNIST, cython float32, CSR rows): a step
+    (20 a call) and the Trainer's accuracy over the 60,000 training images.  A width of a
+    power of two should cost about what its neighbour does (1,024 against 1,000): W1's
+    padded rows once put every column of such a width in the same cache sets."""
+
+    params = (list(WIDE_NETS),)
+    param_names = ["net"]
+    timeout = 300
+
+    def setup(self, net):
+        (x, t), _ = mnist_pixels()
+        self.fast = EngineSteps("cython", "float32", x, t, WIDE_NETS[net], steps=20)
+        with fastnet.use_backend("cython"):
+            self.trainer = Trainer(self.fast.net, x, t, iters=1)
+        self.fast()
+        self.time_accuracy(net)  # the CSR rows built here, not in the timing
+
+    def time_step(self, net):
+        self.fast()  # 20 steps
+
+    def time_accuracy(self, net):
+        with fastnet.use_backend("cython"):
+            self.trainer.accuracy(self.trainer.x_train, self.trainer.t_train)
 
 
 class StepSpeedup:

@@ -244,6 +244,26 @@ def matrix_markdown(rows) -> str:
     return "\n".join(lines)
 
 
+def wide_section(table, rounds):
+    """A step of the wide nets (common.WIDE_NETS, SGD, MNIST) as fastnet train runs it,
+    beside the Numba backend, the book's loop on the reference backend (float64, with its
+    loss line) and PyTorch, interleaved within each net."""
+    (x, t), _ = common.mnist_pixels()
+    for net, hidden in common.WIDE_NETS.items():
+        cases = {"fastnet (cython f32)": common.EngineSteps("cython", "float32", x, t, hidden, steps=20),
+                 "numba f32": common.EngineSteps("numba", "float32", x, t, hidden, steps=20),
+                 "reference": common.BookStep("numpy", "float64", x, t, hidden, loss_line=True)}
+        try:
+            cases["PyTorch 2.13 CPU float32"] = common.TorchStep(x, t, hidden)
+        except NotImplementedError:
+            pass
+        results = {name: seconds / getattr(cases[name], "steps", 1)
+                   for name, seconds in measure(cases, rounds, round_time=0.2).items()}
+        notes = {"fastnet (cython f32)": "CSR rows, 20 steps a call", "numba f32": "CSR rows, 20 steps a call",
+                 "reference": "the book's loop (numpy f64): gradient, update, loss line"}
+        table.section(f"training step {net}, SGD, batch 100", results, "reference", notes)
+
+
 def numgrad_section(table, full: bool):
     x, t = common.batch(np.float64, seed=3)
     extra = {}
@@ -413,6 +433,7 @@ def main(argv=None):
     step_section(table, rounds)
     evaluation_section(table, rounds)
     extra = numgrad_section(table, args.full_numgrad)
+    wide_section(table, rounds)
     matrix = matrix_section(3 if args.quick else 5)
     if not args.quick:
         e2e_section(table)
