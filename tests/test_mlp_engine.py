@@ -101,9 +101,9 @@ def test_sparse_steps_with_threads(backend_name, dtype, sizes, optimizer, vector
     SGD special cases (the Cython vector top; Numba's padded float32 rows for 49 to 64
     hidden units) and the general sparse engine; against the dense steps of the same
     backend and the reference.  The Cython loops in both builds (``vectors``); 5 hidden
-    units pad to a row with a 32-byte vector wholly past them; 1,024 and 256 units (and
-    128 doubles) to an odd number of 64-byte lines, and 1,024 take the first layer in
-    strips of columns (fn_padded, fn_strip_vectors in _sparse.h)."""
+    units pad to a row with a 32-byte vector wholly past them; 1,024 and 256 units to an
+    odd number of 64-byte lines, and both take the first layer in strips of columns
+    (fn_padded, fn_strip_vectors in _sparse.h)."""
     rng = np.random.default_rng(5)
     X = (rng.integers(1, 256, (500, 784)) * (rng.random((500, 784)) < 0.19)).astype(np.uint8)
     T = rng.integers(0, 10, 500).astype(np.int64)
