@@ -241,7 +241,10 @@ cdef void _decay_step(real* theta, real* grad, double* opt, real* m, real* v, re
 # need only the same rows of the layer next to them, and no weight changes before every
 # dz W^T is done), then by blocks of every weight matrix's rows and every bias's columns
 # (the gradients over the whole batch, and the optimiser on the same thread).  A sparse
-# step adds a phase before these for the first layer's forward by blocks of pixels.
+# step adds a phase before these for the first layer's forward by blocks of pixels; a
+# dense step adds two, its rows gathered by blocks of rows, then the first layer by
+# blocks of its columns (_first_columns: each thread's product then copies ("packs") only
+# its part of W1 into BLAS's layout, not all of it for half the rows).
 DEF ROW_BLOCKS = PIXEL_BLOCKS  # a sparse step's last phase gives block k of both to one thread
 # the steps' products go to BLAS held to one thread for the region (_blas_one_thread),
 # or to fn_gemm_256, from each block's thread (_gemm_here)
@@ -348,12 +351,33 @@ cdef double _decay_loss(_Net* n, real* theta, double decay, double loss=0) noexc
     return loss
 
 
+cdef void _first_columns(_Net* n, real* xb, real* theta, real* acts, long long c0, long long c1) noexcept nogil:
+    """Columns [c0, c1) of the first layer's outputs (its activation applied unless it is
+    the top layer) for every row of the gathered batch xb."""
+    cdef _Layer* first = &n.layer[0]
+    cdef long long H = first.n_out, i, j
+    cdef real* out = acts + first.out
+    cdef real* b = theta + first.b
+    for i in range(n.B):
+        for j in range(c0, c1):
+            out[i * H + j] = b[j]
+    _gemm_here(True, False, False, n.B, <int>(c1 - c0), <int>first.n_in, <real>1, xb, <int>first.n_in,
+               theta + first.w + c0, <int>H, <real>1, out + c0, <int>H)
+    if n.L > 1:
+        for i in range(n.B):
+            if n.act == ACT_RELU:
+                _map_relu(out + i * H + c0, out + i * H + c0, c1 - c0)
+            else:
+                _map_sigmoid(out + i * H + c0, out + i * H + c0, c1 - c0)
+
+
 cdef double _dense_step(_Net* n, real* X, unsigned char* U, long long* T, long long* rows, real* theta,
                         double* opt, real* m, real* v, real* xb, real* acts, real* deltas, real* grad,
                         bint direct, int nt) noexcept nogil:
     """A step on dense rows in one region of nt threads: by blocks of rows, their inputs
-    gathered (_gather_rows), the first layer and _rows_above; then _grads by blocks.
-    Returns the batch's loss (+ 0.5 decay sum W**2, over W before the step)."""
+    gathered (_gather_rows); the first layer by blocks of its columns (_first_columns);
+    _rows_above by blocks of rows; then _grads by blocks.  Returns the batch's loss
+    (+ 0.5 decay sum W**2, over W before the step)."""
     cdef double parts[ROW_BLOCKS]
     cdef _Layer* first = &n.layer[0]
     cdef long long r0, r1, D = first.n_in
@@ -369,8 +393,17 @@ cdef double _dense_step(_Net* n, real* X, unsigned char* U, long long* T, long l
             r0 = B * k // ROW_BLOCKS
             r1 = B * (k + 1) // ROW_BLOCKS
             _gather_rows(X, U, rows + r0, xb + r0 * D, <int>(r1 - r0), <int>D)
-            _affine(xb + r0 * D, theta + first.w, theta + first.b, acts + first.out + r0 * first.n_out,
-                    <int>(r1 - r0), <int>D, <int>first.n_out, n.act if n.L > 1 else 0, True)
+            k = k + nthr
+        fn_barrier()  # the first layer's columns read every row
+        k = tid
+        while k < ROW_BLOCKS:
+            _first_columns(n, xb, theta, acts, first.n_out * k // ROW_BLOCKS, first.n_out * (k + 1) // ROW_BLOCKS)
+            k = k + nthr
+        fn_barrier()  # the rows above read every column of their rows
+        k = tid
+        while k < ROW_BLOCKS:
+            r0 = B * k // ROW_BLOCKS
+            r1 = B * (k + 1) // ROW_BLOCKS
             parts[k] = _rows_above(n, T, rows, theta, acts, deltas, r0, r1)
             k = k + nthr
         fn_barrier()  # the gradients sum over every row; the weights change after every dz W^T

@@ -94,14 +94,16 @@ def test_train_steps_parity(backend_name, dtype, depth, optimizer, decay, rows):
 @pytest.mark.parametrize("backend_name", COMPILED)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("sizes", [[784, 50, 10], [784, 64, 10], [784, 100, 10], [784, 60, 40, 10],
-                                   [784, 5, 10], [784, 1024, 10], [784, 256, 130, 10]])
+                                   [784, 5, 10], [784, 1, 10], [784, 1024, 10], [784, 256, 130, 10]])
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_sparse_steps_with_threads(backend_name, dtype, sizes, optimizer, vectors):
     """Batches of 100 MNIST-like rows (enough non-zeros for the threads), on the two-layer
     SGD special cases (the Cython vector top; Numba's padded float32 rows for 49 to 64
     hidden units) and the general sparse engine; against the dense steps of the same
     backend and the reference.  The Cython loops in both builds (``vectors``); 5 hidden
-    units pad to a row with a 32-byte vector wholly past them; 1,024 and 256 units to an
+    units pad to a row with a 32-byte vector wholly past them, and split unevenly between
+    the dense step's blocks of the first layer's columns (1 unit: one block empty);
+    1,024 and 256 units to an
     odd number of 64-byte lines, and both take the first layer in strips of columns
     (fn_padded, fn_strip_vectors in _sparse.h)."""
     rng = np.random.default_rng(5)
