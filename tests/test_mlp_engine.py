@@ -158,6 +158,32 @@ def test_sparse_steps_products_without_blas(sizes, batch, optimizer):
     _close(out[2], out[0], np.float32, "BLAS products")
 
 
+@pytest.mark.skipif("cython" not in COMPILED, reason="the Cython extension is not built")
+@pytest.mark.parametrize("sizes", [[784, 1, 10], [784, 3, 10], [784, 37, 20, 10]])
+@pytest.mark.parametrize("blas", [False, True], ids=["own products", "BLAS"])
+def test_dense_steps_first_layer_by_columns(sizes, blas):
+    """A dense step of 100 rows (two threads) takes the first layer by two blocks of its
+    columns (_first_columns): an empty block (1 unit), uneven ones (3, 37), through
+    _gemm256.h's product where the CPU takes it and through BLAS; against the reference."""
+    from fastnet.kernels import _cython
+
+    rng = np.random.default_rng(11)
+    X = (rng.integers(1, 256, (300, 784)) * (rng.random((300, 784)) < 0.5)).astype(np.uint8)
+    T = rng.integers(0, 10, 300).astype(np.int64)
+    idx = rng.integers(0, 300, (3, 100))
+    out = []
+    for k in (backend.load("numpy"), backend.load("cython")):
+        before = _cython._blas_products(blas)
+        try:
+            theta, state = _net(sizes, np.float32, scale=0.05), np.zeros((2, mlp_size(sizes)), np.float32)
+            assert _train(k, False, X, T, idx, sizes, Act.RELU, theta, _opt(Opt.SGD, 0.1), state)[0] == 3
+        finally:
+            _cython._blas_products(before)
+        out.append(theta)
+    assert not np.array_equal(out[0], _net(sizes, np.float32, scale=0.05)), "the parameters did not move"
+    _close(out[1], out[0], np.float32, "dense steps")
+
+
 @pytest.mark.parametrize("backend_name", ("numpy",) + COMPILED)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_uint8_pixels_equal_normalised_floats(backend_name, dtype):
