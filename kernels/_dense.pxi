@@ -36,22 +36,33 @@ cdef void _map_relu_backward(real* dout, real* y, real* out, Py_ssize_t n) noexc
         out[i] = 0 if y[i] <= 0 else dout[i]
 
 
+cdef void _activate(real* x, Py_ssize_t n, int act) noexcept nogil:
+    """x = act(x) in place over n entries (contract.Act; identity leaves x)."""
+    if act == ACT_RELU:
+        _map_relu(x, x, n)
+    elif act == ACT_SIGMOID:
+        _map_sigmoid(x, x, n)
+
+
 cdef void _affine(real* x, real* W, real* b, real* out, int N, int D, int M,
-                  int act, bint here=False) noexcept nogil:
+                  int act, bint here=False, int ld=0) noexcept nogil:
     """out = act(x @ W + b) (contract.Act); the product on BLAS's threads, or with
-    ``here`` on the calling thread only (_gemm_here)."""
+    ``here`` on the calling thread only (_gemm_here).  W and out have rows of ld entries
+    (0: M), so that M columns of a wider layer may be computed on their own."""
     cdef Py_ssize_t i, j
+    cdef int s = ld if ld else M
     for i in range(N):
         for j in range(M):
-            out[i * M + j] = b[j]
+            out[i * s + j] = b[j]
     if here:
-        _gemm_here(True, False, False, N, M, D, <real>1, x, D, W, M, <real>1, out, M)
+        _gemm_here(True, False, False, N, M, D, <real>1, x, D, W, s, <real>1, out, s)
     else:
-        _gemm(False, False, N, M, D, <real>1, x, D, W, M, <real>1, out, M)
-    if act == ACT_RELU:
-        _map_relu(out, out, <Py_ssize_t>N * M)
-    elif act == ACT_SIGMOID:
-        _map_sigmoid(out, out, <Py_ssize_t>N * M)
+        _gemm(False, False, N, M, D, <real>1, x, D, W, s, <real>1, out, s)
+    if s == M:  # rows side by side: the activation over the whole block at once
+        _activate(out, <Py_ssize_t>N * M, act)
+    else:
+        for i in range(N):
+            _activate(out + i * s, M, act)
 
 
 cdef void _affine_backward(real* x, real* W, real* dout, real* dW, real* db, real* dx,

@@ -243,8 +243,8 @@ cdef void _decay_step(real* theta, real* grad, double* opt, real* m, real* v, re
 # (the gradients over the whole batch, and the optimiser on the same thread).  A sparse
 # step adds a phase before these for the first layer's forward by blocks of pixels; a
 # dense step adds two, its rows gathered by blocks of rows, then the first layer by
-# blocks of its columns (_first_columns: each thread's product then copies ("packs") only
-# its part of W1 into BLAS's layout, not all of it for half the rows).
+# blocks of its columns (each thread's product then copies ("packs") only its part of W1
+# into BLAS's layout, not all of it for half the rows).
 DEF ROW_BLOCKS = PIXEL_BLOCKS  # a sparse step's last phase gives block k of both to one thread
 # the steps' products go to BLAS held to one thread for the region (_blas_one_thread),
 # or to fn_gemm_256, from each block's thread (_gemm_here)
@@ -351,36 +351,16 @@ cdef double _decay_loss(_Net* n, real* theta, double decay, double loss=0) noexc
     return loss
 
 
-cdef void _first_columns(_Net* n, real* xb, real* theta, real* acts, long long c0, long long c1) noexcept nogil:
-    """Columns [c0, c1) of the first layer's outputs (its activation applied unless it is
-    the top layer) for every row of the gathered batch xb."""
-    cdef _Layer* first = &n.layer[0]
-    cdef long long H = first.n_out, i, j
-    cdef real* out = acts + first.out
-    cdef real* b = theta + first.b
-    for i in range(n.B):
-        for j in range(c0, c1):
-            out[i * H + j] = b[j]
-    _gemm_here(True, False, False, n.B, <int>(c1 - c0), <int>first.n_in, <real>1, xb, <int>first.n_in,
-               theta + first.w + c0, <int>H, <real>1, out + c0, <int>H)
-    if n.L > 1:
-        for i in range(n.B):
-            if n.act == ACT_RELU:
-                _map_relu(out + i * H + c0, out + i * H + c0, c1 - c0)
-            else:
-                _map_sigmoid(out + i * H + c0, out + i * H + c0, c1 - c0)
-
-
 cdef double _dense_step(_Net* n, real* X, unsigned char* U, long long* T, long long* rows, real* theta,
                         double* opt, real* m, real* v, real* xb, real* acts, real* deltas, real* grad,
                         bint direct, int nt) noexcept nogil:
     """A step on dense rows in one region of nt threads: by blocks of rows, their inputs
-    gathered (_gather_rows); the first layer by blocks of its columns (_first_columns);
-    _rows_above by blocks of rows; then _grads by blocks.  Returns the batch's loss
+    gathered (_gather_rows); the first layer by blocks of its columns (_affine with
+    rows of first.n_out); _rows_above by blocks of rows; then _grads by blocks.  Returns the batch's loss
     (+ 0.5 decay sum W**2, over W before the step)."""
     cdef double parts[ROW_BLOCKS]
     cdef _Layer* first = &n.layer[0]
-    cdef long long r0, r1, D = first.n_in
+    cdef long long r0, r1, c0, c1, D = first.n_in
     cdef int k, tid, nthr, B = n.B
     cdef double loss = _decay_loss(n, theta, opt[OPT_DECAY])
     if not direct:
@@ -397,7 +377,10 @@ cdef double _dense_step(_Net* n, real* X, unsigned char* U, long long* T, long l
         fn_barrier()  # the first layer's columns read every row
         k = tid
         while k < ROW_BLOCKS:
-            _first_columns(n, xb, theta, acts, first.n_out * k // ROW_BLOCKS, first.n_out * (k + 1) // ROW_BLOCKS)
+            c0 = first.n_out * k // ROW_BLOCKS
+            c1 = first.n_out * (k + 1) // ROW_BLOCKS
+            _affine(xb, theta + first.w + c0, theta + first.b + c0, acts + first.out + c0, B, <int>D, <int>(c1 - c0),
+                    n.act if n.L > 1 else 0, True, <int>first.n_out)
             k = k + nthr
         fn_barrier()  # the rows above read every column of their rows
         k = tid
@@ -474,10 +457,7 @@ cdef double _sparse_rows(_Net* n, _SparseFirst* f, long long* T, long long* rows
         fn_sum_parts_f(<float*>f.pad.fwd + r0 * HP, <long long>n.B * HP, PIXEL_BLOCKS, nr, H, HP, h)
     else:
         fn_sum_parts_d(<double*>f.pad.fwd + r0 * HP, <long long>n.B * HP, PIXEL_BLOCKS, nr, H, HP, h)
-    if act == ACT_RELU:
-        _map_relu(h, h, nr * H)
-    elif act == ACT_SIGMOID:
-        _map_sigmoid(h, h, nr * H)
+    _activate(h, nr * H, act)
     cdef double loss = _rows_above(n, T, rows, theta, acts, deltas, r0, r1)
     cdef real* dz = _delta(n, acts, deltas, 0) + r0 * H
     for i in range(nr):

@@ -192,10 +192,7 @@ cdef inline void _sp_forward_run(long long* indptr, int* indices, void* data, bi
     cdef real* o = out + c0 * H
     bad[0] = 0
     _sp_forward(indptr, indices, data, pix, lut, row0 + c0, n, W, b, o, D, H, HP, bad)
-    if act == ACT_RELU:
-        _map_relu(o, o, n * H)
-    elif act == ACT_SIGMOID:
-        _map_sigmoid(o, o, n * H)
+    _activate(o, n * H, act)
 
 
 cdef void _sp_forward_par(long long* indptr, int* indices, void* data, bint pix, real* lut,
@@ -262,10 +259,7 @@ cdef double _top_rows_blas(real* fwd, long long q, long long r0, long long r1, r
         fn_sum_parts_f(fwd + r0 * HP, q, PIXEL_BLOCKS, r1 - r0, H, HP, h + r0 * H)
     else:
         fn_sum_parts_d(fwd + r0 * HP, q, PIXEL_BLOCKS, r1 - r0, H, HP, h + r0 * H)
-    if act == ACT_RELU:
-        _map_relu(h + r0 * H, h + r0 * H, (r1 - r0) * H)
-    elif act == ACT_SIGMOID:
-        _map_sigmoid(h + r0 * H, h + r0 * H, (r1 - r0) * H)
+    _activate(h + r0 * H, (r1 - r0) * H, act)
     loss = _top_rows(h + r0 * H, T, idx + r0, W2, b2, act, s + r0 * C, dh + r0 * H, <int>(r1 - r0), B,
                      <int>H, C)
     for i in range(r0, r1):

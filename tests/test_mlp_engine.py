@@ -163,7 +163,7 @@ def test_sparse_steps_products_without_blas(sizes, batch, optimizer):
 @pytest.mark.parametrize("blas", [False, True], ids=["own products", "BLAS"])
 def test_dense_steps_first_layer_by_columns(sizes, blas):
     """A dense step of 100 rows (two threads) takes the first layer by two blocks of its
-    columns (_first_columns): an empty block (1 unit), uneven ones (3, 37), through
+    columns (_dense_step): an empty block (1 unit), uneven ones (3, 37), through
     _gemm256.h's product where the CPU takes it and through BLAS; against the reference."""
     from fastnet.kernels import _cython
 
