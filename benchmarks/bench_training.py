@@ -123,8 +123,9 @@ class EngineMatrix:
 class WideLayers:
     """The wide nets of common.WIDE_NETS (SGD, MNIST, cython float32, CSR rows): a step
     (20 a call) and the Trainer's accuracy over the 60,000 training images.  A width of a
-    power of two should cost about what its neighbour does (1,024 against 1,000): W1's
-    padded rows once put every column of such a width in the same cache sets."""
+    power of two should cost about what its neighbour does (1,024 against 1,000); without
+    fn_padded's extra line (kernels/_sparse.h) W1's padded rows put every column of such
+    a width in the same cache sets."""
 
     params = (list(WIDE_NETS),)
     param_names = ["net"]

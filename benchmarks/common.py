@@ -115,8 +115,9 @@ def try_torch():
 #: the nets and optimisers of the benchmark matrix (hidden layers of 784-...-10)
 NETS = {"784-50-10": (50,), "784-100-10": (100,), "784-100-100-10": (100, 100), "784-100x5-10": (100,) * 5}
 OPTIMIZERS = ("sgd", "momentum", "adam")
-#: wide nets (SGD on MNIST) beside the matrix: widths of a power of two and their
-#: neighbours, whose padded rows of W1 once fell into the same cache sets
+#: wide nets (SGD on MNIST) beside the matrix: widths of a power of two and a neighbour
+#: (without fn_padded's extra line in kernels/_sparse.h, the padded rows of W1 of such a
+#: width fall into the same cache sets)
 WIDE_NETS = {"784-1000-10": (1000,), "784-1024-10": (1024,), "784-2048-10": (2048,),
              "784-1024-1024-10": (1024, 1024)}
 #: the learning rates the matrix trains with: fastnet train's defaults (the book's 0.1 for

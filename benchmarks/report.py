@@ -261,6 +261,9 @@ def wide_section(table, rounds):
                    for name, seconds in measure(cases, rounds, round_time=0.2).items()}
         notes = {"fastnet (cython f32)": "CSR rows, 20 steps a call", "numba f32": "CSR rows, 20 steps a call",
                  "reference": "the book's loop (numpy f64): gradient, update, loss line"}
+        if "PyTorch 2.13 CPU float32" in results:  # that row's own ratio is PyTorch's against the reference
+            vs_torch = results["PyTorch 2.13 CPU float32"] / results["fastnet (cython f32)"]
+            notes["fastnet (cython f32)"] += f"; {vs_torch:.1f}× PyTorch"
         table.section(f"training step {net}, SGD, batch 100", results, "reference", notes)
 
 

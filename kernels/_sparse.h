@@ -154,8 +154,8 @@ static inline void fn_row_ranges(const long long *indptr, const int *indices, co
  * line's set from the address bits below 4 kB (L1) or 64 kB (L2), so rows of 1,024
  * floats, 4 kB apart, would all put the same column in the same few sets, and the loops,
  * which read the rows of a batch's non-zeros one after the other, would find almost
- * none of them in cache (784-1,024-10 trained more than twice as slowly as 784-1,000-10;
- * benchmarks/README.md, "Wide layers").  The wrappers copy W into the layout once per
+ * none of them in cache (without the extra line a step of 784-1,024-10 takes more than
+ * twice as long as one of 784-1,000-10; benchmarks/README.md, "Wide layers").  The wrappers copy W into the layout once per
  * call (fn_pad_rows) and back after it; a call of many training steps pays that once.
  * The forward writes its output unpadded (rows of H). */
 #define FN_ODD_LINES 16

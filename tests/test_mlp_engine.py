@@ -517,6 +517,21 @@ def test_numerical_gradient_parity(backend_name, depth, act):
 
 
 # ---------------------------------------------------------------- evaluation
+def _decided_rows(pixels, sizes, theta):
+    """The rows whose two best scores (ReLU net, in float64) are more than 1e-3 apart, so
+    that the order of a sum cannot change their label; most rows must be."""
+    scores = pixels / 255.0
+    views = mlp_views(sizes, theta.astype(np.float64))
+    for i, (W, b) in enumerate(views):
+        scores = scores @ W + b
+        if i < len(views) - 1:
+            scores = np.maximum(scores, 0)
+    best = np.sort(scores, axis=1)
+    clear = best[:, -1] - best[:, -2] > 1e-3
+    assert clear.mean() > 0.9
+    return clear
+
+
 @pytest.mark.parametrize("backend_name", COMPILED)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("hidden", [[50], [1024], [256, 128]])
@@ -531,14 +546,7 @@ def test_predict_first_layer_in_strips(backend_name, dtype, hidden, vectors):
     rng = np.random.default_rng(3)
     pixels = (rng.integers(1, 256, (300, 784)) * (rng.random((300, 784)) < 0.19)).astype(np.uint8)
     theta = _net(sizes, dtype, scale=0.05)
-    scores = pixels / 255.0
-    for i, (W, b) in enumerate(mlp_views(sizes, theta.astype(np.float64))):
-        scores = scores @ W + b
-        if i < len(hidden):
-            scores = np.maximum(scores, 0)
-    best = np.sort(scores, axis=1)
-    clear = best[:, -1] - best[:, -2] > 1e-3
-    assert clear.mean() > 0.9
+    clear = _decided_rows(pixels, sizes, theta)
     expected = ref.predict_mlp(pixels, sizes, Act.RELU, theta, np.empty(300, np.int64))
     for got in (k.predict_mlp(pixels, sizes, Act.RELU, theta, np.full(300, -1, np.int64)),
                 k.sparse_predict_mlp(*ref.sparse_rows(pixels), 0, sizes, Act.RELU, theta,
@@ -559,15 +567,7 @@ def test_predict_parity(backend_name, dtype, depth, vectors):
     pixels, _ = _data(dtype, N=700)
     theta = _net(sizes, dtype, scale=1.0)
     expected = ref.predict_mlp(pixels, sizes, Act.RELU, theta, np.empty(700, np.int64))
-    views = mlp_views(sizes, theta.astype(np.float64))
-    a = pixels / 255.0
-    for i, (W, b) in enumerate(views):
-        a = a @ W + b
-        if i < len(views) - 1:
-            a = np.maximum(a, 0)
-    s = np.sort(a, axis=1)
-    clear = s[:, -1] - s[:, -2] > 1e-3
-    assert clear.mean() > 0.9
+    clear = _decided_rows(pixels, sizes, theta)
     floats = (pixels / 255).astype(dtype)
     csr = ref.sparse_rows(pixels)
     for got in (k.predict_mlp(pixels, sizes, Act.RELU, theta, np.full(700, -1, np.int64)),
